@@ -1,0 +1,1 @@
+"""Ferrylink: clustered managed file transfer."""

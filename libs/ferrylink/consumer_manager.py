@@ -1,0 +1,386 @@
+"""The consumer manager: starts and cancels named queue consumers to match a desired set.
+
+A service never decides by itself whether to consume; it registers its consumers here and
+calls `set_active()` with what the coordinator's assignment says. Failover is therefore
+nothing but consumers being cancelled on one server and started on another: the broker hands
+every unacked message of a cancelled or dead consumer to whoever consumes next.
+
+Threading (pika is not thread-safe): one thread owns the connection and runs its I/O loop,
+which also services AMQP heartbeats. Handlers run on a worker thread per consumer, so a slow
+handler never starves heartbeats; the worker hands its ack back to the I/O thread with
+`add_callback_threadsafe`. A message is acked only after its handler returned, i.e. after
+the handler committed its work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.spec import Basic, BasicProperties
+
+from ferrylink.messaging import (
+    CONNECTION_ERRORS,
+    DEAD_LETTERED_AT_HEADER,
+    REASON_HEADER,
+    SOURCE_QUEUE_HEADER,
+    Backoff,
+    Publisher,
+    connect_blocking,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RejectMessage(Exception):
+    """Raised by a handler for a message that can never succeed (malformed, unknown schema).
+
+    The message goes to the dead-letter queue at once, with this exception's text as reason.
+    """
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as a handler sees it."""
+
+    queue: str
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str | None
+    routing_key: str
+    redelivered: bool
+    # How many times the broker handed this message out before (quorum queues count it).
+    delivery_count: int
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RejectMessage(f"invalid JSON: {exc}") from exc
+
+
+Handler = Callable[[Delivery], None]
+
+
+@dataclass
+class ConsumerSpec:
+    """A consumer the manager may run: which queue, which handler, how many in flight."""
+
+    name: str
+    queue: str
+    handler: Handler
+    prefetch: int = 10
+    # Worker threads running the handler; 1 keeps messages in queue order.
+    workers: int = 1
+
+
+@dataclass
+class _RunningConsumer:
+    spec: ConsumerSpec
+    channel: BlockingChannel
+    consumer_tag: str
+    work: queue.Queue[tuple[Basic.Deliver, BasicProperties, bytes] | None]
+    threads: list[threading.Thread]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    in_flight: int = 0
+
+
+class ConsumerManager:
+    """Keeps exactly the desired consumers running, across broker failures.
+
+    `publisher` is used to move poison messages to their dead-letter queue with a reason,
+    confirmed before the original is acked, so a dead-lettered message is never lost.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        publisher: Publisher,
+        declare: Callable[[BlockingChannel], None] | None = None,
+        delivery_limit: int = 5,
+        name: str = "consumers",
+    ) -> None:
+        self._urls = urls
+        self._publisher = publisher
+        self._declare = declare
+        self._delivery_limit = delivery_limit
+        self._name = name
+        self._specs: dict[str, ConsumerSpec] = {}
+        self._desired: set[str] = set()
+        self._running: dict[str, _RunningConsumer] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._connection: pika.BlockingConnection | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.on_change: Callable[[set[str]], None] | None = None
+
+    # -- public API (any thread) ------------------------------------------------------------
+
+    def register(self, spec: ConsumerSpec) -> None:
+        with self._lock:
+            self._specs[spec.name] = spec
+
+    def set_active(self, names: set[str]) -> None:
+        """Declare which registered consumers should run; the I/O thread reconciles."""
+        with self._lock:
+            unknown = names - set(self._specs)
+            if unknown:
+                raise ValueError(f"unknown consumers: {sorted(unknown)}")
+            self._desired = set(names)
+
+    def registered(self) -> list[str]:
+        with self._lock:
+            return sorted(self._specs)
+
+    def active(self) -> set[str]:
+        """Consumers currently consuming (not the desired set)."""
+        with self._lock:
+            return {n for n, c in self._running.items() if not c.cancelled.is_set()}
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def start(self) -> ConsumerManager:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel every consumer (letting in-flight handlers finish) and disconnect."""
+        with self._lock:
+            self._desired = set()
+        self._stopping.set()
+        self._thread.join(timeout)
+
+    # -- I/O thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while not self._stopping.is_set():
+            try:
+                connection = connect_blocking(self._urls, stop=self._stopping)
+            except CONNECTION_ERRORS:
+                continue
+            self._connection = connection
+            try:
+                if self._declare is not None:
+                    declare_channel = connection.channel()
+                    self._declare(declare_channel)
+                    declare_channel.close()
+                self._connected.set()
+                backoff.reset()
+                self._serve(connection)
+            except CONNECTION_ERRORS as exc:
+                log.warning("%s: broker connection lost: %s", self._name, exc)
+            finally:
+                self._connected.clear()
+                self._abandon_all()
+                self._connection = None
+                if connection.is_open:
+                    try:
+                        connection.close()
+                    except CONNECTION_ERRORS:
+                        pass
+            if not self._stopping.is_set():
+                self._stopping.wait(backoff.next_delay())
+
+    def _serve(self, connection: pika.BlockingConnection) -> None:
+        while True:
+            self._reconcile(connection)
+            if self._stopping.is_set() and not self._running:
+                return
+            connection.process_data_events(time_limit=0.05)
+
+    def _reconcile(self, connection: pika.BlockingConnection) -> None:
+        with self._lock:
+            desired = set() if self._stopping.is_set() else set(self._desired)
+            specs = dict(self._specs)
+        changed = False
+        for name in desired - set(self._running):
+            self._start_consumer(connection, specs[name])
+            changed = True
+        for name, running in list(self._running.items()):
+            if name not in desired and not running.cancelled.is_set():
+                self._begin_cancel(running)
+                changed = True
+            if running.cancelled.is_set() and running.in_flight == 0:
+                self._finish_cancel(running)
+                del self._running[name]
+                changed = True
+        if changed and self.on_change is not None:
+            self.on_change(self.active())
+
+    def _start_consumer(self, connection: pika.BlockingConnection, spec: ConsumerSpec) -> None:
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=spec.prefetch)
+        work: queue.Queue[tuple[Basic.Deliver, BasicProperties, bytes] | None] = queue.Queue()
+        running = _RunningConsumer(
+            spec=spec, channel=channel, consumer_tag="", work=work, threads=[]
+        )
+
+        def on_message(
+            ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
+        ) -> None:
+            if running.cancelled.is_set():
+                return  # requeued when the channel closes
+            running.in_flight += 1
+            work.put((method, props, body))
+
+        running.consumer_tag = channel.basic_consume(spec.queue, on_message)
+        for i in range(spec.workers):
+            thread = threading.Thread(
+                target=self._work,
+                args=(connection, running),
+                name=f"{spec.name}-{i}",
+                daemon=True,
+            )
+            thread.start()
+            running.threads.append(thread)
+        with self._lock:
+            self._running[spec.name] = running
+        log.info("%s: consuming %s from %s", self._name, spec.name, spec.queue)
+
+    def _begin_cancel(self, running: _RunningConsumer) -> None:
+        """Stop taking messages; handlers already started finish and ack first."""
+        running.cancelled.set()
+        try:
+            running.channel.basic_cancel(running.consumer_tag)
+        except CONNECTION_ERRORS as exc:
+            log.warning("%s: cancel of %s failed: %s", self._name, running.spec.name, exc)
+        # Messages queued for the worker but not started are dropped here and requeued by
+        # the broker when the channel closes.
+        dropped = 0
+        while True:
+            try:
+                item = running.work.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                dropped += 1
+        running.in_flight -= dropped
+
+    def _finish_cancel(self, running: _RunningConsumer) -> None:
+        for _ in running.threads:
+            running.work.put(None)
+        if running.channel.is_open:
+            try:
+                running.channel.close()  # requeues anything still unacked
+            except CONNECTION_ERRORS:
+                pass
+        log.info("%s: stopped consuming %s", self._name, running.spec.name)
+
+    def _abandon_all(self) -> None:
+        """The connection is gone: the broker requeues everything unacked; stop workers."""
+        with self._lock:
+            running_list = list(self._running.values())
+            self._running.clear()
+        for running in running_list:
+            running.cancelled.set()
+            for _ in running.threads:
+                running.work.put(None)
+        if running_list and self.on_change is not None:
+            self.on_change(set())
+
+    # -- worker threads ---------------------------------------------------------------------
+
+    def _work(self, connection: pika.BlockingConnection, running: _RunningConsumer) -> None:
+        while True:
+            item = running.work.get()
+            if item is None:
+                return
+            method, props, body = item
+            if running.cancelled.is_set() and not running.channel.is_open:
+                continue
+            settle = self._handle(running, method, props, body)
+            self._settle_threadsafe(connection, running, settle)
+
+    def _handle(
+        self,
+        running: _RunningConsumer,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+    ) -> Callable[[], None]:
+        """Run the handler; return what to do with the delivery, to be run on the I/O thread."""
+        headers = dict(props.headers or {})
+        delivery = Delivery(
+            queue=running.spec.queue,
+            body=body,
+            headers=headers,
+            message_id=props.message_id,
+            routing_key=method.routing_key,
+            redelivered=bool(method.redelivered),
+            delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+        )
+        tag = method.delivery_tag
+        channel = running.channel
+        try:
+            running.spec.handler(delivery)
+        except RejectMessage as exc:
+            reason = str(exc)
+        except Exception as exc:  # a handler bug or a passing fault: retry, up to the limit
+            attempts = delivery.delivery_count + 1
+            reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"
+            if attempts < self._delivery_limit:
+                log.warning("%s: %s: %s; will retry", self._name, running.spec.name, reason)
+                return lambda: channel.basic_nack(tag, requeue=True)
+        else:
+            return lambda: channel.basic_ack(tag)
+        if self._dead_letter(delivery, props, reason):
+            return lambda: channel.basic_ack(tag)
+        # Could not park it: leave it to the broker (its delivery limit dead-letters it).
+        return lambda: channel.basic_nack(tag, requeue=True)
+
+    def _dead_letter(self, delivery: Delivery, props: BasicProperties, reason: str) -> bool:
+        log.error(
+            "%s: dead-lettering %s from %s: %s",
+            self._name,
+            delivery.message_id,
+            delivery.queue,
+            reason,
+        )
+        headers = dict(delivery.headers)
+        headers[REASON_HEADER] = reason[:1000]
+        headers[SOURCE_QUEUE_HEADER] = delivery.queue
+        headers[DEAD_LETTERED_AT_HEADER] = int(time.time() * 1000)  # epoch ms
+        try:
+            self._publisher.publish(
+                "",
+                f"{delivery.queue}.dead",
+                delivery.body,
+                headers=headers,
+                message_id=delivery.message_id or None,
+            ).result(timeout=30)
+            return True
+        except Exception as exc:
+            log.error("%s: could not dead-letter %s: %s", self._name, delivery.message_id, exc)
+            return False
+
+    def _settle_threadsafe(
+        self,
+        connection: pika.BlockingConnection,
+        running: _RunningConsumer,
+        settle: Callable[[], None],
+    ) -> None:
+        def on_io_thread() -> None:
+            running.in_flight -= 1
+            if running.channel.is_open:
+                try:
+                    settle()
+                except CONNECTION_ERRORS as exc:
+                    # The broker will redeliver; handlers are idempotent.
+                    log.warning("%s: ack failed: %s", self._name, exc)
+
+        try:
+            connection.add_callback_threadsafe(on_io_thread)
+        except CONNECTION_ERRORS:
+            pass  # connection gone: the broker redelivers the message

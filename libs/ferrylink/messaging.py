@@ -1,0 +1,440 @@
+"""Broker plumbing on pika: topology, connections over a list of nodes, confirmed publishing.
+
+Why it looks like this (see DESIGN.md, "Broker facts"):
+- pika has no automatic recovery, so every connection here loops over the broker URLs with
+  backoff, and a clean node stop (320 CONNECTION_FORCED) is retried like a crash.
+- pika is not thread-safe: each connection belongs to exactly one thread; other threads talk
+  to it through `add_callback_threadsafe`.
+- A confirm round trip per message caps a publisher at ~900 msg/s, so `Publisher` pipelines:
+  it keeps publishing while confirms arrive asynchronously, and a nack or a lost connection
+  puts the unconfirmed messages back to be published again (consumers are idempotent).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.channel
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.adapters.select_connection import SelectConnection
+from pika.spec import Basic, BasicProperties
+
+from ferrylink.settings import FerrylinkSettings, redact_url
+
+log = logging.getLogger(__name__)
+
+# Errors after which a connection is gone and must be opened again (possibly elsewhere).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    pika.exceptions.AMQPConnectionError,
+    pika.exceptions.AMQPChannelError,
+    pika.exceptions.StreamLostError,
+    ConnectionError,
+    OSError,
+)
+
+REASON_HEADER = "x-ferrylink-reason"
+SOURCE_QUEUE_HEADER = "x-ferrylink-source-queue"
+DEAD_LETTERED_AT_HEADER = "x-ferrylink-dead-lettered-at"
+
+
+# --------------------------------------------------------------------------------------------
+# Names and topology
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Every queue and exchange of one Ferrylink cluster, named under one prefix."""
+
+    prefix: str
+    delivery_limit: int = 5
+    # Work queues shared by the cluster. Node-local queues are declared on demand.
+    work_queues: tuple[str, ...] = ("events", "transfer-states")
+    fanout_exchanges: tuple[str, ...] = ("assignments", "heartbeats", "config")
+
+    def queue(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def dead_letter_queue(self, queue: str) -> str:
+        return f"{queue}.dead"
+
+    def exchange(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    def declare(self, channel: BlockingChannel) -> None:
+        """Declare everything; idempotent, so every (re)connect may call it."""
+        for name in self.fanout_exchanges:
+            channel.exchange_declare(self.exchange(name), exchange_type="fanout", durable=True)
+        for name in self.work_queues:
+            self.declare_work_queue(channel, self.queue(name))
+
+    def declare_work_queue(self, channel: BlockingChannel, queue: str) -> None:
+        """A durable quorum queue whose poison messages go to its own dead-letter queue.
+
+        At-least-once dead-lettering (with reject-publish overflow, which it requires) so a
+        message is never dropped between the work queue and its dead-letter queue.
+        """
+        dead = self.dead_letter_queue(queue)
+        channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
+        channel.queue_declare(
+            queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": self.delivery_limit,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": dead,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+
+    @classmethod
+    def from_settings(cls, settings: FerrylinkSettings) -> Topology:
+        return cls(prefix=settings.name_prefix, delivery_limit=settings.delivery_limit)
+
+
+# --------------------------------------------------------------------------------------------
+# Connections
+# --------------------------------------------------------------------------------------------
+
+
+def connection_parameters(urls: Sequence[str], heartbeat: int = 10) -> list[pika.URLParameters]:
+    """Parameters for each broker URL; short timeouts so a dead node is skipped quickly."""
+    params = []
+    for url in urls:
+        p = pika.URLParameters(url)
+        p.heartbeat = heartbeat
+        p.blocked_connection_timeout = 30
+        p.socket_timeout = 3
+        p.connection_attempts = 1
+        p.client_properties = {"connection_name": "ferrylink"}
+        params.append(p)
+    return params
+
+
+class Backoff:
+    """Exponential backoff with jitter, reset after a connection has held."""
+
+    def __init__(self, initial: float = 0.1, maximum: float = 3.0) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self.current = initial
+
+    def next_delay(self) -> float:
+        delay = self.current * random.uniform(0.5, 1.0)
+        self.current = min(self.current * 2, self.maximum)
+        return delay
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+def connect_blocking(
+    urls: Sequence[str], stop: threading.Event | None = None, deadline: float | None = None
+) -> pika.BlockingConnection:
+    """Connect to the first broker URL that answers, retrying the list with backoff.
+
+    Rotates the list's start on every round so load spreads over nodes after a failure.
+    Raises AMQPConnectionError if `stop` is set or `deadline` (a monotonic time) passes.
+    """
+    backoff = Backoff()
+    start = 0
+    while True:
+        ordered = list(urls[start:]) + list(urls[:start])
+        try:
+            return pika.BlockingConnection(connection_parameters(ordered))
+        except CONNECTION_ERRORS as exc:
+            log.warning("no broker answered (%s): %s", ", ".join(map(redact_url, urls)), exc)
+        start = (start + 1) % len(urls)
+        delay = backoff.next_delay()
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise pika.exceptions.AMQPConnectionError("no broker answered before the deadline")
+        if stop is not None:
+            if stop.wait(delay):
+                raise pika.exceptions.AMQPConnectionError("stopped while connecting")
+        else:
+            time.sleep(delay)
+
+
+# --------------------------------------------------------------------------------------------
+# Publishing with pipelined confirms
+# --------------------------------------------------------------------------------------------
+
+
+class UnroutableError(Exception):
+    """The broker had no queue for a message published as mandatory."""
+
+
+@dataclass
+class OutgoingMessage:
+    exchange: str
+    routing_key: str
+    body: bytes
+    headers: dict[str, Any]
+    message_id: str
+    mandatory: bool
+    persistent: bool
+    future: Future[None] = field(default_factory=Future)
+
+
+class Publisher:
+    """Thread-safe publisher with publisher confirms, pipelined on its own I/O thread.
+
+    `publish()` returns a future that resolves once the broker confirmed the message (for a
+    quorum queue: once a quorum stored it). A nack or a dropped connection re-publishes the
+    message, so a confirmed message is stored and an unconfirmed one is retried until
+    `close()`. `declare` runs on every (re)connect, before anything is published.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        declare: Callable[[BlockingChannel], None] | None = None,
+        name: str = "publisher",
+    ) -> None:
+        self._urls = list(urls)
+        self._declare = declare
+        self._name = name
+        self._pending: collections.deque[OutgoingMessage] = collections.deque()
+        self._unconfirmed: dict[int, OutgoingMessage] = {}
+        self._returned: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._connected = threading.Event()
+        self._connection: SelectConnection | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._next_tag = 0
+        self._url_index = 0
+        self._backoff = Backoff()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- public API (any thread) ------------------------------------------------------------
+
+    def start(self) -> Publisher:
+        self._thread.start()
+        return self
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        mandatory: bool = True,
+        persistent: bool = True,
+    ) -> Future[None]:
+        message = OutgoingMessage(
+            exchange=exchange,
+            routing_key=routing_key,
+            body=body,
+            headers=dict(headers or {}),
+            message_id=message_id or uuid.uuid4().hex,
+            mandatory=mandatory,
+            persistent=persistent,
+        )
+        if self._stopping.is_set():
+            message.future.set_exception(RuntimeError(f"{self._name} is closed"))
+            return message.future
+        with self._lock:
+            self._pending.append(message)
+        self._wake()
+        return message.future
+
+    def publish_and_wait(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        timeout: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        self.publish(exchange, routing_key, body, **kwargs).result(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop; messages not yet confirmed fail their futures."""
+        self._stopping.set()
+        self._wake()
+        self._thread.join(timeout)
+        with self._lock:
+            leftovers = list(self._pending) + list(self._unconfirmed.values())
+            self._pending.clear()
+            self._unconfirmed.clear()
+        for message in leftovers:
+            if not message.future.done():
+                message.future.set_exception(RuntimeError(f"{self._name} closed unconfirmed"))
+
+    # -- I/O thread ---------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        connection = self._connection
+        if connection is not None:
+            try:
+                connection.ioloop.add_callback_threadsafe(self._flush)
+            except Exception:  # the loop is closing; the next connection flushes
+                pass
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            url = self._urls[self._url_index % len(self._urls)]
+            self._url_index += 1
+            params = connection_parameters([url])[0]
+            connection = SelectConnection(
+                params,
+                on_open_callback=self._on_connection_open,
+                on_open_error_callback=self._on_open_error,
+                on_close_callback=self._on_connection_closed,
+            )
+            self._connection = connection
+            connection.ioloop.start()
+            self._connection = None
+            self._channel = None
+            self._connected.clear()
+            self._requeue_unconfirmed()
+            if not self._stopping.is_set():
+                self._stopping.wait(self._backoff.next_delay())
+
+    def _on_open_error(self, connection: SelectConnection, error: BaseException) -> None:
+        log.warning("%s: cannot connect: %s", self._name, error)
+        connection.ioloop.stop()
+
+    def _on_connection_open(self, connection: SelectConnection) -> None:
+        if self._declare is not None:
+            # Declaring is rare and simpler on a short-lived blocking connection.
+            try:
+                declare_connection = pika.BlockingConnection(
+                    connection_parameters([self._urls[(self._url_index - 1) % len(self._urls)]])
+                )
+                try:
+                    self._declare(declare_connection.channel())
+                finally:
+                    declare_connection.close()
+            except CONNECTION_ERRORS as exc:
+                log.warning("%s: cannot declare topology: %s", self._name, exc)
+                connection.close()
+                return
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        self._channel = channel
+        self._next_tag = 0
+        channel.add_on_return_callback(self._on_return)
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.confirm_delivery(self._on_confirm)
+        self._backoff.reset()
+        self._connected.set()
+        self._flush()
+
+    def _on_channel_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
+        log.warning("%s: channel closed: %s", self._name, reason)
+        if self._connection is not None and self._connection.is_open:
+            self._connection.close()
+
+    def _on_connection_closed(self, connection: SelectConnection, reason: BaseException) -> None:
+        if not self._stopping.is_set():
+            log.warning("%s: connection lost: %s", self._name, reason)
+        connection.ioloop.stop()
+
+    def _requeue_unconfirmed(self) -> None:
+        """Unconfirmed messages go first in line again, in their original order."""
+        with self._lock:
+            for tag in sorted(self._unconfirmed, reverse=True):
+                self._pending.appendleft(self._unconfirmed.pop(tag))
+
+    def _flush(self) -> None:
+        if self._stopping.is_set():
+            if self._connection is not None and self._connection.is_open:
+                self._connection.close()
+            return
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            return
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                message = self._pending.popleft()
+                self._next_tag += 1
+                self._unconfirmed[self._next_tag] = message
+            properties = BasicProperties(
+                headers=message.headers,
+                message_id=message.message_id,
+                delivery_mode=2 if message.persistent else 1,
+                content_type="application/json",
+            )
+            try:
+                channel.basic_publish(
+                    message.exchange,
+                    message.routing_key,
+                    message.body,
+                    properties=properties,
+                    mandatory=message.mandatory,
+                )
+            except pika.exceptions.UnsupportedAMQPFieldException as exc:
+                # A caller's bad header: fail that message, not the connection. Nothing was
+                # sent, so the tag was not used either.
+                with self._lock:
+                    self._unconfirmed.pop(self._next_tag, None)
+                    self._next_tag -= 1
+                message.future.set_exception(ValueError(f"cannot encode headers: {exc}"))
+
+    def _on_return(
+        self,
+        channel: pika.channel.Channel,
+        method: Basic.Return,
+        properties: BasicProperties,
+        body: bytes,
+    ) -> None:
+        # A return comes before the confirm of the same message.
+        if properties.message_id:
+            self._returned.add(properties.message_id)
+
+    def _on_confirm(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        acked = isinstance(method, Basic.Ack)
+        with self._lock:
+            if method.multiple:
+                tags = [t for t in self._unconfirmed if t <= method.delivery_tag]
+            else:
+                tags = [method.delivery_tag] if method.delivery_tag in self._unconfirmed else []
+            messages = [self._unconfirmed.pop(t) for t in sorted(tags)]
+            if not acked:
+                # The broker could not store them (e.g. a quorum leader change): publish again.
+                self._pending.extendleft(reversed(messages))
+        if acked:
+            for message in messages:
+                if message.message_id in self._returned:
+                    self._returned.discard(message.message_id)
+                    message.future.set_exception(
+                        UnroutableError(f"no queue for {message.exchange!r}/{message.routing_key}")
+                    )
+                else:
+                    message.future.set_result(None)
+        else:
+            self._flush()
+
+
+def wait_all(futures: Iterable[Future[None]], timeout: float) -> None:
+    """Wait until every publish is confirmed; raise the first failure."""
+    deadline = time.monotonic() + timeout
+    for future in futures:
+        future.result(max(0.0, deadline - time.monotonic()))

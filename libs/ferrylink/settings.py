@@ -1,0 +1,76 @@
+"""Settings shared by every Ferrylink process, read from `FERRYLINK_*` environment variables.
+
+Every variable is documented in README.md ("Settings"). A service adds its own settings by
+subclassing `FerrylinkSettings`, so the prefix stays the same everywhere.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+
+
+class FerrylinkSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FERRYLINK_", extra="ignore")
+
+    node_id: str = Field("st1", description="This server's id in the servers list.")
+    amqp_url: str = Field(
+        DEFAULT_AMQP_URL,
+        description="Broker URLs, comma separated; the client fails over between them in order.",
+    )
+    database_url: str = Field(
+        "",
+        description="SQLAlchemy URL; empty means a SQLite file in the state directory.",
+    )
+    state_dir: Path = Field(Path(".ferrylink"), description="Local state (SQLite, pid files).")
+    data_dir: Path = Field(Path(".ferrylink/data"), description="Shared storage: account homes.")
+    name_prefix: str = Field(
+        "ferrylink",
+        description="Prefix of every queue and exchange name; one cluster per prefix.",
+    )
+    http_host: str = Field("127.0.0.1", description="Address the service's HTTP API binds to.")
+    http_port: int = Field(8000, ge=0, le=65535, description="Port of the service's HTTP API.")
+    prefetch: int = Field(10, ge=1, le=1000, description="Unacked messages per consumer.")
+    delivery_limit: int = Field(
+        5, ge=1, description="Deliveries before a failing message is dead-lettered."
+    )
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
+    cluster_mode: Literal["active_active", "passive", "passive_legacy"] = Field(
+        "active_active",
+        description="Cluster mode seeded into the database when the cluster is first created.",
+    )
+    otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty disables export.")
+    log_level: str = Field("INFO", description="Python log level.")
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _at_least_one_url(cls, value: str) -> str:
+        if not [u for u in value.split(",") if u.strip()]:
+            raise ValueError("FERRYLINK_AMQP_URL needs at least one amqp:// URL")
+        return value
+
+    @cached_property
+    def amqp_urls(self) -> list[str]:
+        return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.state_dir / 'ferrylink.db').resolve()}"
+
+
+def redact_url(url: str) -> str:
+    """Drop the password from a URL so it can be logged or shown."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"

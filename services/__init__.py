@@ -1,0 +1,1 @@
+"""The Ferrylink services, one sub-package per process."""

@@ -1,0 +1,1 @@
+"""Ferrylink cluster-coordinator service."""

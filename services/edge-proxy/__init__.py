@@ -1,0 +1,1 @@
+"""Ferrylink edge-proxy service (SFTP/HTTPS in the DMZ): not built yet, see README "Status"."""

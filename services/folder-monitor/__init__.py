@@ -1,0 +1,1 @@
+"""Ferrylink folder-monitor service."""

@@ -1,0 +1,1 @@
+"""Ferrylink scheduler service."""

@@ -1,0 +1,1 @@
+"""Ferrylink sentinel-link service."""

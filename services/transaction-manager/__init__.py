@@ -1,0 +1,1 @@
+"""Ferrylink transaction-manager service."""

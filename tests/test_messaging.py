@@ -1,0 +1,195 @@
+"""Publish and consume through quorum queues on a real broker."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from collections.abc import Iterator
+
+import pika
+import pytest
+
+from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery, RejectMessage
+from ferrylink.messaging import (
+    REASON_HEADER,
+    SOURCE_QUEUE_HEADER,
+    Publisher,
+    Topology,
+    UnroutableError,
+    wait_all,
+)
+from tests.helpers import wait_until
+
+
+class Recorder:
+    """A handler that records every message id it completed, thread-safely."""
+
+    def __init__(self, fail_ids: set[str] = frozenset(), reject_ids: set[str] = frozenset()):
+        self.done: Counter[str] = Counter()
+        self.attempts: Counter[str] = Counter()
+        self.fail_ids = fail_ids
+        self.reject_ids = reject_ids
+        self.lock = threading.Lock()
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, delivery: Delivery) -> None:
+        self.gate.wait(10)
+        message_id = delivery.json()["id"]
+        with self.lock:
+            self.attempts[message_id] += 1
+        if message_id in self.reject_ids:
+            raise RejectMessage(f"unknown account in {message_id}")
+        if message_id in self.fail_ids:
+            raise RuntimeError(f"disk full while handling {message_id}")
+        with self.lock:
+            self.done[message_id] += 1
+
+
+@pytest.fixture
+def topology(prefix: str) -> Topology:
+    return Topology(prefix=prefix, delivery_limit=3)
+
+
+@pytest.fixture
+def publisher(amqp_url: str, topology: Topology) -> Iterator[Publisher]:
+    pub = Publisher([amqp_url], declare=topology.declare).start()
+    assert pub.wait_connected(30)
+    yield pub
+    pub.close()
+
+
+def make_manager(amqp_url: str, publisher: Publisher, topology: Topology) -> ConsumerManager:
+    return ConsumerManager(
+        [amqp_url], publisher, declare=topology.declare, delivery_limit=topology.delivery_limit
+    ).start()
+
+
+def publish_events(publisher: Publisher, topology: Topology, ids: list[str]) -> None:
+    futures = [
+        publisher.publish("", topology.queue("events"), json.dumps({"id": i}).encode(),
+                          message_id=i)
+        for i in ids
+    ]
+    wait_all(futures, timeout=60)
+
+
+def queue_depth(amqp_url: str, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+def get_all(amqp_url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    messages = []
+    try:
+        channel = connection.channel()
+        while True:
+            method, props, body = channel.basic_get(queue, auto_ack=True)
+            if method is None:
+                return messages
+            messages.append((props, body))
+    finally:
+        connection.close()
+
+
+def test_topology_is_quorum_and_idempotent(amqp_url: str, topology: Topology) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        channel = connection.channel()
+        topology.declare(channel)
+        topology.declare(channel)  # again: no PRECONDITION_FAILED
+        # A passive declare with the wrong type must fail: proves the queue is quorum.
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker):
+            connection.channel().queue_declare(topology.queue("events"), durable=True,
+                                               arguments={"x-queue-type": "classic"})
+    finally:
+        connection.close()
+
+
+def test_every_published_message_is_consumed_once(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    ids = [f"m{i}" for i in range(500)]
+    publish_events(publisher, topology, ids)
+    recorder = Recorder()
+    manager = make_manager(amqp_url, publisher, topology)
+    manager.register(ConsumerSpec("events", topology.queue("events"), recorder, workers=2))
+    manager.set_active({"events"})
+    try:
+        wait_until(lambda: len(recorder.done) == len(ids), what="all messages handled")
+        assert set(recorder.done) == set(ids)
+        assert max(recorder.done.values()) == 1
+        wait_until(lambda: queue_depth(amqp_url, topology.queue("events")) == 0)
+    finally:
+        manager.stop()
+
+
+def test_publish_to_missing_queue_fails_instead_of_vanishing(publisher: Publisher) -> None:
+    with pytest.raises(UnroutableError):
+        publisher.publish("", "no-such-queue-anywhere", b"{}").result(10)
+
+
+def test_failing_handler_dead_letters_after_delivery_limit_with_reason(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    ids = [f"m{i}" for i in range(20)]
+    recorder = Recorder(fail_ids={"m7"}, reject_ids={"m9"})
+    manager = make_manager(amqp_url, publisher, topology)
+    manager.register(ConsumerSpec("events", topology.queue("events"), recorder))
+    manager.set_active({"events"})
+    try:
+        publish_events(publisher, topology, ids)
+        publisher.publish_and_wait("", topology.queue("events"), b"{not json", message_id="bad")
+        dead_queue = topology.dead_letter_queue(topology.queue("events"))
+        wait_until(lambda: queue_depth(amqp_url, dead_queue) == 3, what="three dead letters")
+        wait_until(lambda: len(recorder.done) == 18, what="the healthy messages")
+    finally:
+        manager.stop()
+    dead = {props.message_id: props.headers for props, _ in get_all(amqp_url, dead_queue)}
+    assert set(dead) == {"m7", "m9", "bad"}
+    # The failing one was tried exactly delivery_limit times, the rejected one once.
+    assert recorder.attempts["m7"] == topology.delivery_limit
+    assert recorder.attempts["m9"] == 1
+    assert "disk full while handling m7" in dead["m7"][REASON_HEADER]
+    assert "failed 3 time(s)" in dead["m7"][REASON_HEADER]
+    assert "unknown account in m9" in dead["m9"][REASON_HEADER]
+    assert "invalid JSON" in dead["bad"][REASON_HEADER]
+    assert dead["m7"][SOURCE_QUEUE_HEADER] == topology.queue("events")
+    assert "m7" not in recorder.done and "m9" not in recorder.done
+
+
+def test_consumer_cancelled_mid_stream_loses_nothing(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    ids = [f"m{i}" for i in range(300)]
+    publish_events(publisher, topology, ids)
+    first, second = Recorder(), Recorder()
+    manager_a = make_manager(amqp_url, publisher, topology)
+    manager_b = make_manager(amqp_url, publisher, topology)
+    manager_a.register(ConsumerSpec("events", topology.queue("events"), first, prefetch=5))
+    manager_b.register(ConsumerSpec("events", topology.queue("events"), second, prefetch=5))
+    try:
+        manager_a.set_active({"events"})
+        wait_until(lambda: len(first.done) >= 50, what="first consumer under way")
+        # Hold the handler so that a message is in flight while we cancel.
+        first.gate.clear()
+        manager_a.set_active(set())
+        first.gate.set()
+        wait_until(lambda: not manager_a.active(), what="first consumer cancelled")
+        handled_by_first = set(first.done)
+        manager_b.set_active({"events"})
+        wait_until(lambda: len(set(first.done) | set(second.done)) == len(ids),
+                   what="every message handled by one of the two")
+    finally:
+        manager_a.stop()
+        manager_b.stop()
+    assert 50 <= len(handled_by_first) < len(ids)
+    assert set(first.done) == handled_by_first, "a cancelled consumer kept handling"
+    # Acked only after handling: nothing the first one completed came back to the second.
+    assert not (set(first.done) & set(second.done))
+    assert queue_depth(amqp_url, topology.queue("events")) == 0
