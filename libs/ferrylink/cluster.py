@@ -85,7 +85,9 @@ def decide_primary(
     if mode == "passive_legacy":
         if current in live:
             return PrimaryDecision(current, f"{current} is live")
-        return PrimaryDecision(current, f"{current} is down; passive_legacy waits for a manual failover")
+        return PrimaryDecision(
+            current, f"{current} is down; passive_legacy waits for a manual failover"
+        )
 
     if current in live:
         if current != first and first in eligible:
@@ -106,9 +108,7 @@ def desired_work(
     work: dict[str, list[str]] = {server: [] for server in servers}
     for server in servers:
         ready = server in live and server in synchronized
-        if mode == "active_active" and ready:
-            work[server].append(WORK_EVENTS)
-        elif mode == "passive" and server == primary:
+        if mode == "active_active" and ready or mode == "passive" and server == primary:
             work[server].append(WORK_EVENTS)
         elif mode == "passive_legacy" and server in live:
             # Every TM listens on its own node-local queue; only the primary gets traffic.
@@ -144,3 +144,15 @@ class Assignment(BaseModel):
         if now < self.not_before:
             units -= PRIMARY_ONLY_WORK
         return units
+
+
+class Heartbeat(BaseModel):
+    """What every service broadcasts each heartbeat period: alive, and what it runs."""
+
+    node: str
+    service: str
+    pid: int
+    sent_at: float
+    epoch: int | None = None
+    active: list[str] = Field(default_factory=list)
+    config_version: int = 0

@@ -80,6 +80,11 @@ class ConsumerSpec:
     prefetch: int = 10
     # Worker threads running the handler; 1 keeps messages in queue order.
     workers: int = 1
+    # Subscribe to this fanout exchange through a private, self-deleting queue instead of
+    # consuming `queue` (used for heartbeats, assignments and config changes).
+    exchange: str | None = None
+    # Runs whenever connected, whatever `set_active` says.
+    always: bool = False
 
 
 @dataclass
@@ -135,6 +140,8 @@ class ConsumerManager:
             unknown = names - set(self._specs)
             if unknown:
                 raise ValueError(f"unknown consumers: {sorted(unknown)}")
+            if any(self._specs[n].always for n in names):
+                raise ValueError("always-on consumers are not switched by set_active")
             self._desired = set(names)
 
     def registered(self) -> list[str]:
@@ -202,7 +209,11 @@ class ConsumerManager:
 
     def _reconcile(self, connection: pika.BlockingConnection) -> None:
         with self._lock:
-            desired = set() if self._stopping.is_set() else set(self._desired)
+            desired = (
+                set()
+                if self._stopping.is_set()
+                else (self._desired | {n for n, spec in self._specs.items() if spec.always})
+            )
             specs = dict(self._specs)
         changed = False
         for name in desired - set(self._running):
@@ -235,7 +246,18 @@ class ConsumerManager:
             running.in_flight += 1
             work.put((method, props, body))
 
-        running.consumer_tag = channel.basic_consume(spec.queue, on_message)
+        queue_name = spec.queue
+        if spec.exchange is not None:
+            # Short TTL: a subscriber that fell behind wants the newest state, not a backlog.
+            declared = channel.queue_declare(
+                "",
+                exclusive=True,
+                auto_delete=True,
+                arguments={"x-message-ttl": 10_000, "x-max-length": 1000},
+            )
+            queue_name = declared.method.queue
+            channel.queue_bind(queue_name, spec.exchange)
+        running.consumer_tag = channel.basic_consume(queue_name, on_message)
         for i in range(spec.workers):
             thread = threading.Thread(
                 target=self._work,
@@ -323,6 +345,14 @@ class ConsumerManager:
         )
         tag = method.delivery_tag
         channel = running.channel
+        if running.spec.exchange is not None:
+            # A broadcast of current state (heartbeat, assignment): the next one supersedes a
+            # message that failed, so it is logged and dropped, never retried.
+            try:
+                running.spec.handler(delivery)
+            except Exception:
+                log.exception("%s: %s: dropped a bad broadcast", self._name, running.spec.name)
+            return lambda: channel.basic_ack(tag)
         try:
             running.spec.handler(delivery)
         except RejectMessage as exc:

@@ -66,6 +66,10 @@ class Topology:
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
+    def node_queue(self, name: str, node_id: str) -> str:
+        """A node-local work queue (passive_legacy keeps each server's events apart)."""
+        return f"{self.prefix}.{name}.{node_id}"
+
     def dead_letter_queue(self, queue: str) -> str:
         return f"{queue}.dead"
 

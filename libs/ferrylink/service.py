@@ -1,24 +1,32 @@
-"""What every Ferrylink process shares: its runtime (settings, database, broker links) and an
-HTTP app with `/healthz`, `/readyz` and `/metrics`. A service's `main.py` builds one runtime,
-registers its consumers and routes, and calls `serve()`."""
+"""What every Ferrylink process shares: its runtime (settings, database, broker links, the
+work it follows from the coordinator, heartbeats) and an HTTP app with `/healthz`, `/readyz`,
+`/metrics` and `/work`. A service's `main.py` builds one runtime, registers its work units
+and routes, and calls `serve()`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy.engine import Engine
 
-from ferrylink.consumer_manager import ConsumerManager
+from ferrylink.cluster import Assignment, Heartbeat
+from ferrylink.config import read_config_version
+from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
 from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.messaging import Publisher, Topology
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import setup_logging, setup_tracing
+from ferrylink.work import LoopWork, WorkFollower
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +37,7 @@ CONSUMERS_ACTIVE = Gauge(
 
 
 class ServiceRuntime:
-    """One process's connections: a database engine, a publisher and a consumer manager."""
+    """One process's connections and the work it runs on the coordinator's say-so."""
 
     def __init__(self, service_name: str, settings: FerrylinkSettings) -> None:
         self.service_name = service_name
@@ -47,6 +55,43 @@ class ServiceRuntime:
             name=f"{service_name}-consumers",
         )
         self.consumers.on_change = self._on_consumers_changed
+        self.follower = WorkFollower(settings.node_id, self.consumers)
+        self.config_version = 0
+        self._stopping = threading.Event()
+        self._heartbeat_thread = threading.Thread(
+            target=self._heartbeat_forever, name="heartbeat", daemon=True
+        )
+        self.consumers.register(
+            ConsumerSpec(
+                "assignments",
+                "",
+                self._on_assignment,
+                exchange=self.topology.exchange("assignments"),
+                always=True,
+            )
+        )
+        self.consumers.register(
+            ConsumerSpec(
+                "config",
+                "",
+                self._on_config_change,
+                exchange=self.topology.exchange("config"),
+                always=True,
+            )
+        )
+
+    # -- work units -----------------------------------------------------------------------------
+
+    def add_consumer_work(self, spec: ConsumerSpec) -> None:
+        """A queue consumer that runs only where the coordinator assigns `spec.name`."""
+        self.consumers.register(spec)
+        self.follower.consumer_units.add(spec.name)
+
+    def add_loop_work(self, name: str, loop: LoopWork) -> None:
+        """A loop (scheduler, folder polling) that runs only where the coordinator assigns it."""
+        self.follower.loops[name] = loop
+
+    # -- life cycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
         log.info(
@@ -56,10 +101,16 @@ class ServiceRuntime:
             ", ".join(redact_url(u) for u in self.settings.amqp_urls),
         )
         create_tables(self.engine)
+        self.config_version = read_config_version(self.engine)
         self.publisher.start()
         self.consumers.start()
+        self.follower.start()
+        self._fetch_assignment()
+        self._heartbeat_thread.start()
 
     def stop(self) -> None:
+        self._stopping.set()
+        self.follower.stop()
         self.consumers.stop()
         self.publisher.close()
         self.engine.dispose()
@@ -77,18 +128,73 @@ class ServiceRuntime:
         for name in self.consumers.registered():
             CONSUMERS_ACTIVE.labels(consumer=name).set(1 if name in active else 0)
 
+    # -- following the coordinator --------------------------------------------------------------
+
+    def _on_assignment(self, delivery: Delivery) -> None:
+        self.follower.offer(Assignment.model_validate_json(delivery.body))
+
+    def _on_config_change(self, delivery: Delivery) -> None:
+        # The message only says "something changed"; the database holds the truth.
+        self.config_version = read_config_version(self.engine)
+
+    def _fetch_assignment(self) -> None:
+        """Ask the coordinator for the current assignment so work starts without waiting."""
+        if not self.settings.coordinator_url:
+            return
+        url = self.settings.coordinator_url.rstrip("/") + "/cluster/assignment"
+        try:
+            response = httpx.get(url, timeout=2)
+            if response.status_code == 200:
+                self.follower.offer(Assignment.model_validate(response.json()))
+        except (httpx.HTTPError, ValueError) as exc:
+            log.info("no assignment from the coordinator yet: %s", exc)
+
+    def heartbeat(self) -> Heartbeat:
+        return Heartbeat(
+            node=self.settings.node_id,
+            service=self.service_name,
+            pid=os.getpid(),
+            sent_at=time.time(),
+            epoch=self.follower.epoch,
+            active=self.follower.active(),
+            config_version=self.config_version,
+        )
+
+    def _heartbeat_forever(self) -> None:
+        exchange = self.topology.exchange("heartbeats")
+        while not self._stopping.is_set():
+            if self.publisher.connected:
+                # A config message may have been missed while disconnected: re-read the
+                # version (one cheap query), so "synchronized" never sticks at a stale value.
+                try:
+                    self.config_version = read_config_version(self.engine)
+                except Exception as exc:
+                    log.warning("cannot read the configuration version: %s", exc)
+                # Not waited for: a lost heartbeat is replaced by the next one.
+                body = self.heartbeat().model_dump_json().encode()
+                self.publisher.publish(exchange, "", body, mandatory=False, persistent=False)
+            self._stopping.wait(self.settings.heartbeat_interval)
+
 
 def create_app(
-    runtime: ServiceRuntime, routers: Sequence[APIRouter] = (), description: str = ""
+    runtime: ServiceRuntime,
+    routers: Sequence[APIRouter] = (),
+    description: str = "",
+    on_start: Sequence[Callable[[], None]] = (),
+    on_stop: Sequence[Callable[[], None]] = (),
 ) -> FastAPI:
-    """The service's FastAPI app; the runtime starts and stops with it."""
+    """The service's FastAPI app; the runtime (then `on_start`) starts and stops with it."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         runtime.start()
+        for start in on_start:
+            start()
         try:
             yield
         finally:
+            for stop in on_stop:
+                stop()
             runtime.stop()
 
     app = FastAPI(
@@ -118,6 +224,16 @@ def create_app(
         if not ready:
             response.status_code = 503
         return {"ready": ready, "checks": checks, "node": runtime.settings.node_id}
+
+    @app.get(
+        "/work",
+        tags=["cluster"],
+        summary="The work this service runs, its assignment epoch and activation history",
+    )
+    def work() -> dict[str, Any]:
+        status = runtime.follower.status()
+        status["service"] = runtime.service_name
+        return status
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
     def metrics() -> Response:

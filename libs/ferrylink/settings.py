@@ -45,6 +45,10 @@ class FerrylinkSettings(BaseSettings):
         "active_active",
         description="Cluster mode seeded into the database when the cluster is first created.",
     )
+    coordinator_url: str = Field(
+        "",
+        description="This server's coordinator API, asked for the current assignment at start.",
+    )
     otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty disables export.")
     log_level: str = Field("INFO", description="Python log level.")
 

@@ -1,6 +1,11 @@
-"""Entry point of the cluster-coordinator service: Designates the primary and publishes which consumers run where."""
+"""Entry point of the cluster-coordinator service.
+
+Designates the primary and publishes which work runs where (the assignment).
+"""
 
 from ferrylink.service import ServiceRuntime, create_app, serve
+from ferrylink.services.cluster_coordinator.api import router
+from ferrylink.services.cluster_coordinator.coordinator import Coordinator
 from ferrylink.services.cluster_coordinator.settings import Settings
 
 SERVICE_NAME = "cluster-coordinator"
@@ -9,9 +14,15 @@ SERVICE_NAME = "cluster-coordinator"
 def main() -> None:
     settings = Settings()
     runtime = ServiceRuntime(SERVICE_NAME, settings)
+    coordinator = Coordinator(runtime, settings)
     app = create_app(
-        runtime, description="Designates the primary and publishes which consumers run where."
+        runtime,
+        routers=[router],
+        description=__doc__ or "",
+        on_start=[coordinator.start],
+        on_stop=[coordinator.stop],
     )
+    app.state.coordinator = coordinator
     serve(app, settings, SERVICE_NAME)
 
 

@@ -1,7 +1,36 @@
 """Settings of the cluster-coordinator service (environment variables `FERRYLINK_*`)."""
 
+from pathlib import Path
+
+from pydantic import Field
+
+from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink.settings import FerrylinkSettings
 
 
 class Settings(FerrylinkSettings):
-    """cluster-coordinator reads only the shared settings so far."""
+    connection_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seed of the cluster's connection timeout (seconds a secondary waits "
+        "without hearing from the primary before it is promoted); later changed by API.",
+    )
+    lease_seconds: float = Field(
+        default=3.0,
+        gt=0,
+        description="Leadership lease and assignment lifetime; must stay below the "
+        "connection timeout so a cut-off primary has fenced itself before promotion.",
+    )
+    servers_file: Path = Field(
+        default=Path("deploy/config/servers"),
+        description="Seed of the servers list: one server a line, its id, optionally a TAB "
+        "and its API URL. Read only while the database holds no servers list.",
+    )
+    required_services: str = Field(
+        default=",".join(BACKEND_SERVICES),
+        description="Services that must all be heard for a server to count as up.",
+    )
+
+    @property
+    def required_service_names(self) -> set[str]:
+        return {s.strip() for s in self.required_services.split(",") if s.strip()}

@@ -1,4 +1,7 @@
-"""Entry point of the folder-monitor service: Watches folders on shared storage and emits file.arrived events."""
+"""Entry point of the folder-monitor service.
+
+Watches folders on shared storage and emits file.arrived events.
+"""
 
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.services.folder_monitor.settings import Settings

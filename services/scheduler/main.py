@@ -1,4 +1,7 @@
-"""Entry point of the scheduler service: Runs scheduled transfers and maintenance applications on the primary."""
+"""Entry point of the scheduler service.
+
+Runs scheduled transfers and maintenance applications on the primary.
+"""
 
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.services.scheduler.settings import Settings

@@ -1,4 +1,7 @@
-"""Entry point of the sentinel-link service: Delivers every transfer leg's state to the external tracking system."""
+"""Entry point of the sentinel-link service.
+
+Delivers every transfer leg's state to the external tracking system.
+"""
 
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.services.sentinel_link.settings import Settings

@@ -1,4 +1,7 @@
-"""Entry point of the transaction-manager service: Routes every arrived file by rules and keeps the transfer log."""
+"""Entry point of the transaction-manager service.
+
+Routes every arrived file by rules and keeps the transfer log.
+"""
 
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.services.transaction_manager.settings import Settings

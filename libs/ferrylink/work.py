@@ -1,0 +1,151 @@
+"""Following the coordinator: every service runs exactly the work its assignment gives it.
+
+A service registers its work units (a queue consumer, or a loop with start/stop), and the
+`WorkFollower` switches them on and off to match the newest assignment for this node:
+- assignments with an older epoch than one already seen are ignored;
+- primary-only work stops by itself once the assignment has expired (self-fencing), and
+  starts no earlier than the assignment's `not_before`;
+- every activation is recorded as an interval (unit, epoch, start, end) for `GET /work`,
+  which is how tests prove that primary-only work never ran on two servers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferrylink.cluster import Assignment
+from ferrylink.consumer_manager import ConsumerManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopWork:
+    """Work that is not a queue consumer: started and stopped by callbacks."""
+
+    start: Callable[[], None]
+    stop: Callable[[], None]
+
+
+@dataclass
+class Activation:
+    unit: str
+    epoch: int
+    start: float
+    end: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "epoch": self.epoch, "start": self.start, "end": self.end}
+
+
+@dataclass
+class WorkFollower:
+    node_id: str
+    consumers: ConsumerManager
+    loops: dict[str, LoopWork] = field(default_factory=dict)
+    consumer_units: set[str] = field(default_factory=set)
+    history_limit: int = 1000
+
+    def __post_init__(self) -> None:
+        self._lock = threading.RLock()
+        self._assignment: Assignment | None = None
+        self._active: dict[str, Activation] = {}
+        self._history: list[Activation] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._tick_forever, name="work-follower", daemon=True
+        )
+
+    @property
+    def units(self) -> set[str]:
+        return set(self.loops) | self.consumer_units
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        with self._lock:
+            self._apply(set(), time.time())
+
+    def offer(self, assignment: Assignment) -> bool:
+        """Take an assignment unless it is older than the newest seen; apply it at once."""
+        with self._lock:
+            current = self._assignment
+            if current is not None and assignment.epoch < current.epoch:
+                log.info(
+                    "ignoring assignment of old epoch %s (seen %s)", assignment.epoch, current.epoch
+                )
+                return False
+            if (
+                current is not None
+                and assignment.epoch == current.epoch
+                and assignment.issued_at < current.issued_at
+            ):
+                return False
+            self._assignment = assignment
+            self._apply(assignment.work_for(self.node_id, time.time()) & self.units, time.time())
+            return True
+
+    @property
+    def epoch(self) -> int | None:
+        with self._lock:
+            return self._assignment.epoch if self._assignment else None
+
+    def active(self) -> list[str]:
+        with self._lock:
+            return sorted(self._active)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            assignment = self._assignment
+            return {
+                "node": self.node_id,
+                "epoch": assignment.epoch if assignment else None,
+                "primary": assignment.primary if assignment else None,
+                "expires_at": assignment.expires_at if assignment else None,
+                "units": sorted(self.units),
+                "active": sorted(self._active),
+                "history": [a.as_dict() for a in self._history]
+                + [a.as_dict() for a in self._active.values()],
+            }
+
+    def _tick_forever(self) -> None:
+        # Re-evaluate often so that expiry (self-fencing) and not_before take effect on time.
+        while not self._stop.wait(0.1):
+            with self._lock:
+                if self._assignment is not None:
+                    now = time.time()
+                    self._apply(self._assignment.work_for(self.node_id, now) & self.units, now)
+
+    def _apply(self, wanted: set[str], now: float) -> None:
+        epoch = self._assignment.epoch if self._assignment else 0
+        for unit in sorted(set(self._active) - wanted):
+            self._switch(unit, False)
+            activation = self._active.pop(unit)
+            activation.end = time.time()
+            self._history.append(activation)
+            log.info("stopped %s (epoch %s)", unit, epoch)
+        for unit in sorted(wanted - set(self._active)):
+            self._switch(unit, True)
+            self._active[unit] = Activation(unit, epoch, time.time())
+            log.info("started %s (epoch %s)", unit, epoch)
+        del self._history[: -self.history_limit]
+
+    def _switch(self, unit: str, on: bool) -> None:
+        if unit in self.loops:
+            loop = self.loops[unit]
+            try:
+                (loop.start if on else loop.stop)()
+            except Exception:
+                log.exception("could not %s %s", "start" if on else "stop", unit)
+        else:
+            active = {u for u in self._active if u in self.consumer_units}
+            active = active | {unit} if on else active - {unit}
+            self.consumers.set_active(active)

@@ -1,0 +1,267 @@
+"""The coordinator loop: hear heartbeats, hold or seek the leadership lease, and - while
+leading - decide the primary and publish the whole desired state (the assignment).
+
+Every coordinator tracks heartbeats, so whichever takes over the lease already knows who is
+alive. Only the lease holder writes the cluster state and publishes assignments, and only
+right after a committed renewal; each assignment expires with that lease.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlmodel import Session
+
+from ferrylink.cluster import (
+    Assignment,
+    Heartbeat,
+    decide_primary,
+    desired_work,
+    live_servers,
+)
+from ferrylink.config import read_config_version
+from ferrylink.consumer_manager import ConsumerSpec, Delivery
+from ferrylink.models import ClusterState
+from ferrylink.service import ServiceRuntime
+from ferrylink.services.cluster_coordinator import leadership, store
+from ferrylink.services.cluster_coordinator.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HeartbeatTracker:
+    """When each (server, service) was last heard, by this process's clock."""
+
+    heard: dict[tuple[str, str], tuple[float, Heartbeat]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, heartbeat: Heartbeat, now: float) -> None:
+        with self.lock:
+            self.heard[(heartbeat.node, heartbeat.service)] = (now, heartbeat)
+
+    def snapshot(self) -> dict[tuple[str, str], tuple[float, Heartbeat]]:
+        with self.lock:
+            return dict(self.heard)
+
+
+@dataclass
+class ClusterView:
+    """What `GET /cluster` shows and what the leader decides from."""
+
+    mode: str
+    connection_timeout: float
+    config_version: int
+    servers: list[store.ServerEntry]
+    live: set[str]
+    synchronized: set[str]
+    services: dict[str, dict[str, Any]]
+
+
+class Coordinator:
+    def __init__(self, runtime: ServiceRuntime, settings: Settings) -> None:
+        self.runtime = runtime
+        self.settings = settings
+        self.node_id = settings.node_id
+        self.tracker = HeartbeatTracker()
+        self.defaults = store.ClusterSettings(settings.cluster_mode, settings.connection_timeout)
+        self.leading_since: float | None = None
+        self.term: int | None = None
+        self.last_decision_reason = ""
+        self.last_assignment: Assignment | None = None
+        self._last_published = 0.0
+        self._started_at = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        runtime.consumers.register(
+            ConsumerSpec(
+                "heartbeats",
+                "",
+                self._on_heartbeat,
+                exchange=runtime.topology.exchange("heartbeats"),
+                always=True,
+                prefetch=100,
+            )
+        )
+
+    # -- life cycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with Session(self.runtime.engine) as session:
+            store.seed(session, self.settings.servers_file, self.node_id, self.defaults)
+            leadership.ensure_lease_row(session)
+        self._started_at = time.time()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _on_heartbeat(self, delivery: Delivery) -> None:
+        self.tracker.record(Heartbeat.model_validate_json(delivery.body), time.time())
+
+    # -- the view -------------------------------------------------------------------------------
+
+    def view(self, session: Session, now: float) -> ClusterView:
+        settings = store.read_settings(session, self.defaults)
+        servers = store.read_servers(session)
+        config_version = read_config_version(self.runtime.engine)
+        required = self.settings.required_service_names
+        heard = self.tracker.snapshot()
+        services: dict[str, dict[str, Any]] = {s.id: {} for s in servers}
+        live: set[str] = set()
+        synchronized: set[str] = set()
+        for server in servers:
+            last_heard: dict[str, float] = {}
+            versions: set[int] = set()
+            for (node, service), (at, heartbeat) in heard.items():
+                if node != server.id:
+                    continue
+                last_heard[service] = at
+                versions.add(heartbeat.config_version)
+                services[server.id][service] = {
+                    "age": round(now - at, 3),
+                    "pid": heartbeat.pid,
+                    "epoch": heartbeat.epoch,
+                    "active": heartbeat.active,
+                    "config_version": heartbeat.config_version,
+                }
+            fresh = live_servers(sorted(last_heard), last_heard, now, settings.connection_timeout)
+            if required <= fresh:
+                live.add(server.id)
+                # Every service of it runs the current configuration.
+                if versions == {config_version}:
+                    synchronized.add(server.id)
+        return ClusterView(
+            mode=settings.mode,
+            connection_timeout=settings.connection_timeout,
+            config_version=config_version,
+            servers=servers,
+            live=live,
+            synchronized=synchronized,
+            services=services,
+        )
+
+    # -- leader loop ----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        # Tick faster than the heartbeat so a promotion follows the timeout closely; the
+        # assignment is re-published every heartbeat period even when nothing changed.
+        tick = min(0.25, self.settings.heartbeat_interval)
+        while not self._stop.wait(tick):
+            try:
+                assignment = self.step(time.time())
+            except Exception:
+                log.exception("coordinator step failed; not issuing assignments")
+                self._lose_leadership()
+                continue
+            if assignment is not None:
+                self._publish(assignment)
+
+    def _lose_leadership(self) -> None:
+        if self.leading_since is not None:
+            log.warning("%s is no longer the coordinator leader", self.node_id)
+        self.leading_since = None
+        self.term = None
+
+    def step(self, now: float) -> Assignment | None:
+        """One round: renew/acquire the lease; if leading, decide and return the assignment."""
+        with Session(self.runtime.engine) as session:
+            lease = leadership.acquire_or_renew(
+                session, self.node_id, now, self.settings.lease_seconds
+            )
+            if lease is None:
+                session.rollback()
+                self._lose_leadership()
+                return None
+            new_term = lease.term != self.term
+            if new_term:
+                log.info("%s leads the coordinators (term %s)", self.node_id, lease.term)
+                self.leading_since = now
+                self.term = lease.term
+            assert self.leading_since is not None
+            state = session.get(ClusterState, 1, populate_existing=True) or ClusterState(id=1)
+            view = self.view(session, now)
+            servers = [s.id for s in view.servers]
+            current = state.primary
+            request = store.read_setting(session, store.FAILOVER_REQUEST_KEY)
+            decision_primary: str | None
+            if request and view.mode == "passive_legacy":
+                log.warning("manual failover from %s to %s", current, request)
+                decision_primary, reason = request, f"manual failover to {request}"
+                store.put_setting(session, store.FAILOVER_REQUEST_KEY, "")
+            else:
+                decision = decide_primary(
+                    servers,
+                    view.live,
+                    view.synchronized,
+                    view.mode,
+                    current,
+                    now - max(self.leading_since, self._started_at),
+                    view.connection_timeout,
+                )
+                decision_primary, reason = decision.primary, decision.reason
+            primary_changed = decision_primary != current
+            if new_term or primary_changed:
+                state.epoch += 1
+            if primary_changed:
+                log.warning("primary %s -> %s: %s", current, decision_primary, reason)
+                state.primary = decision_primary
+                # Fence: the new primary starts only after every earlier assignment expired.
+                state_not_before = max(now, state.issued_until)
+            else:
+                previous = self.last_assignment
+                state_not_before = (
+                    previous.not_before
+                    if previous is not None and previous.epoch == state.epoch
+                    else now
+                )
+            assignment = Assignment(
+                epoch=state.epoch,
+                mode=view.mode,
+                leader=self.node_id,
+                primary=state.primary,
+                work=desired_work(view.mode, servers, view.live, view.synchronized, state.primary),
+                issued_at=now,
+                not_before=state_not_before,
+                expires_at=lease.expires_at,
+            )
+            state.issued_until = max(state.issued_until, assignment.expires_at)
+            state.assignment_json = assignment.model_dump_json()
+            session.add(state)
+            session.commit()  # the renewal and the decision count from here on
+        self.last_decision_reason = reason
+        changed = self.last_assignment is None or self._differs(self.last_assignment, assignment)
+        self.last_assignment = assignment
+        if changed or now - self._last_published >= self.settings.heartbeat_interval:
+            self._last_published = now
+            return assignment
+        return None
+
+    @staticmethod
+    def _differs(old: Assignment, new: Assignment) -> bool:
+        return (old.epoch, old.primary, old.work, old.not_before) != (
+            new.epoch,
+            new.primary,
+            new.work,
+            new.not_before,
+        )
+
+    def _publish(self, assignment: Assignment) -> None:
+        exchange = self.runtime.topology.exchange("assignments")
+        self.runtime.publisher.publish(
+            exchange,
+            "",
+            assignment.model_dump_json().encode(),
+            mandatory=False,
+            persistent=False,
+        )
+        # This server's own services follow it too, but the coordinator need not wait.
+        self.runtime.follower.offer(assignment)
+
+    def is_leader(self) -> bool:
+        return self.leading_since is not None

@@ -1,0 +1,64 @@
+"""Coordinator leadership as a lease row in the shared database.
+
+The database is the distributed engine here (PostgreSQL in a real cluster): a renewal counts
+only once its transaction committed, and a lease is taken over only after it expired, so at
+most one coordinator holds an unexpired lease. Every change of holder increments `term`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import or_, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from ferrylink.models import LeaderLease
+
+
+@dataclass(frozen=True)
+class Lease:
+    holder: str
+    term: int
+    expires_at: float
+
+
+def ensure_lease_row(session: Session) -> None:
+    if session.get(LeaderLease, 1) is None:
+        session.add(LeaderLease(id=1))
+        try:
+            session.commit()
+        except IntegrityError:  # another coordinator created it first
+            session.rollback()
+
+
+def acquire_or_renew(session: Session, holder: str, now: float, duration: float) -> Lease | None:
+    """Renew our lease, or take an expired one, inside the caller's transaction.
+
+    Returns the lease if we hold it after this statement (valid once the caller commits),
+    None if another coordinator holds an unexpired lease.
+    """
+    lease = session.get(LeaderLease, 1, populate_existing=True)
+    previous_holder = lease.holder if lease else ""
+    result = session.execute(
+        update(LeaderLease)
+        .where(LeaderLease.id == 1)  # type: ignore[arg-type]
+        .where(or_(LeaderLease.holder == holder, LeaderLease.expires_at < now))  # type: ignore[arg-type]
+        .values(
+            holder=holder,
+            expires_at=now + duration,
+            term=LeaderLease.term + (0 if previous_holder == holder else 1),
+        )
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    lease = session.get(LeaderLease, 1, populate_existing=True)
+    assert lease is not None
+    return Lease(holder=lease.holder, term=lease.term, expires_at=lease.expires_at)
+
+
+def current_lease(session: Session) -> Lease | None:
+    lease = session.get(LeaderLease, 1, populate_existing=True)
+    if lease is None or not lease.holder:
+        return None
+    return Lease(holder=lease.holder, term=lease.term, expires_at=lease.expires_at)

@@ -1,0 +1,146 @@
+"""The cluster configuration the coordinator owns: the servers list and the cluster settings.
+
+Both live in the shared database; every change bumps the configuration version (see
+`ferrylink.config`) and is announced on the `config` exchange by the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from ferrylink.cluster import CLUSTER_MODES
+from ferrylink.config import bump_config_version
+from ferrylink.models import ClusterServer, ClusterSetting, utcnow
+
+log = logging.getLogger(__name__)
+
+MODE_KEY = "cluster.mode"
+TIMEOUT_KEY = "cluster.connection_timeout"
+FAILOVER_REQUEST_KEY = "cluster.failover_request"
+SERVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """Invalid cluster configuration; the message says what is wrong."""
+
+
+@dataclass(frozen=True)
+class ServerEntry:
+    id: str
+    api_url: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    mode: str
+    connection_timeout: float
+
+
+def parse_servers_file(text: str) -> list[ServerEntry]:
+    """The reference's format: one server a line, its id, optionally a TAB and its API URL."""
+    entries = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        server_id, _, api_url = line.partition("\t")
+        if "\t" not in line and " " in line:
+            server_id, _, api_url = line.partition(" ")
+        entries.append(ServerEntry(server_id.strip(), api_url.strip()))
+        try:
+            validate_servers(entries)
+        except ConfigError as exc:
+            raise ConfigError(f"line {number}: {exc}") from exc
+    return entries
+
+
+def validate_servers(entries: list[ServerEntry]) -> None:
+    if not entries:
+        raise ConfigError("the servers list must name at least one server")
+    seen: set[str] = set()
+    for entry in entries:
+        if not SERVER_ID.match(entry.id):
+            raise ConfigError(
+                f"invalid server id {entry.id!r}: use letters, digits, '.', '_' or '-'"
+            )
+        if entry.id in seen:
+            raise ConfigError(f"server {entry.id!r} is listed twice")
+        if entry.api_url and not entry.api_url.startswith(("http://", "https://")):
+            raise ConfigError(f"API URL of {entry.id!r} must start with http:// or https://")
+        seen.add(entry.id)
+
+
+def validate_settings(mode: str, connection_timeout: float, lease_seconds: float) -> None:
+    if mode not in CLUSTER_MODES:
+        raise ConfigError(f"unknown cluster mode {mode!r}; use one of {', '.join(CLUSTER_MODES)}")
+    if connection_timeout <= lease_seconds:
+        raise ConfigError(
+            f"connection_timeout must be longer than the {lease_seconds} s lease, so that a "
+            "cut-off primary has stopped before another is promoted"
+        )
+
+
+def read_servers(session: Session) -> list[ServerEntry]:
+    rows = session.exec(select(ClusterServer).order_by(col(ClusterServer.position))).all()
+    return [ServerEntry(row.id, row.api_url) for row in rows]
+
+
+def write_servers(session: Session, entries: list[ServerEntry]) -> int:
+    """Replace the servers list; returns the new configuration version (not committed)."""
+    validate_servers(entries)
+    session.exec(delete(ClusterServer))
+    for position, entry in enumerate(entries):
+        session.add(ClusterServer(id=entry.id, position=position, api_url=entry.api_url))
+    return bump_config_version(session)
+
+
+def read_setting(session: Session, key: str) -> str | None:
+    row = session.get(ClusterSetting, key, populate_existing=True)
+    return row.value if row else None
+
+
+def put_setting(session: Session, key: str, value: str) -> None:
+    row = session.get(ClusterSetting, key) or ClusterSetting(key=key, value=value)
+    row.value = value
+    row.updated_at = utcnow()
+    session.add(row)
+
+
+def read_settings(session: Session, default: ClusterSettings) -> ClusterSettings:
+    mode = read_setting(session, MODE_KEY) or default.mode
+    timeout = read_setting(session, TIMEOUT_KEY)
+    return ClusterSettings(mode, float(timeout) if timeout else default.connection_timeout)
+
+
+def write_settings(session: Session, settings: ClusterSettings, lease_seconds: float) -> int:
+    validate_settings(settings.mode, settings.connection_timeout, lease_seconds)
+    put_setting(session, MODE_KEY, settings.mode)
+    put_setting(session, TIMEOUT_KEY, repr(settings.connection_timeout))
+    return bump_config_version(session)
+
+
+def seed(session: Session, servers_file: Path, node_id: str, default: ClusterSettings) -> None:
+    """First start of a cluster: take the servers list from the file, settings from env."""
+    try:
+        if not read_servers(session):
+            if servers_file.is_file():
+                entries = parse_servers_file(servers_file.read_text())
+                log.info("seeding the servers list from %s", servers_file)
+            else:
+                entries = [ServerEntry(node_id)]
+                log.info(
+                    "no servers file at %s; the servers list is just %s", servers_file, node_id
+                )
+            write_servers(session, entries)
+        if read_setting(session, MODE_KEY) is None:
+            put_setting(session, MODE_KEY, default.mode)
+            put_setting(session, TIMEOUT_KEY, repr(default.connection_timeout))
+        session.commit()
+    except IntegrityError:  # another coordinator seeded at the same moment
+        session.rollback()
