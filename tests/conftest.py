@@ -54,7 +54,12 @@ def prefix(amqp_url: str) -> Iterator[str]:
     delete_topology(amqp_url, Topology(prefix=name))
 
 
-def delete_topology(url: str, topology: Topology, extra_queues: tuple[str, ...] = ()) -> None:
+def delete_topology(
+    url: str,
+    topology: Topology,
+    node_ids: tuple[str, ...] = (),
+    extra_queues: tuple[str, ...] = (),
+) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(url.split(",")[0]))
     try:
         channel = connection.channel()
@@ -62,6 +67,11 @@ def delete_topology(url: str, topology: Topology, extra_queues: tuple[str, ...] 
             queue = topology.queue(name)
             for q in (queue, topology.dead_letter_queue(queue)):
                 channel.queue_delete(q)
+        for node in node_ids:
+            for name in topology.node_work_queues:
+                queue = topology.node_queue(name, node)
+                channel.queue_delete(queue)
+                channel.queue_delete(topology.dead_letter_queue(queue))
         for q in extra_queues:
             channel.queue_delete(q)
         for name in topology.fanout_exchanges:

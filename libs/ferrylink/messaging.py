@@ -62,6 +62,9 @@ class Topology:
     # Work queues shared by the cluster. Node-local queues are declared on demand.
     work_queues: tuple[str, ...] = ("events", "transfer-states")
     fanout_exchanges: tuple[str, ...] = ("assignments", "heartbeats", "config")
+    # With a node id, that node's own queues (used in passive_legacy) are declared too.
+    node_id: str | None = None
+    node_work_queues: tuple[str, ...] = ("events", "transfer-states")
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -82,6 +85,9 @@ class Topology:
             channel.exchange_declare(self.exchange(name), exchange_type="fanout", durable=True)
         for name in self.work_queues:
             self.declare_work_queue(channel, self.queue(name))
+        if self.node_id is not None:
+            for name in self.node_work_queues:
+                self.declare_work_queue(channel, self.node_queue(name, self.node_id))
 
     def declare_work_queue(self, channel: BlockingChannel, queue: str) -> None:
         """A durable quorum queue whose poison messages go to its own dead-letter queue.
@@ -106,7 +112,11 @@ class Topology:
 
     @classmethod
     def from_settings(cls, settings: FerrylinkSettings) -> Topology:
-        return cls(prefix=settings.name_prefix, delivery_limit=settings.delivery_limit)
+        return cls(
+            prefix=settings.name_prefix,
+            delivery_limit=settings.delivery_limit,
+            node_id=settings.node_id,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -58,3 +58,17 @@ class ClusterState(SQLModel, table=True):
     # The latest expiry of any assignment issued so far: a new primary starts after it.
     issued_until: float = Field(default=0.0)
     assignment_json: str = Field(default="")
+
+
+class ProcessedEvent(SQLModel, table=True):
+    """One row per event a transaction manager completed: the idempotency key.
+
+    The unique event id makes a redelivered event (after a crash or a failover) a no-op.
+    """
+
+    __tablename__ = "processed_event"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(max_length=64)
+    node_id: str = Field(max_length=64, index=True)
+    processed_at: float = Field(index=True)

@@ -14,9 +14,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ferrylink.cluster import Assignment
 from ferrylink.consumer_manager import ConsumerManager
@@ -24,12 +23,30 @@ from ferrylink.consumer_manager import ConsumerManager
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class LoopWork:
-    """Work that is not a queue consumer: started and stopped by callbacks."""
+class LoopWork(Protocol):
+    """Work that is not a queue consumer: started and stopped by the follower."""
 
-    start: Callable[[], None]
-    stop: Callable[[], None]
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class FlagWork:
+    """Work that is a permission, not a loop (e.g. serving the consolidated transfer log):
+    the service checks `is_set` before doing it."""
+
+    def __init__(self) -> None:
+        self._on = threading.Event()
+
+    @property
+    def is_set(self) -> bool:
+        return self._on.is_set()
+
+    def start(self) -> None:
+        self._on.set()
+
+    def stop(self) -> None:
+        self._on.clear()
 
 
 @dataclass

@@ -1,0 +1,32 @@
+# The two set-up commands of README.md: `make up` (a local 3-server cluster) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SERVERS ?= 3
+MODE ?= active_active
+
+.PHONY: install up test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+up: install
+	$(VENV)/bin/ferrylink up --servers $(SERVERS) --mode $(MODE)
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	PYTHON=$(PY) scripts/typecheck
+
+test: lint
+	$(PY) -m pytest -q -ra
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .ferrylink .pytest_cache .mypy_cache .ruff_cache
