@@ -20,10 +20,22 @@ ALL = set(SERVERS)
 TIMEOUT = 5.0
 
 
-def decide(live: set[str], current: str | None, mode: str = "active_active",
-           synchronized: set[str] | None = None, leading_for: float = 100.0) -> str | None:
-    return decide_primary(SERVERS, live, ALL if synchronized is None else synchronized, mode,
-                          current, leading_for, TIMEOUT).primary
+def decide(
+    live: set[str],
+    current: str | None,
+    mode: str = "active_active",
+    synchronized: set[str] | None = None,
+    leading_for: float = 100.0,
+) -> str | None:
+    return decide_primary(
+        SERVERS,
+        live,
+        ALL if synchronized is None else synchronized,
+        mode,
+        current,
+        leading_for,
+        TIMEOUT,
+    ).primary
 
 
 def test_liveness_uses_the_connection_timeout() -> None:
@@ -75,8 +87,7 @@ def test_fail_back_is_only_to_the_first_listed_server() -> None:
 
 
 def test_passive_legacy_never_promotes_or_fails_back_by_itself() -> None:
-    decision = decide_primary(SERVERS, {"st2", "st3"}, ALL, "passive_legacy", "st1", 100.0,
-                              TIMEOUT)
+    decision = decide_primary(SERVERS, {"st2", "st3"}, ALL, "passive_legacy", "st1", 100.0, TIMEOUT)
     assert decision.primary == "st1"
     assert "manual failover" in decision.reason
     assert decide(ALL, "st2", "passive_legacy") == "st2"
@@ -121,9 +132,14 @@ def test_work_table_passive_legacy() -> None:
 
 def make_assignment(**overrides: object) -> Assignment:
     values: dict[str, object] = dict(
-        epoch=3, mode="active_active", leader="st2", primary="st1",
+        epoch=3,
+        mode="active_active",
+        leader="st2",
+        primary="st1",
         work={"st1": [WORK_EVENTS, WORK_SCHEDULER], "st2": [WORK_EVENTS]},
-        issued_at=100.0, not_before=100.0, expires_at=103.0,
+        issued_at=100.0,
+        not_before=100.0,
+        expires_at=103.0,
     )
     values.update(overrides)
     return Assignment.model_validate(values)

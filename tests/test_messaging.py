@@ -68,8 +68,9 @@ def make_manager(amqp_url: str, publisher: Publisher, topology: Topology) -> Con
 
 def publish_events(publisher: Publisher, topology: Topology, ids: list[str]) -> None:
     futures = [
-        publisher.publish("", topology.queue("events"), json.dumps({"id": i}).encode(),
-                          message_id=i)
+        publisher.publish(
+            "", topology.queue("events"), json.dumps({"id": i}).encode(), message_id=i
+        )
         for i in ids
     ]
     wait_all(futures, timeout=60)
@@ -105,8 +106,9 @@ def test_topology_is_quorum_and_idempotent(amqp_url: str, topology: Topology) ->
         topology.declare(channel)  # again: no PRECONDITION_FAILED
         # A passive declare with the wrong type must fail: proves the queue is quorum.
         with pytest.raises(pika.exceptions.ChannelClosedByBroker):
-            connection.channel().queue_declare(topology.queue("events"), durable=True,
-                                               arguments={"x-queue-type": "classic"})
+            connection.channel().queue_declare(
+                topology.queue("events"), durable=True, arguments={"x-queue-type": "classic"}
+            )
     finally:
         connection.close()
 
@@ -183,8 +185,10 @@ def test_consumer_cancelled_mid_stream_loses_nothing(
         wait_until(lambda: not manager_a.active(), what="first consumer cancelled")
         handled_by_first = set(first.done)
         manager_b.set_active({"events"})
-        wait_until(lambda: len(set(first.done) | set(second.done)) == len(ids),
-                   what="every message handled by one of the two")
+        wait_until(
+            lambda: len(set(first.done) | set(second.done)) == len(ids),
+            what="every message handled by one of the two",
+        )
     finally:
         manager_a.stop()
         manager_b.stop()

@@ -127,6 +127,7 @@ class ConsumerManager:
         self._connection: pika.BlockingConnection | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.on_change: Callable[[set[str]], None] | None = None
+        self.connections_opened = 0  # grows on every (re)connect
 
     # -- public API (any thread) ------------------------------------------------------------
 
@@ -183,6 +184,7 @@ class ConsumerManager:
                     declare_channel = connection.channel()
                     self._declare(declare_channel)
                     declare_channel.close()
+                self.connections_opened += 1
                 self._connected.set()
                 backoff.reset()
                 self._serve(connection)

@@ -233,6 +233,7 @@ class Publisher:
         self._url_index = 0
         self._backoff = Backoff()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.connections_opened = 0  # grows on every (re)connect; shown in tests and logs
 
     # -- public API (any thread) ------------------------------------------------------------
 
@@ -355,6 +356,7 @@ class Publisher:
         channel.add_on_close_callback(self._on_channel_closed)
         channel.confirm_delivery(self._on_confirm)
         self._backoff.reset()
+        self.connections_opened += 1
         self._connected.set()
         self._flush()
 
@@ -444,7 +446,12 @@ class Publisher:
                 else:
                     message.future.set_result(None)
         else:
-            self._flush()
+            # Seen on RabbitMQ 3.10: after a quorum leader died, a channel that got nacks can
+            # keep nacking although a new leader serves fresh channels. So start over on a new
+            # connection (after the usual backoff) instead of re-publishing here.
+            if self._connection is not None and self._connection.is_open:
+                log.warning("%s: messages nacked; reconnecting to publish them again", self._name)
+                self._connection.close()
 
 
 def wait_all(futures: Iterable[Future[None]], timeout: float) -> None:

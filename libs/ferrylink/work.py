@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -166,3 +167,41 @@ class WorkFollower:
             active = {u for u in self._active if u in self.consumer_units}
             active = active | {unit} if on else active - {unit}
             self.consumers.set_active(active)
+
+
+class PollingLoop:
+    """Work that calls `poll` every `interval` seconds on its own thread while assigned.
+
+    `stop()` returns once the current poll finished, so no poll runs after the service was
+    told to stop (the self-fencing guarantee depends on it).
+    """
+
+    def __init__(self, name: str, poll: Callable[[], None], interval: float) -> None:
+        self.name = name
+        self.poll = poll
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(self._stop,), name=self.name, daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.poll()
+            except Exception:
+                log.exception("%s: poll failed", self.name)
+            stop.wait(self.interval)

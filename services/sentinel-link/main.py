@@ -1,10 +1,12 @@
 """Entry point of the sentinel-link service.
 
-Delivers every transfer leg's state to the external tracking system.
+Delivers every transfer leg's state to the external tracking system from the primary.
 """
 
+from ferrylink.cluster import WORK_SENTINEL_LINK
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.services.sentinel_link.settings import Settings
+from ferrylink.work import FlagWork
 
 SERVICE_NAME = "sentinel-link"
 
@@ -12,9 +14,10 @@ SERVICE_NAME = "sentinel-link"
 def main() -> None:
     settings = Settings()
     runtime = ServiceRuntime(SERVICE_NAME, settings)
-    app = create_app(
-        runtime, description="Delivers every transfer leg's state to the external tracking system."
-    )
+    # Primary-only work, switched by the coordinator's assignment. What it does is not built
+    # yet (see README, "Status"); the switch and its fencing are.
+    runtime.add_loop_work(WORK_SENTINEL_LINK, FlagWork())
+    app = create_app(runtime, description=__doc__ or "")
     serve(app, settings, SERVICE_NAME)
 
 

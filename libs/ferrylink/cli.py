@@ -1,0 +1,237 @@
+"""`ferrylink`: run one service, or a whole local cluster of servers, and act on it.
+
+    ferrylink service NAME
+    ferrylink up --servers N --mode MODE [--state-dir DIR] [--base-port P] [--prefix NAME]
+                 [--ready-timeout S] [--detach]
+    ferrylink down [--state-dir DIR]
+    ferrylink server {stop,start,kill} ID [--state-dir DIR]
+    ferrylink status [--state-dir DIR] [--json]
+
+The work is done by `ferrylink.local_cluster` (its docstring explains the supervisor and
+how `server stop|start|kill` reach it); this module only parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from ferrylink.services_registry import ALL_SERVICES
+
+MAX_SERVERS = 50
+
+
+def _positive_servers(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from exc
+    if not 1 <= count <= MAX_SERVERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_SERVERS}, not {count}")
+    return count
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a port: {value!r}") from exc
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {port}")
+    return port
+
+
+def _state_dir_option(parser: argparse.ArgumentParser) -> None:
+    from ferrylink.local_cluster import DEFAULT_STATE_DIR
+
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"the cluster's state directory (default {DEFAULT_STATE_DIR})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ferrylink.local_cluster import DEFAULT_BASE_PORT, DEFAULT_PREFIX, MODES, READY_TIMEOUT
+
+    parser = argparse.ArgumentParser(
+        prog="ferrylink", description="Ferrylink managed file transfer: services and clusters."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    service = commands.add_parser("service", help="run one service in the foreground")
+    service.add_argument(
+        "name", choices=ALL_SERVICES, metavar="NAME", help=f"one of {', '.join(ALL_SERVICES)}"
+    )
+
+    up = commands.add_parser("up", help="start a local cluster (servers as local processes)")
+    up.add_argument(
+        "--servers",
+        type=_positive_servers,
+        default=1,
+        metavar="N",
+        help="number of servers st1..stN (default 1)",
+    )
+    up.add_argument(
+        "--mode",
+        choices=MODES,
+        default="active_active",
+        help="cluster mode (default active_active)",
+    )
+    _state_dir_option(up)
+    up.add_argument(
+        "--base-port",
+        type=_port,
+        default=DEFAULT_BASE_PORT,
+        metavar="P",
+        help="server i's service j listens on P + 10*i + j + 1 "
+        f"(i, j from 0; default {DEFAULT_BASE_PORT})",
+    )
+    up.add_argument(
+        "--prefix",
+        default=DEFAULT_PREFIX,
+        metavar="NAME",
+        help=f"broker queue/exchange name prefix (default {DEFAULT_PREFIX})",
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=READY_TIMEOUT,
+        metavar="S",
+        help=f"seconds to wait for every /readyz (default {READY_TIMEOUT:.0f})",
+    )
+    up.add_argument(
+        "--detach",
+        action="store_true",
+        help="run the supervisor in the background; return once ready",
+    )
+
+    down = commands.add_parser("down", help="stop a local cluster")
+    _state_dir_option(down)
+
+    server = commands.add_parser("server", help="stop, start or kill one server of a cluster")
+    server.add_argument(
+        "action",
+        choices=("stop", "start", "kill"),
+        help="stop: SIGTERM and wait; kill: SIGKILL (failover drill); "
+        "start: start its services again and wait until ready",
+    )
+    server.add_argument("server_id", metavar="ID", help="server id, e.g. st2")
+    _state_dir_option(server)
+
+    status = commands.add_parser("status", help="show what runs where, with live probes")
+    _state_dir_option(status)
+    status.add_argument("--json", action="store_true", help="print cluster.json and probes")
+    return parser
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from ferrylink.services_registry import entry_point
+
+    entry_point(args.name)()
+    return 0
+
+
+def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from ferrylink.local_cluster import (
+        PREFIX_PATTERN,
+        LocalCluster,
+        Supervisor,
+        service_port,
+        start_detached,
+    )
+    from ferrylink.services_registry import BACKEND_SERVICES
+
+    if not PREFIX_PATTERN.match(args.prefix):
+        parser.error(f"--prefix {args.prefix!r}: use letters, digits, '.', '_' and '-'")
+    if service_port(args.base_port, args.servers - 1, len(BACKEND_SERVICES) - 1) > 65535:
+        parser.error(f"--base-port {args.base_port} leaves no room for {args.servers} servers")
+    state_dir: Path = args.state_dir.resolve()
+    if args.detach:
+        argv = [
+            "--servers",
+            str(args.servers),
+            "--mode",
+            args.mode,
+            "--state-dir",
+            str(state_dir),
+            "--base-port",
+            str(args.base_port),
+            "--prefix",
+            args.prefix,
+            "--ready-timeout",
+            str(args.ready_timeout),
+        ]
+        return start_detached(argv, state_dir, args.ready_timeout + 60, out=_say)
+    # Our own notices at INFO; the libraries' chatter (pika, httpx) only from WARNING.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("ferrylink").setLevel(logging.INFO)
+    cluster = LocalCluster(
+        state_dir, args.servers, args.mode, base_port=args.base_port, prefix=args.prefix
+    )
+    return Supervisor(cluster, ready_timeout=args.ready_timeout, out=_say).run()
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from ferrylink.local_cluster import down
+
+    _say(down(args.state_dir.resolve()))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from ferrylink.local_cluster import server_action
+
+    _say(server_action(args.state_dir.resolve(), args.action, args.server_id))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ferrylink.local_cluster import format_table, read_cluster_json, status_table
+
+    doc = read_cluster_json(args.state_dir.resolve())
+    headers, rows, notes = status_table(doc)
+    if args.json:
+        doc["probes"] = [dict(zip(headers, row, strict=True)) for row in rows]
+        _say(json.dumps(doc, indent=2))
+        return 0
+    for note in notes:
+        _say(note)
+    _say(format_table(headers, rows))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ferrylink.local_cluster import ClusterError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "service":
+            return cmd_service(args)
+        if args.command == "up":
+            return cmd_up(args, parser)
+        if args.command == "down":
+            return cmd_down(args)
+        if args.command == "server":
+            return cmd_server(args)
+        if args.command == "status":
+            return cmd_status(args)
+    except ClusterError as exc:
+        print(f"ferrylink: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
