@@ -15,11 +15,10 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pika
 import psycopg2
 import pytest
 
-from ferrylink.messaging import Topology
+from tests.cluster_support import delete_broker_objects
 
 
 @pytest.fixture(scope="session")
@@ -51,33 +50,22 @@ def prefix(amqp_url: str) -> Iterator[str]:
     """A unique queue/exchange name prefix; everything under it is deleted afterwards."""
     name = f"t{uuid.uuid4().hex[:10]}"
     yield name
-    delete_topology(amqp_url, Topology(prefix=name))
+    delete_broker_objects(name, amqp_url)
 
 
-def delete_topology(
-    url: str,
-    topology: Topology,
-    node_ids: tuple[str, ...] = (),
-    extra_queues: tuple[str, ...] = (),
-) -> None:
-    connection = pika.BlockingConnection(pika.URLParameters(url.split(",")[0]))
-    try:
-        channel = connection.channel()
-        for name in topology.work_queues:
-            queue = topology.queue(name)
-            for q in (queue, topology.dead_letter_queue(queue)):
-                channel.queue_delete(q)
-        for node in node_ids:
-            for name in topology.node_work_queues:
-                queue = topology.node_queue(name, node)
-                channel.queue_delete(queue)
-                channel.queue_delete(topology.dead_letter_queue(queue))
-        for q in extra_queues:
-            channel.queue_delete(q)
-        for name in topology.fanout_exchanges:
-            channel.exchange_delete(topology.exchange(name))
-    finally:
-        connection.close()
+@pytest.fixture
+def cluster_amqp_url(amqp_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test broker, also handed to `ferrylink` subprocesses through the environment."""
+    monkeypatch.setenv("FERRYLINK_AMQP_URL", amqp_url)
+    return amqp_url
+
+
+@pytest.fixture
+def cluster_prefix(cluster_amqp_url: str) -> Iterator[str]:
+    """A unique name prefix for a local cluster's queues and exchanges, deleted afterwards."""
+    name = f"fltest-{uuid.uuid4().hex[:10]}"
+    yield name
+    delete_broker_objects(name, cluster_amqp_url)
 
 
 @pytest.fixture(scope="module")

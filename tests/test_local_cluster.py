@@ -7,200 +7,44 @@ prefix, and deletes its queues and exchanges at the end.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import httpx
-import pika
 import pytest
 
 from ferrylink.local_cluster import (
-    broker_reachable,
     pid_alive,
-    port_free,
-    rabbitmq_installed,
     service_port,
 )
 from ferrylink.services_registry import BACKEND_SERVICES
-from ferrylink.settings import DEFAULT_AMQP_URL
-
-BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
-STOP_TIMEOUT = 60.0
+from tests.cluster_support import (
+    BOOT_TIMEOUT,
+    STOP_TIMEOUT,
+    all_pids,
+    ferrylink,
+    free_base_port,
+    kill_leftovers,
+    read_json,
+    readyz,
+    server_doc,
+    wait_all_ready,
+    wait_pids_gone,
+)
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(400)
-
-
-# ---- helpers -----------------------------------------------------------------------------------
-
-
-def broker_names(prefix: str, amqp_url: str, servers: int = 5) -> tuple[list[str], list[str]]:
-    """The queues and exchanges a cluster with this name prefix declares: the shared work
-    queues, the node-local ones of st1..stN (passive_legacy) and their dead-letter queues."""
-    queues = []
-    for name in ("events", "transfer-states"):
-        for queue in [
-            f"{prefix}.{name}",
-            *(f"{prefix}.{name}.st{i}" for i in range(1, servers + 1)),
-        ]:
-            queues += [queue, f"{queue}.dead"]
-    exchanges = [f"{prefix}.{name}" for name in ("assignments", "heartbeats", "config")]
-    if amqp_url == DEFAULT_AMQP_URL and shutil.which("rabbitmqctl"):
-        # The machine's broker: also whatever else was declared under the prefix.
-        for kind, found in (("list_queues", queues), ("list_exchanges", exchanges)):
-            with contextlib.suppress(OSError, subprocess.SubprocessError):
-                listed = subprocess.run(
-                    ["rabbitmqctl", "-q", kind, "name"],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                    check=False,
-                ).stdout.split()
-                found.extend(n for n in listed if n.startswith(prefix + ".") and n not in found)
-    return queues, exchanges
-
-
-def delete_broker_objects(prefix: str, amqp_url: str) -> None:
-    """Delete this prefix's queues and exchanges (each in a fresh channel: an error closes it)."""
-    queues, exchanges = broker_names(prefix, amqp_url)
-    connection = pika.BlockingConnection(pika.URLParameters(amqp_url.split(",")[0].strip()))
-    try:
-        for name in queues:
-            with contextlib.suppress(pika.exceptions.AMQPChannelError):
-                channel = connection.channel()
-                channel.queue_delete(name)
-                channel.close()
-        for name in exchanges:
-            with contextlib.suppress(pika.exceptions.AMQPChannelError):
-                channel = connection.channel()
-                channel.exchange_delete(name)
-                channel.close()
-    finally:
-        connection.close()
-
-
-def free_base_port(servers: int) -> int:
-    """A random base port whose whole range is free now."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000, 100)
-        ports = [
-            service_port(base, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
-        ]
-        if all(port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range")
-
-
-def ferrylink(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ferrylink.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    doc: dict[str, Any] = json.loads(path.read_text())
-    return doc
-
-
-def all_pids(doc: dict[str, Any], server_id: str | None = None) -> list[int]:
-    return [
-        svc["pid"]
-        for server in doc["servers"]
-        if server_id is None or server["id"] == server_id
-        for svc in server["services"].values()
-        if svc["pid"]
-    ]
-
-
-def server_doc(doc: dict[str, Any], server_id: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(s for s in doc["servers"] if s["id"] == server_id)
-    return found
-
-
-def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def wait_pids_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if pid_alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = [p for p in left if pid_alive(p)]
-    return left
-
-
-def readyz(port: int) -> int:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0).status_code
-    except httpx.HTTPError:
-        return 0
-
-
-def wait_all_ready(ports: list[int], timeout: float = 60.0) -> None:
-    pending = set(ports)
-
-    def done() -> bool:
-        pending.difference_update({p for p in list(pending) if readyz(p) == 200})
-        return not pending
-
-    wait_for(done, timeout, f"/readyz 200 on ports {sorted(pending)}")
-
-
-def kill_leftovers(state_dir: Path) -> None:
-    """Last resort in a failed test: SIGKILL whatever cluster.json still lists."""
-    with contextlib.suppress(OSError, ValueError):
-        doc = read_json(state_dir / "cluster.json")
-        for pid in [*all_pids(doc), doc.get("supervisor_pid") or 0]:
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def cluster_amqp_url(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """FERRYLINK_AMQP_URL if set, else the machine's broker on 127.0.0.1:5672, else the
-    session's private broker (conftest); the `ferrylink` subprocesses inherit it."""
-    url = os.environ.get("FERRYLINK_AMQP_URL") or DEFAULT_AMQP_URL
-    if not broker_reachable(url):
-        if not rabbitmq_installed():
-            pytest.skip("no RabbitMQ answers and rabbitmq-server is not installed")
-        url = request.getfixturevalue("amqp_url")
-    monkeypatch.setenv("FERRYLINK_AMQP_URL", url)
-    return url
-
-
-@pytest.fixture
-def prefix(cluster_amqp_url: str) -> Iterator[str]:
-    """A unique name prefix for the cluster's queues and exchanges, deleted afterwards."""
-    name = f"fltest-lc-{uuid.uuid4().hex[:10]}"
-    yield name
-    delete_broker_objects(name, cluster_amqp_url)
 
 
 # ---- tests -------------------------------------------------------------------------------------
 
 
-def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(tmp_path: Path, prefix: str) -> None:
+def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(
+    tmp_path: Path, cluster_prefix: str
+) -> None:
     state_dir = tmp_path / "state"
     base_port = free_base_port(3)
     output = tmp_path / "up.out"
@@ -213,7 +57,7 @@ def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(tmp_path: Path, pref
                 "--mode", "active_active",
                 "--state-dir", str(state_dir),
                 "--base-port", str(base_port),
-                "--prefix", prefix,
+                "--prefix", cluster_prefix,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -227,7 +71,7 @@ def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(tmp_path: Path, pref
                 return False
             return read_json(cluster_json).get("status") == "running"
 
-        wait_for(running, BOOT_TIMEOUT, "the cluster to be running")
+        wait_until(running, BOOT_TIMEOUT, "the cluster to be running")
         boot_seconds = time.monotonic() - started
         doc = read_json(cluster_json)
 
@@ -270,7 +114,9 @@ def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(tmp_path: Path, pref
         kill_leftovers(state_dir)
 
 
-def test_kill_and_start_one_server_of_a_detached_cluster(tmp_path: Path, prefix: str) -> None:
+def test_kill_and_start_one_server_of_a_detached_cluster(
+    tmp_path: Path, cluster_prefix: str
+) -> None:
     state_dir = tmp_path / "state"
     base_port = free_base_port(2)
     common = ("--state-dir", str(state_dir))
@@ -278,7 +124,7 @@ def test_kill_and_start_one_server_of_a_detached_cluster(tmp_path: Path, prefix:
         started = time.monotonic()
         up = ferrylink(
             "up", "--servers", "2", "--mode", "passive", "--base-port", str(base_port),
-            "--prefix", prefix, "--detach", *common,
+            "--prefix", cluster_prefix, "--detach", *common,
         )  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         print(f"detached up: {time.monotonic() - started:.1f} s")
@@ -332,7 +178,7 @@ def test_kill_and_start_one_server_of_a_detached_cluster(tmp_path: Path, prefix:
         kill_leftovers(state_dir)
 
 
-def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path, prefix: str) -> None:
+def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path, cluster_prefix: str) -> None:
     """SIGKILL the supervisor: its service processes live on; `server kill` and `down` then
     act on the pids of cluster.json directly."""
     state_dir = tmp_path / "state"
@@ -340,7 +186,7 @@ def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path, prefix: str) -
     try:
         up = ferrylink(
             "up", "--servers", "2", "--base-port", str(free_base_port(2)),
-            "--prefix", prefix, "--detach", *common,
+            "--prefix", cluster_prefix, "--detach", *common,
         )  # fmt: skip
         assert up.returncode == 0, up.stdout + up.stderr
         assert "sentinel-link" in up.stdout  # the placement table

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show what runs where, with live probes")
     _state_dir_option(status)
     status.add_argument("--json", action="store_true", help="print cluster.json and probes")
+    failover = commands.add_parser(
+        "failover", help="passive_legacy: promote a standby by hand (reports what was lost)"
+    )
+    failover.add_argument("--to", required=True, metavar="ID", help="server to promote")
+    _state_dir_option(failover)
     return parser
 
 
@@ -210,6 +215,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_failover(args: argparse.Namespace) -> int:
+    from ferrylink.local_cluster import manual_failover
+
+    _say(manual_failover(args.state_dir.resolve(), args.to))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from ferrylink.local_cluster import ClusterError
 
@@ -226,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_server(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "failover":
+            return cmd_failover(args)
     except ClusterError as exc:
         print(f"ferrylink: error: {exc}", file=sys.stderr, flush=True)
         return 1

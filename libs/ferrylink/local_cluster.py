@@ -1155,3 +1155,38 @@ def placement_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         for name, svc in server.get("services", {}).items()
     ]
     return ["server", "service", "pid", "port", "ready"], rows
+
+
+# --------------------------------------------------------------------------------------------
+# Manual failover
+# --------------------------------------------------------------------------------------------
+
+
+def manual_failover(state_dir: Path, to: str, timeout: float = 30.0) -> str:
+    """Ask a live coordinator to promote `to` (passive_legacy) and describe what was lost."""
+    doc = read_cluster_json(state_dir)
+    refusal = ""
+    with httpx.Client(timeout=timeout) as client:
+        for server in doc.get("servers", []):
+            url = server.get("api_url")
+            if not url or server.get("state") == DOWN:
+                continue
+            try:
+                response = client.post(f"{url}/cluster/failover", json={"to": to})
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                report = response.json()
+                return (
+                    f"{report['primary']} is primary now (was {report['previous_primary']}, "
+                    f"epoch {report['epoch']}); lost with the old primary: "
+                    f"{report['lost_events']} queued event(s), "
+                    f"{report['lost_sentinel_records']} sentinel-link record(s)"
+                )
+            try:
+                refusal = response.json().get("detail", response.text)
+            except ValueError:
+                refusal = response.text
+            if response.status_code < 500:
+                break
+    raise ClusterError(f"failover refused: {refusal}" if refusal else "no coordinator answers")

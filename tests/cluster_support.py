@@ -1,0 +1,132 @@
+"""Helpers for tests that run whole local clusters (`ferrylink up`) as real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+
+from ferrylink.local_cluster import pid_alive, port_free, service_port
+from ferrylink.messaging import Topology
+from ferrylink.services_registry import BACKEND_SERVICES
+from tests.helpers import wait_until
+
+BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
+STOP_TIMEOUT = 60.0
+
+
+def delete_broker_objects(prefix: str, amqp_url: str, servers: int = 5) -> None:
+    """Delete the queues and exchanges of the cluster named `prefix` (its node-local queues
+    of st1..stN too); each in a fresh channel, since an error closes the channel."""
+    topology = Topology(prefix=prefix)
+    queues = [topology.queue(name) for name in topology.work_queues] + [
+        topology.node_queue(name, f"st{i}")
+        for name in topology.node_work_queues
+        for i in range(1, servers + 1)
+    ]
+    queues += [topology.dead_letter_queue(q) for q in queues]
+    exchanges = [topology.exchange(name) for name in topology.fanout_exchanges]
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url.split(",")[0].strip()))
+    try:
+        for name in queues:
+            with contextlib.suppress(pika.exceptions.AMQPChannelError):
+                channel = connection.channel()
+                channel.queue_delete(name)
+                channel.close()
+        for name in exchanges:
+            with contextlib.suppress(pika.exceptions.AMQPChannelError):
+                channel = connection.channel()
+                channel.exchange_delete(name)
+                channel.close()
+    finally:
+        connection.close()
+
+
+def free_base_port(servers: int) -> int:
+    """A random base port whose whole range is free now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000, 100)
+        ports = [
+            service_port(base, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
+        ]
+        if all(port_free(p) for p in ports):
+            return base
+    raise RuntimeError("no free port range")
+
+
+def ferrylink(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ferrylink.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(path.read_text())
+    return doc
+
+
+def all_pids(doc: dict[str, Any], server_id: str | None = None) -> list[int]:
+    return [
+        svc["pid"]
+        for server in doc["servers"]
+        if server_id is None or server["id"] == server_id
+        for svc in server["services"].values()
+        if svc["pid"]
+    ]
+
+
+def server_doc(doc: dict[str, Any], server_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(s for s in doc["servers"] if s["id"] == server_id)
+    return found
+
+
+def wait_pids_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if pid_alive(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = [p for p in left if pid_alive(p)]
+    return left
+
+
+def readyz(port: int) -> int:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def wait_all_ready(ports: list[int], timeout: float = 60.0) -> None:
+    pending = set(ports)
+
+    def done() -> bool:
+        pending.difference_update({p for p in list(pending) if readyz(p) == 200})
+        return not pending
+
+    wait_until(done, timeout, f"/readyz 200 on ports {sorted(pending)}")
+
+
+def kill_leftovers(state_dir: Path) -> None:
+    """Last resort in a failed test: SIGKILL whatever cluster.json still lists."""
+    with contextlib.suppress(OSError, ValueError):
+        doc = read_json(state_dir / "cluster.json")
+        for pid in [*all_pids(doc), doc.get("supervisor_pid") or 0]:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
