@@ -60,6 +60,8 @@ class ClusterView:
     live: set[str]
     synchronized: set[str]
     services: dict[str, dict[str, Any]]
+    # For each live server, when the least recently heard of its services was heard.
+    heard_at: dict[str, float]
 
 
 class Coordinator:
@@ -115,6 +117,7 @@ class Coordinator:
         services: dict[str, dict[str, Any]] = {s.id: {} for s in servers}
         live: set[str] = set()
         synchronized: set[str] = set()
+        heard_at: dict[str, float] = {}
         for server in servers:
             last_heard: dict[str, float] = {}
             versions: set[int] = set()
@@ -133,6 +136,7 @@ class Coordinator:
             fresh = live_servers(sorted(last_heard), last_heard, now, settings.connection_timeout)
             if required <= fresh:
                 live.add(server.id)
+                heard_at[server.id] = min(last_heard[service] for service in required)
                 # Every service of it runs the current configuration.
                 if versions == {config_version}:
                     synchronized.add(server.id)
@@ -144,6 +148,7 @@ class Coordinator:
             live=live,
             synchronized=synchronized,
             services=services,
+            heard_at=heard_at,
         )
 
     # -- leader loop ----------------------------------------------------------------------------
@@ -228,7 +233,7 @@ class Coordinator:
                 work=desired_work(view.mode, servers, view.live, view.synchronized, state.primary),
                 issued_at=now,
                 not_before=state_not_before,
-                expires_at=lease.expires_at,
+                expires_at=self._grant_expiry(view, state.primary, lease.expires_at, now),
             )
             state.issued_until = max(state.issued_until, assignment.expires_at)
             state.assignment_json = assignment.model_dump_json()
@@ -241,6 +246,18 @@ class Coordinator:
             self._last_published = now
             return assignment
         return None
+
+    def _grant_expiry(
+        self, view: ClusterView, primary: str | None, lease_expiry: float, now: float
+    ) -> float:
+        """How long this assignment lets the primary run primary-only work: never past our
+        lease, and never more than a lease past the last time we heard the primary. So the
+        grant of a primary that went silent runs out before the connection timeout declares
+        it down, and its successor can start at once."""
+        if primary is None:
+            return lease_expiry
+        heard = view.heard_at.get(primary, now - self.settings.lease_seconds)
+        return min(lease_expiry, heard + self.settings.lease_seconds)
 
     @staticmethod
     def _differs(old: Assignment, new: Assignment) -> bool:

@@ -1,0 +1,295 @@
+"""Failover on real processes: 3-server local clusters on a real broker, in every mode.
+
+SIGKILL every process of the primary server; the next server in list order takes over the
+primary-only work within the connection timeout + 2 s; restarted, the first server is primary
+again (active_active, passive). passive_legacy waits for a manual failover. Killing the
+coordinator leader moves leadership, grows the epoch, and primary-only work never runs on two
+servers at once (checked on the activation intervals every service records).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+import pytest
+
+from ferrylink.cluster import (
+    PRIMARY_ONLY_WORK,
+    WORK_EVENTS,
+    WORK_EVENTS_LOCAL,
+    WORK_SCHEDULER,
+)
+from ferrylink.events import Event
+from ferrylink.local_cluster import pid_alive
+from ferrylink.messaging import Topology
+from ferrylink.services_registry import BACKEND_SERVICES
+from tests.cluster_support import (
+    BOOT_TIMEOUT,
+    ferrylink,
+    free_base_port,
+    kill_leftovers,
+    read_json,
+)
+from tests.helpers import wait_until
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
+
+CONNECTION_TIMEOUT = 5.0  # the product's default
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    prefix: str
+    amqp_url: str
+
+    def doc(self) -> dict[str, Any]:
+        return read_json(self.state_dir / "cluster.json")
+
+    def port(self, server: str, service: str) -> int:
+        for entry in self.doc()["servers"]:
+            if entry["id"] == server:
+                port: int = entry["services"][service]["port"]
+                return port
+        raise KeyError(server)
+
+    def get(self, server: str, service: str, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.port(server, service)}{path}"
+        return httpx.get(url, timeout=3).json()
+
+    def view(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """GET /cluster from the first coordinator that answers."""
+        for entry in self.doc()["servers"]:
+            if entry["id"] in exclude:
+                continue
+            with contextlib.suppress(httpx.HTTPError):
+                return dict(self.get(entry["id"], "cluster-coordinator", "/cluster"))
+        raise AssertionError("no coordinator answers")
+
+    def active(self, server: str, service: str) -> set[str]:
+        try:
+            return set(self.get(server, service, "/work")["active"])
+        except httpx.HTTPError:
+            return set()
+
+    def run(self, *args: str) -> str:
+        result = ferrylink(*args, "--state-dir", str(self.state_dir))
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def intervals(self, servers: list[str]) -> list[tuple[str, str, int, float, float]]:
+        """Every recorded activation of primary-only work: (server, unit, epoch, start, end)."""
+        now = time.time()
+        found = []
+        for server in servers:
+            for service in BACKEND_SERVICES:
+                with contextlib.suppress(httpx.HTTPError):
+                    for item in self.get(server, service, "/work")["history"]:
+                        if item["unit"] in PRIMARY_ONLY_WORK:
+                            end = item["end"] if item["end"] is not None else now
+                            found.append((server, item["unit"], item["epoch"], item["start"], end))
+        return found
+
+
+def start_cluster(tmp_path: Path, prefix: str, amqp_url: str, mode: str) -> Cluster:
+    state_dir = tmp_path / "state"
+    result = ferrylink(
+        "up", "--servers", "3", "--mode", mode, "--state-dir", str(state_dir),
+        "--base-port", str(free_base_port(3)), "--prefix", prefix, "--detach",
+        timeout=BOOT_TIMEOUT + 60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return Cluster(state_dir, prefix, amqp_url)
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, cluster_prefix: str, cluster_amqp_url: str) -> Iterator[Any]:
+    started: list[Cluster] = []
+
+    def make(mode: str) -> Cluster:
+        cluster = start_cluster(tmp_path, cluster_prefix, cluster_amqp_url, mode)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        ferrylink("down", "--state-dir", str(cluster.state_dir))
+        kill_leftovers(cluster.state_dir)
+
+
+def assert_no_overlap(intervals: list[tuple[str, str, int, float, float]]) -> None:
+    """Primary-only work of different servers never ran at the same time."""
+    for i, (server_a, unit_a, epoch_a, start_a, end_a) in enumerate(intervals):
+        for server_b, unit_b, epoch_b, start_b, end_b in intervals[i + 1 :]:
+            if server_a != server_b:
+                assert end_a <= start_b or end_b <= start_a, (
+                    f"{unit_a}@{server_a} (epoch {epoch_a}) overlaps "
+                    f"{unit_b}@{server_b} (epoch {epoch_b})"
+                )
+
+
+def wait_primary(
+    cluster: Cluster, server: str, timeout: float, exclude: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    def ready() -> dict[str, Any] | None:
+        view = cluster.view(exclude)
+        if view["primary"] == server and WORK_SCHEDULER in cluster.active(server, "scheduler"):
+            return view
+        return None
+
+    return wait_until(ready, timeout, f"{server} primary with its scheduler running", 0.1)
+
+
+@pytest.mark.parametrize("mode", ["active_active", "passive"])
+def test_primary_killed_next_in_list_takes_over_then_fails_back(
+    make_cluster: Any, mode: str
+) -> None:
+    cluster = make_cluster(mode)
+    before = wait_primary(cluster, "st1", 30)
+    assert [s["role"] for s in before["servers"]] == (
+        ["primary", "secondary", "secondary"]
+        if mode == "active_active"
+        else ["primary", "standby", "standby"]
+    )
+    st1_pids = [svc["pid"] for svc in cluster.doc()["servers"][0]["services"].values()]
+
+    killed_at = time.monotonic()
+    cluster.run("server", "kill", "st1")
+    assert not any(pid_alive(pid) for pid in st1_pids)
+    # The consumers and loops of the new primary run within the timeout + 2 s.
+    after = wait_primary(
+        cluster, "st2", CONNECTION_TIMEOUT + 2 - (time.monotonic() - killed_at), exclude=("st1",)
+    )
+    assert after["epoch"] > before["epoch"]
+    states = {s["id"]: (s["state"], s["role"]) for s in after["servers"]}
+    assert states["st1"][0] == "down"
+    assert states["st2"] == ("up", "primary")
+    events_on_st3 = WORK_EVENTS in cluster.active("st3", "transaction-manager")
+    assert events_on_st3 == (mode == "active_active")
+    assert WORK_EVENTS in cluster.active("st2", "transaction-manager")
+    assert WORK_SCHEDULER not in cluster.active("st3", "scheduler")
+
+    cluster.run("server", "start", "st1")
+    back = wait_primary(cluster, "st1", 30)
+    assert back["epoch"] > after["epoch"]
+    wait_until(lambda: not cluster.active("st2", "scheduler"), 10, "st2 to stop its scheduler")
+    assert_no_overlap(cluster.intervals(["st1", "st2", "st3"]))
+
+
+def test_passive_legacy_waits_for_a_manual_failover(make_cluster: Any) -> None:
+    cluster = make_cluster("passive_legacy")
+    before = wait_primary(cluster, "st1", 30)
+    assert WORK_EVENTS_LOCAL in cluster.active("st2", "transaction-manager")
+    assert WORK_SCHEDULER not in cluster.active("st2", "scheduler")
+
+    cluster.run("server", "kill", "st1")
+    # Events queued for the dead primary's own queue: the reference loses them.
+    topology = Topology(prefix=cluster.prefix)
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for _ in range(3):
+            channel.basic_publish(
+                "",
+                topology.node_queue("events", "st1"),
+                Event(kind="file.arrived").to_bytes(),
+                mandatory=True,
+            )
+    finally:
+        connection.close()
+
+    wait_until(
+        lambda: cluster.view(("st1",))["servers"][0]["state"] == "down",
+        CONNECTION_TIMEOUT + 5,
+        "st1 to be seen down",
+    )
+    # No automatic promotion: st1 stays primary (down) and nobody runs the scheduler.
+    view = cluster.view(("st1",))
+    assert view["primary"] == "st1"
+    assert not cluster.active("st2", "scheduler") and not cluster.active("st3", "scheduler")
+
+    report = cluster.run("failover", "--to", "st2")
+    assert "st2 is primary now (was st1" in report
+    assert "3 queued event(s)" in report
+    after = wait_primary(cluster, "st2", 10, exclude=("st1",))
+    assert after["epoch"] > before["epoch"]
+
+    # st1 comes back: no automatic fail-back in passive_legacy.
+    cluster.run("server", "start", "st1")
+    wait_until(lambda: cluster.view()["servers"][0]["state"] == "up", 30, "st1 up again")
+    assert cluster.view()["primary"] == "st2"
+    assert not cluster.active("st1", "scheduler")
+    assert_no_overlap(cluster.intervals(["st1", "st2", "st3"]))
+
+
+def test_leader_killed_another_leads_epoch_grows_no_overlap(make_cluster: Any) -> None:
+    cluster = make_cluster("active_active")
+    before = wait_primary(cluster, "st1", 30)
+    leader = before["leader"]
+    assert leader in {"st1", "st2", "st3"}
+    leader_pid = next(
+        s["services"]["cluster-coordinator"]["pid"]
+        for s in cluster.doc()["servers"]
+        if s["id"] == leader
+    )
+    os.kill(leader_pid, signal.SIGKILL)
+
+    def new_leader() -> dict[str, Any] | None:
+        view = cluster.view((leader,))
+        return view if view["leader"] not in (None, leader) else None
+
+    after = wait_until(new_leader, 30, "another coordinator to lead", 0.1)
+    assert after["epoch"] > before["epoch"]
+
+    # Whoever is primary now (st2 if the leader was st1's coordinator: st1 is down then)
+    # runs the primary-only work, and nothing ran on two servers at once.
+    def primary_working() -> str | None:
+        primary = cluster.view((leader,))["primary"]
+        return primary if WORK_SCHEDULER in cluster.active(primary, "scheduler") else None
+
+    primary = wait_until(primary_working, CONNECTION_TIMEOUT + 10, "a working primary", 0.1)
+    assert primary == ("st2" if leader == "st1" else "st1")
+    assert_no_overlap(cluster.intervals(["st1", "st2", "st3"]))
+
+
+def test_cluster_api_rejects_bad_input(make_cluster: Any) -> None:
+    cluster = make_cluster("active_active")
+    wait_primary(cluster, "st1", 30)
+    base = f"http://127.0.0.1:{cluster.port('st2', 'cluster-coordinator')}/cluster"
+    refused = httpx.post(f"{base}/failover", json={"to": "st2"})
+    assert refused.status_code == 409 and "automatic" in refused.json()["detail"]
+    assert httpx.post(f"{base}/failover", json={"to": "st9"}).status_code == 404
+    empty = httpx.put(f"{base}/servers", json={"servers": []})
+    assert empty.status_code == 422 and "at least one" in empty.json()["detail"]
+    twice = httpx.put(f"{base}/servers", json={"servers": [{"id": "st1"}, {"id": "st1"}]})
+    assert twice.status_code == 422 and "twice" in twice.json()["detail"]
+    mode = httpx.put(f"{base}/settings", json={"mode": "active_passive"})
+    assert mode.status_code == 422 and "unknown cluster mode" in mode.json()["detail"]
+    short = httpx.put(f"{base}/settings", json={"connection_timeout": 1})
+    assert short.status_code == 422 and "longer than" in short.json()["detail"]
+    assert httpx.put(f"{base}/settings", json={"connection_timeout": -1}).status_code == 422
+
+    # A valid change is applied and seen by every server (dynamic synchronization).
+    version = cluster.view()["config_version"]
+    changed = httpx.put(f"{base}/settings", json={"mode": "passive", "connection_timeout": 6})
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["mode"] == "passive"
+
+    def synced() -> bool:
+        view = cluster.view()
+        return view["config_version"] > version and all(s["synchronized"] for s in view["servers"])
+
+    wait_until(synced, 15, "every server synchronized to the new configuration")
+    # passive now: only the primary consumes events.
+    wait_until(lambda: WORK_EVENTS not in cluster.active("st2", "transaction-manager"), 10)
+    assert WORK_EVENTS in cluster.active("st1", "transaction-manager")
