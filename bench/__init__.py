@@ -1,0 +1,1 @@
+"""Ferrylink benchmarks: `python -m bench [name ...]` prints tables and writes bench/results/."""
