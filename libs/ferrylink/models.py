@@ -72,3 +72,117 @@ class ProcessedEvent(SQLModel, table=True):
     kind: str = Field(max_length=64)
     node_id: str = Field(max_length=64, index=True)
     processed_at: float = Field(index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Accounts, partners and routes (managed through the transaction manager's API)
+# --------------------------------------------------------------------------------------------
+
+
+class Account(SQLModel, table=True):
+    """A partner's login: password (KDF hash) and/or SSH keys, and a home on shared storage."""
+
+    __tablename__ = "account"
+
+    name: str = Field(primary_key=True, max_length=64)
+    password_hash: str | None = Field(default=None, max_length=512)
+    # OpenSSH public keys, one a line.
+    ssh_public_keys: str = Field(default="")
+    # Relative to FERRYLINK_DATA_DIR.
+    home: str = Field(max_length=512)
+    enabled: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Partner(SQLModel, table=True):
+    """A remote endpoint files are pushed to or pulled from. Secrets are never returned by
+    the API nor logged."""
+
+    __tablename__ = "partner"
+
+    name: str = Field(primary_key=True, max_length=64)
+    protocol: str = Field(max_length=8)  # "sftp" | "http"
+    host: str = Field(default="", max_length=255)
+    port: int = Field(default=22)
+    username: str = Field(default="", max_length=128)
+    password: str | None = Field(default=None, max_length=512)
+    private_key: str | None = Field(default=None)
+    remote_folder: str = Field(default="/", max_length=1024)
+    # The server's public key ("ssh-ed25519 AAAA..."); required unless host key checking is
+    # switched off explicitly.
+    host_key: str | None = Field(default=None)
+    check_host_key: bool = Field(default=True)
+    url: str = Field(default="", max_length=2048)  # http: the base URL files are PUT under
+    verify_tls: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Route(SQLModel, table=True):
+    """For an account and a file-name pattern, the ordered steps a file goes through."""
+
+    __tablename__ = "route"
+
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(index=True, max_length=64)
+    pattern: str = Field(max_length=255)
+    # Routes of an account are tried in ascending position; the first match wins.
+    position: int = Field(default=0)
+    steps_json: str
+    enabled: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+# --------------------------------------------------------------------------------------------
+# The consolidated transfer log and the bookkeeping that makes processing idempotent
+# --------------------------------------------------------------------------------------------
+
+
+class Transfer(SQLModel, table=True):
+    """One leg of a file's journey; legs of one file share the cycle id."""
+
+    __tablename__ = "transfer"
+
+    id: int | None = Field(default=None, primary_key=True)
+    # Unique: a leg is recorded once even when its event is processed again.
+    leg_key: str = Field(unique=True, max_length=200)
+    cycle_id: str = Field(index=True, max_length=64)
+    event_id: str = Field(index=True, max_length=64)
+    leg: str = Field(max_length=64)
+    direction: str = Field(index=True, max_length=16)  # inbound | outbound | internal
+    account: str = Field(index=True, max_length=64)
+    file_name: str = Field(index=True, max_length=1024)
+    bytes: int = Field(default=0)
+    protocol: str = Field(max_length=16)
+    partner: str | None = Field(default=None, max_length=64)
+    status: str = Field(index=True, max_length=16)
+    node_id: str = Field(max_length=64)
+    started_at: datetime = Field(default_factory=utcnow, index=True)
+    finished_at: datetime | None = Field(default=None)
+    duration_ms: int | None = Field(default=None)
+    detail: str = Field(default="", max_length=2000)
+
+
+class StepRun(SQLModel, table=True):
+    """A route step completed for an event: a redelivered event skips it (and reuses its
+    result, e.g. the renamed path), so no step runs twice."""
+
+    __tablename__ = "step_run"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    step_index: int = Field(primary_key=True)
+    result: str = Field(default="", max_length=4096)
+    finished_at: datetime = Field(default_factory=utcnow)
+
+
+class DeadEvent(SQLModel, table=True):
+    """A message parked on a dead-letter queue, kept for `GET /events/dead` and replay."""
+
+    __tablename__ = "dead_event"
+
+    id: str = Field(primary_key=True, max_length=64)
+    queue: str = Field(max_length=255)
+    reason: str = Field(default="", max_length=1000)
+    body: bytes
+    headers_json: str = Field(default="{}")
+    dead_at: datetime = Field(default_factory=utcnow, index=True)
+    replayed_at: datetime | None = Field(default=None)
