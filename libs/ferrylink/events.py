@@ -27,6 +27,8 @@ class Event(BaseModel):
     size: int | None = Field(default=None, ge=0)
     checksum: str | None = Field(default=None, max_length=128)
     cycle_id: str = Field(default_factory=lambda: uuid.uuid4().hex, max_length=64)
+    # Kind-specific parameters, e.g. a scheduled transfer's job id, fire time and partner.
+    params: dict[str, str] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utcnow)
 
     def to_bytes(self) -> bytes:

@@ -170,6 +170,8 @@ class StepRun(SQLModel, table=True):
 
     event_id: str = Field(primary_key=True, max_length=64)
     step_index: int = Field(primary_key=True)
+    # "planned" (result chosen, side effect may be under way) or "done".
+    status: str = Field(default="planned", max_length=16)
     result: str = Field(default="", max_length=4096)
     finished_at: datetime = Field(default_factory=utcnow)
 

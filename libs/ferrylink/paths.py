@@ -1,0 +1,35 @@
+"""Confining paths: a partner's path stays inside its account's home, an operator's folder
+inside the data directory. No `..`, no absolute paths, no escape through a symlink."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePosixPath
+
+
+class PathError(ValueError):
+    """A path that would leave its base folder; the message says why."""
+
+
+def confined(base: Path, relative: str) -> Path:
+    """`base / relative`, refusing anything that resolves outside `base`.
+
+    Symlinks are resolved (for the parts that exist), so a link inside the home that points
+    outside it is refused too.
+    """
+    if "\x00" in relative:
+        raise PathError("path contains a NUL byte")
+    pure = PurePosixPath(relative.replace("\\", "/"))
+    if pure.is_absolute():
+        pure = PurePosixPath(*pure.parts[1:]) if len(pure.parts) > 1 else PurePosixPath(".")
+    if any(part == ".." for part in pure.parts):
+        raise PathError(f"path {relative!r} may not contain '..'")
+    root = base.resolve()
+    candidate = (root / pure).resolve()
+    if candidate != root and not candidate.is_relative_to(root):
+        raise PathError(f"path {relative!r} leaves its base folder")
+    return candidate
+
+
+def relative_to(base: Path, path: Path) -> str:
+    """`path` relative to `base`, as a POSIX string (for events and the transfer log)."""
+    return path.resolve().relative_to(base.resolve()).as_posix()
