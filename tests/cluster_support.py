@@ -10,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pika
 
+from ferrylink.cluster import PRIMARY_ONLY_WORK
 from ferrylink.local_cluster import pid_alive, port_free, service_port
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
@@ -130,3 +132,70 @@ def kill_leftovers(state_dir: Path) -> None:
                     os.killpg(pid, signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+
+
+@dataclass
+class Cluster:
+    state_dir: Path
+    prefix: str
+    amqp_url: str
+
+    def doc(self) -> dict[str, Any]:
+        return read_json(self.state_dir / "cluster.json")
+
+    def port(self, server: str, service: str) -> int:
+        for entry in self.doc()["servers"]:
+            if entry["id"] == server:
+                port: int = entry["services"][service]["port"]
+                return port
+        raise KeyError(server)
+
+    def get(self, server: str, service: str, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.port(server, service)}{path}"
+        return httpx.get(url, timeout=3).json()
+
+    def view(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+        """GET /cluster from the first coordinator that answers."""
+        for entry in self.doc()["servers"]:
+            if entry["id"] in exclude:
+                continue
+            with contextlib.suppress(httpx.HTTPError):
+                return dict(self.get(entry["id"], "cluster-coordinator", "/cluster"))
+        raise AssertionError("no coordinator answers")
+
+    def active(self, server: str, service: str) -> set[str]:
+        try:
+            return set(self.get(server, service, "/work")["active"])
+        except httpx.HTTPError:
+            return set()
+
+    def run(self, *args: str) -> str:
+        result = ferrylink(*args, "--state-dir", str(self.state_dir))
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    def intervals(self, servers: list[str]) -> list[tuple[str, str, int, float, float]]:
+        """Every recorded activation of primary-only work: (server, unit, epoch, start, end)."""
+        now = time.time()
+        found = []
+        for server in servers:
+            for service in BACKEND_SERVICES:
+                with contextlib.suppress(httpx.HTTPError):
+                    for item in self.get(server, service, "/work")["history"]:
+                        if item["unit"] in PRIMARY_ONLY_WORK:
+                            end = item["end"] if item["end"] is not None else now
+                            found.append((server, item["unit"], item["epoch"], item["start"], end))
+        return found
+
+
+def start_cluster(
+    tmp_path: Path, prefix: str, amqp_url: str, mode: str, servers: int = 3
+) -> Cluster:
+    state_dir = tmp_path / "state"
+    result = ferrylink(
+        "up", "--servers", str(servers), "--mode", mode, "--state-dir", str(state_dir),
+        "--base-port", str(free_base_port(servers)), "--prefix", prefix, "--detach",
+        timeout=BOOT_TIMEOUT + 60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return Cluster(state_dir, prefix, amqp_url)

@@ -14,6 +14,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -111,3 +112,21 @@ def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def make_cluster(tmp_path: Path, cluster_prefix: str, cluster_amqp_url: str) -> Iterator[Any]:
+    """Start local clusters (`ferrylink up --detach`); every one is stopped afterwards."""
+    from tests.cluster_support import Cluster, ferrylink, kill_leftovers, start_cluster
+
+    started: list[Cluster] = []
+
+    def make(mode: str, servers: int = 3) -> Cluster:
+        cluster = start_cluster(tmp_path, cluster_prefix, cluster_amqp_url, mode, servers)
+        started.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in started:
+        ferrylink("down", "--state-dir", str(cluster.state_dir))
+        kill_leftovers(cluster.state_dir)

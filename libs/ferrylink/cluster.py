@@ -28,10 +28,11 @@ WORK_TRANSFER_LOG = "transaction-manager.transfer-log"  # serving the consolidat
 WORK_FOLDER_MONITOR = "folder-monitor.watch"
 WORK_SCHEDULER = "scheduler.jobs"
 WORK_SENTINEL_LINK = "sentinel-link.deliver"
+WORK_DEAD_LETTERS = "transaction-manager.dead-letters"  # keeping parked events for the API
 
 # Work that at most one server may run at a time; it self-fences when assignments stop.
 PRIMARY_ONLY_WORK: frozenset[str] = frozenset(
-    {WORK_TRANSFER_LOG, WORK_FOLDER_MONITOR, WORK_SCHEDULER, WORK_SENTINEL_LINK}
+    {WORK_TRANSFER_LOG, WORK_DEAD_LETTERS, WORK_FOLDER_MONITOR, WORK_SCHEDULER, WORK_SENTINEL_LINK}
 )
 
 

@@ -23,9 +23,10 @@ from ferrylink.cluster import Assignment, Heartbeat
 from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
 from ferrylink.db import create_tables, database_works, make_engine
+from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology
 from ferrylink.settings import FerrylinkSettings, redact_url
-from ferrylink.telemetry import setup_logging, setup_tracing
+from ferrylink.telemetry import inject_headers, setup_logging, setup_tracing
 from ferrylink.work import LoopWork, WorkFollower
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,28 @@ class ServiceRuntime:
     def add_loop_work(self, name: str, loop: LoopWork) -> None:
         """A loop (scheduler, folder polling) that runs only where the coordinator assigns it."""
         self.follower.loops[name] = loop
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    def work_queue(self, name: str) -> str:
+        """The queue new work of this kind goes to: in passive_legacy each server keeps its
+        own (node-local) queue, otherwise the cluster shares one."""
+        mode = self.follower.mode or self.settings.cluster_mode
+        if mode == "passive_legacy":
+            return self.topology.node_queue(name, self.settings.node_id)
+        return self.topology.queue(name)
+
+    def publish_event(self, event: Event, timeout: float = 30.0) -> None:
+        """Publish an event (confirmed), carrying the current trace context."""
+        self.publisher.publish(
+            "", self.work_queue("events"), event.to_bytes(), headers=inject_headers(),
+            message_id=event.id,
+        ).result(timeout)  # fmt: skip
+
+    def announce_config_change(self) -> None:
+        """Tell every service that the configuration changed (they re-read the database)."""
+        exchange = self.topology.exchange("config")
+        self.publisher.publish(exchange, "", b"{}", mandatory=False).result(10)
 
     # -- life cycle -----------------------------------------------------------------------------
 

@@ -116,6 +116,12 @@ class WorkFollower:
         with self._lock:
             return self._assignment.epoch if self._assignment else None
 
+    @property
+    def mode(self) -> str | None:
+        """The cluster mode of the newest assignment (None before the first one)."""
+        with self._lock:
+            return self._assignment.mode if self._assignment else None
+
     def active(self) -> list[str]:
         with self._lock:
             return sorted(self._active)

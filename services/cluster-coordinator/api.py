@@ -143,7 +143,7 @@ def put_servers(body: ServersIn, coordinator: CoordinatorDep) -> ClusterStatus:
         except store.ConfigError as exc:
             raise HTTPException(422, str(exc)) from exc
         session.commit()
-    _announce_config_change(coordinator)
+    coordinator.runtime.announce_config_change()
     return get_cluster(coordinator)
 
 
@@ -164,7 +164,7 @@ def put_settings(body: SettingsIn, coordinator: CoordinatorDep) -> ClusterStatus
         except store.ConfigError as exc:
             raise HTTPException(422, str(exc)) from exc
         session.commit()
-    _announce_config_change(coordinator)
+    coordinator.runtime.announce_config_change()
     return get_cluster(coordinator)
 
 
@@ -236,8 +236,3 @@ def _stranded_counts(coordinator: Coordinator, node: str | None) -> tuple[int, i
     finally:
         connection.close()
     return counts[0], counts[1]
-
-
-def _announce_config_change(coordinator: Coordinator) -> None:
-    exchange = coordinator.runtime.topology.exchange("config")
-    coordinator.runtime.publisher.publish(exchange, "", b"{}", mandatory=False).result(10)

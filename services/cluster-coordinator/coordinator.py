@@ -235,7 +235,9 @@ class Coordinator:
                 not_before=state_not_before,
                 expires_at=self._grant_expiry(view, state.primary, lease.expires_at, now),
             )
-            state.issued_until = max(state.issued_until, assignment.expires_at)
+            if state.primary is not None:
+                # Only a grant to a primary must run out before another primary starts.
+                state.issued_until = max(state.issued_until, assignment.expires_at)
             state.assignment_json = assignment.model_dump_json()
             session.add(state)
             session.commit()  # the renewal and the decision count from here on

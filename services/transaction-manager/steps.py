@@ -1,0 +1,124 @@
+"""Route steps: what can happen to an arrived file, validated when a route is saved.
+
+A route is an ordered list of steps; each has a retry policy. The current file moves along:
+`move` and `rename` change it, `copy` and `push` leave it where it is, `delete` removes it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+
+TEMPLATE_FIELDS = {"name", "stem", "ext", "date", "time", "counter", "event_id", "cycle_id"}
+
+
+class RetryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(default=1, ge=1, le=20)
+    backoff_seconds: float = Field(default=1.0, ge=0, le=60)
+
+
+class _Step(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+
+
+def _check_folder(value: str) -> str:
+    if "\x00" in value or any(part == ".." for part in re.split(r"[\\/]", value)):
+        raise ValueError("folder must stay inside the data directory (no '..')")
+    return value
+
+
+def _check_template(value: str) -> str:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"bad template: {exc}") from exc
+    unknown = fields - TEMPLATE_FIELDS
+    if unknown:
+        raise ValueError(
+            f"unknown template field(s) {sorted(unknown)}; use {sorted(TEMPLATE_FIELDS)}"
+        )
+    if "/" in value or "\\" in value:
+        raise ValueError("a name template may not contain a path separator")
+    return value
+
+
+# A folder relative to FERRYLINK_DATA_DIR, and a file-name template.
+Folder = Annotated[str, Field(min_length=1), AfterValidator(_check_folder)]
+NameTemplate = Annotated[str, Field(min_length=1), AfterValidator(_check_template)]
+
+
+class CopyStep(_Step):
+    """Copy the file to a folder of the data directory (the file itself stays)."""
+
+    kind: Literal["copy"]
+    folder: Folder
+
+
+class MoveStep(_Step):
+    """Move the file to a folder of the data directory; later steps see it there."""
+
+    kind: Literal["move"]
+    folder: Folder
+
+
+class RenameStep(_Step):
+    """Rename in place by a template: {name} {stem} {ext} {date:%Y%m%d} {time} {counter}
+    {event_id} {cycle_id}."""
+
+    kind: Literal["rename"]
+    template: NameTemplate = Field(examples=["{date:%Y%m%d}_{counter}_{name}"])
+
+
+class ChecksumStep(_Step):
+    """Compute a checksum; with `expected` ("event" = the checksum the event carried, or a
+    hex digest) a mismatch fails the transfer."""
+
+    kind: Literal["checksum"]
+    algorithm: Literal["sha256", "sha1", "md5"] = "sha256"
+    expected: str | None = None
+
+
+class PushStep(_Step):
+    """Send the file to a partner (SFTP or HTTP)."""
+
+    kind: Literal["push"]
+    partner: str = Field(min_length=1)
+    remote_name: NameTemplate = Field(default="{name}", description="Name on the partner.")
+    retry: RetryPolicy = Field(default_factory=lambda: RetryPolicy(attempts=3))
+
+
+class DeleteStep(_Step):
+    """Delete the file (put it last: after every step before it succeeded)."""
+
+    kind: Literal["delete"]
+
+
+Step = Annotated[
+    CopyStep | MoveStep | RenameStep | ChecksumStep | PushStep | DeleteStep,
+    Field(discriminator="kind"),
+]
+STEPS = TypeAdapter(list[Step])
+
+
+def render(
+    template: str, file_name: str, when: datetime, counter: int, event_id: str, cycle_id: str
+) -> str:
+    """Fill a name template; the result is a plain file name."""
+    stem, dot, ext = file_name.rpartition(".")
+    if not dot:
+        stem, ext = file_name, ""
+    name = template.format(
+        name=file_name, stem=stem, ext=ext, date=when, time=when.strftime("%H%M%S"),
+        counter=counter, event_id=event_id, cycle_id=cycle_id,
+    )  # fmt: skip
+    if not name or name in {".", ".."} or "/" in name or "\x00" in name:
+        raise ValueError(f"template {template!r} gives an unusable file name {name!r}")
+    return name

@@ -1,0 +1,88 @@
+"""The consolidated transfer log: one row per leg of a file's journey, and every state change
+published for the sentinel link.
+
+A leg is keyed by `leg_key` (unique), so processing an event again updates its legs instead
+of adding new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from sqlmodel import Session, select
+
+from ferrylink.messaging import Publisher
+from ferrylink.models import Transfer, utcnow
+
+log = logging.getLogger(__name__)
+
+# The reference's vocabulary for transfer states.
+RECEIVING, RECEIVED, ROUTED, SENDING, SENT, FAILED, CANCELED = (
+    "RECEIVING", "RECEIVED", "ROUTED", "SENDING", "SENT", "FAILED", "CANCELED",
+)  # fmt: skip
+FINAL_STATES = {RECEIVED, ROUTED, SENT, FAILED, CANCELED}
+
+
+class TransferLog:
+    """Writes legs and announces each state change on the transfer-states queue."""
+
+    def __init__(self, publisher: Publisher, states_queue: Callable[[], str], node_id: str) -> None:
+        self.publisher = publisher
+        self.states_queue = states_queue
+        self.node_id = node_id
+
+    def record(self, session: Session, leg_key: str, status: str, **fields: Any) -> Transfer:
+        """Create or update the leg and commit; then publish its new state (confirmed)."""
+        leg = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
+        now = utcnow()
+        if leg is None:
+            leg = Transfer(leg_key=leg_key, status=status, node_id=self.node_id, **fields)
+        elif leg.status == status:
+            return leg  # a redelivered event: nothing new to say
+        else:
+            for name, value in fields.items():
+                setattr(leg, name, value)
+            leg.status = status
+            leg.node_id = self.node_id
+        if status in FINAL_STATES:
+            leg.finished_at = now
+            started = _aware(leg.started_at)
+            leg.duration_ms = int((now - started).total_seconds() * 1000)
+        session.add(leg)
+        session.commit()
+        session.refresh(leg)
+        self._publish(leg)
+        return leg
+
+    def _publish(self, leg: Transfer) -> None:
+        state = {
+            "leg_key": leg.leg_key,
+            "cycle_id": leg.cycle_id,
+            "event_id": leg.event_id,
+            "leg": leg.leg,
+            "state": leg.status,
+            "account": leg.account,
+            "file_name": leg.file_name,
+            "bytes": leg.bytes,
+            "direction": leg.direction,
+            "protocol": leg.protocol,
+            "partner": leg.partner,
+            "node": self.node_id,
+            "at": utcnow().isoformat(),
+        }
+        # At least once: the sentinel link drops repeats by (leg_key, state).
+        self.publisher.publish(
+            "", self.states_queue(), json.dumps(state).encode(),
+            message_id=f"{leg.leg_key}:{leg.status}",
+        ).result(timeout=30)  # fmt: skip
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands datetimes back without a zone; they were written in UTC."""
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
