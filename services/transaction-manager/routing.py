@@ -16,12 +16,12 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import UTC
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ferrylink.consumer_manager import RejectMessage
@@ -70,7 +70,12 @@ class RouteRunner:
     # -- the event -----------------------------------------------------------------------------
 
     def process(self, event: Event) -> bool:
-        """Route the file of a `file.arrived` event; False if it had been done before."""
+        """Route the file of a `file.arrived` event; False if it had been done before.
+
+        State changes are published as they happen, and all of them are confirmed before
+        this returns (and the event is acked).
+        """
+        pending: list[Future[None]] = []
         with Session(self.engine) as session:
             if session.get(ProcessedEvent, event.id) is not None:
                 return False
@@ -89,37 +94,49 @@ class RouteRunner:
                 cycle_id=event.cycle_id, event_id=event.id, account=account.name,
                 file_name=event.path, bytes=_size(source, event.size),
             )  # fmt: skip
-            self.log.record(session, f"{event.id}:receive", RECEIVED, leg="receive",
-                            direction="inbound", protocol=event.params.get("protocol", "file"),
-                            **common)  # fmt: skip
             route = self._route_for(session, account.name, Path(event.path).name)
             if route is None:
                 log.info("no route for %s/%s: it stays in the home", account.name, event.path)
-                self._complete(session, event)
-                return True
-            steps = STEPS.validate_json(route.steps_json)
-            self.log.record(session, f"{event.id}:route", "ROUTING", leg="route",
-                            direction="internal", protocol="file", **common)  # fmt: skip
-            try:
-                current = source
-                for index, step in enumerate(steps):
-                    current = self._run_step(session, event, route, index, step, current,
-                                             common)  # fmt: skip
-            except StepFailed as exc:
-                log.warning("transfer of %s failed: %s", event.path, exc)
-                self.log.record(session, f"{event.id}:route", FAILED, detail=str(exc)[:2000])
-            else:
-                self.log.record(session, f"{event.id}:route", ROUTED)
-            self._complete(session, event)
+                session.add(self._processed(event))
+            self._record(session, pending, f"{event.id}:receive", RECEIVED, leg="receive",
+                         direction="inbound", protocol=event.params.get("protocol", "file"),
+                         **common)  # fmt: skip
+            if route is not None:
+                status, detail = ROUTED, ""
+                try:
+                    current = source
+                    for index, step in enumerate(STEPS.validate_json(route.steps_json)):
+                        current = self._run_step(session, pending, event, route, index, step,
+                                                 current, common)  # fmt: skip
+                except StepFailed as exc:
+                    log.warning("transfer of %s failed: %s", event.path, exc)
+                    status, detail = FAILED, str(exc)[:2000]
+                # Completing the event commits with the route's final state.
+                session.add(self._processed(event))
+                self._record(
+                    session,
+                    pending,
+                    f"{event.id}:route",
+                    status,
+                    leg="route",
+                    direction="internal",
+                    protocol="file",
+                    detail=detail,
+                    **common,
+                )
+        for future in pending:
+            future.result(timeout=30)
         return True
 
-    def _complete(self, session: Session, event: Event) -> None:
-        session.add(ProcessedEvent(event_id=event.id, kind=event.kind, node_id=self.node_id,
-                                   processed_at=time.time()))  # fmt: skip
-        try:
-            session.commit()
-        except IntegrityError:  # completed elsewhere meanwhile: the same outcome
-            session.rollback()
+    def _processed(self, event: Event) -> ProcessedEvent:
+        return ProcessedEvent(event_id=event.id, kind=event.kind, node_id=self.node_id,
+                              processed_at=time.time())  # fmt: skip
+
+    def _record(self, session: Session, pending: list[Future[None]], leg_key: str,
+                status: str, **fields: Any) -> None:  # fmt: skip
+        _, future = self.log.record_async(session, leg_key, status, **fields)
+        if future is not None:
+            pending.append(future)
 
     @staticmethod
     def _route_for(session: Session, account: str, file_name: str) -> Route | None:
@@ -132,16 +149,17 @@ class RouteRunner:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _run_step(self, session: Session, event: Event, route: Route, index: int, step: Step,
-                  current: Path, common: dict[str, Any]) -> Path:  # fmt: skip
+    def _run_step(self, session: Session, pending: list[Future[None]], event: Event,
+                  route: Route, index: int, step: Step, current: Path,
+                  common: dict[str, Any]) -> Path:  # fmt: skip
         run = session.get(StepRun, (event.id, index))
         if run is not None and run.status == "done":
             return self.data_dir / json.loads(run.result)["path"]
         plan: dict[str, Any] = json.loads(run.result) if run is not None else {}
         if isinstance(step, CopyStep | MoveStep):
+            # The target follows from the previous steps' results: nothing to plan ahead.
             folder = self._folder(step.folder)
             plan.setdefault("target", relative_to(self.data_dir, folder / current.name))
-            self._save(session, event.id, index, plan)
             target = self.data_dir / plan["target"]
             with_retry(step.retry, lambda: _place(current, target, keep=isinstance(step, CopyStep)))
             result = current if isinstance(step, CopyStep) else target
@@ -168,7 +186,7 @@ class RouteRunner:
             plan["digest"] = digest
             result = current
         elif isinstance(step, PushStep):
-            self._push(session, event, index, step, current, plan, common)
+            self._push(session, pending, event, index, step, current, plan, common)
             result = current
         elif isinstance(step, DeleteStep):
             with_retry(step.retry, lambda: current.unlink(missing_ok=True))
@@ -177,14 +195,15 @@ class RouteRunner:
         self._save(session, event.id, index, plan, done=True)
         return result
 
-    def _push(self, session: Session, event: Event, index: int, step: PushStep, current: Path,
-              plan: dict[str, Any], common: dict[str, Any]) -> None:  # fmt: skip
+    def _push(self, session: Session, pending: list[Future[None]], event: Event, index: int,
+              step: PushStep, current: Path, plan: dict[str, Any],
+              common: dict[str, Any]) -> None:  # fmt: skip
         partner = session.get(Partner, step.partner)
         leg_key = f"{event.id}:push:{index}"
         leg = dict(common, leg=f"push:{index}", direction="outbound", partner=step.partner,
                    protocol=partner.protocol if partner else "unknown")  # fmt: skip
         if partner is None:
-            self.log.record(session, leg_key, FAILED, detail="unknown partner", **leg)
+            self._record(session, pending, leg_key, FAILED, detail="unknown partner", **leg)
             raise StepFailed(f"unknown partner {step.partner!r}")
         remote_name = plan.setdefault(
             "remote_name",
@@ -192,15 +211,15 @@ class RouteRunner:
                    event.id, event.cycle_id),
         )  # fmt: skip
         self._save(session, event.id, index, plan)
-        self.log.record(session, leg_key, SENDING, **leg)
+        self._record(session, pending, leg_key, SENDING, **leg)
         try:
             sent = with_retry(step.retry, lambda: partners.push_file(partner, current, remote_name),
                               retry_on=lambda e: isinstance(e, partners.PartnerError)
                               and e.retryable)  # fmt: skip
         except (partners.PartnerError, OSError) as exc:
-            self.log.record(session, leg_key, FAILED, detail=str(exc)[:2000])
+            self._record(session, pending, leg_key, FAILED, detail=str(exc)[:2000])
             raise StepFailed(f"push to {step.partner} failed: {exc}") from exc
-        self.log.record(session, leg_key, SENT, bytes=sent)
+        self._record(session, pending, leg_key, SENT, bytes=sent)
 
     def _folder(self, folder: str) -> Path:
         try:

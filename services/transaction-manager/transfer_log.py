@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future
 from datetime import datetime
 from typing import Any
 
@@ -36,13 +37,24 @@ class TransferLog:
         self.node_id = node_id
 
     def record(self, session: Session, leg_key: str, status: str, **fields: Any) -> Transfer:
-        """Create or update the leg and commit; then publish its new state (confirmed)."""
+        """Create or update the leg and commit; then publish its new state and wait for the
+        broker's confirm."""
+        leg, future = self.record_async(session, leg_key, status, **fields)
+        if future is not None:
+            future.result(timeout=30)
+        return leg
+
+    def record_async(
+        self, session: Session, leg_key: str, status: str, **fields: Any
+    ) -> tuple[Transfer, Future[None] | None]:
+        """Like `record`, but returns the publish's future instead of waiting for it, so a
+        caller can pipeline several state changes and wait once (before its ack)."""
         leg = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
         now = utcnow()
         if leg is None:
             leg = Transfer(leg_key=leg_key, status=status, node_id=self.node_id, **fields)
         elif leg.status == status:
-            return leg  # a redelivered event: nothing new to say
+            return leg, None  # a redelivered event: nothing new to say
         else:
             for name, value in fields.items():
                 setattr(leg, name, value)
@@ -55,10 +67,9 @@ class TransferLog:
         session.add(leg)
         session.commit()
         session.refresh(leg)
-        self._publish(leg)
-        return leg
+        return leg, self._publish(leg)
 
-    def _publish(self, leg: Transfer) -> None:
+    def _publish(self, leg: Transfer) -> Future[None]:
         state = {
             "leg_key": leg.leg_key,
             "cycle_id": leg.cycle_id,
@@ -75,10 +86,10 @@ class TransferLog:
             "at": utcnow().isoformat(),
         }
         # At least once: the sentinel link drops repeats by (leg_key, state).
-        self.publisher.publish(
+        return self.publisher.publish(
             "", self.states_queue(), json.dumps(state).encode(),
             message_id=f"{leg.leg_key}:{leg.status}",
-        ).result(timeout=30)  # fmt: skip
+        )  # fmt: skip
 
 
 def _aware(moment: datetime) -> datetime:
