@@ -4,6 +4,7 @@ consolidated transfer log and the dead letters."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import secrets
@@ -373,10 +374,13 @@ async def upload(account: str, path: str, request: Request, tm: TM) -> UploadOut
     # Stream to a temporary name; the final name appears only when complete.
     temporary = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
     size = 0
+    # The checksum travels with the event, so a route's checksum step can verify the file.
+    digest = hashlib.sha256()
     try:
         with temporary.open("wb") as stream:
             async for chunk in request.stream():
                 stream.write(chunk)
+                digest.update(chunk)
                 size += len(chunk)
         os.replace(temporary, target)
     except BaseException:
@@ -384,6 +388,7 @@ async def upload(account: str, path: str, request: Request, tm: TM) -> UploadOut
         await run_in_threadpool(_record, tm, leg_key, FAILED, detail="upload interrupted")
         raise
     event.size = size
+    event.checksum = digest.hexdigest()
     await run_in_threadpool(_record, tm, leg_key, RECEIVED, bytes=size)
     await run_in_threadpool(tm.runtime.publish_event, event)
     return UploadOut(event_id=event.id, cycle_id=event.cycle_id, account=account,
