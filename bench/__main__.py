@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["failover", "events"]
+BENCHMARKS = ["failover", "events", "memory"]
 
 
 def main() -> None:

@@ -223,13 +223,14 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ferrylink.local_cluster import ClusterError
-
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "service":
+        # Runs for the life of a service: import nothing of the cluster tooling (memory).
+        return cmd_service(args)
+    from ferrylink.local_cluster import ClusterError
+
     try:
-        if args.command == "service":
-            return cmd_service(args)
         if args.command == "up":
             return cmd_up(args, parser)
         if args.command == "down":

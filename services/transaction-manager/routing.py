@@ -28,7 +28,6 @@ from ferrylink.consumer_manager import RejectMessage
 from ferrylink.events import Event
 from ferrylink.models import Account, ClusterSetting, Partner, ProcessedEvent, Route, StepRun
 from ferrylink.paths import PathError, confined, relative_to
-from ferrylink.services.transaction_manager import partners
 from ferrylink.services.transaction_manager.steps import (
     STEPS,
     ChecksumStep,
@@ -198,6 +197,9 @@ class RouteRunner:
     def _push(self, session: Session, pending: list[Future[None]], event: Event, index: int,
               step: PushStep, current: Path, plan: dict[str, Any],
               common: dict[str, Any]) -> None:  # fmt: skip
+        # Imported here: asyncssh costs ~15 MB, and only servers that push need it.
+        from ferrylink.services.transaction_manager import partners
+
         partner = session.get(Partner, step.partner)
         leg_key = f"{event.id}:push:{index}"
         leg = dict(common, leg=f"push:{index}", direction="outbound", partner=step.partner,
