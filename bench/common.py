@@ -8,13 +8,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -23,7 +22,6 @@ from ferrylink.private_broker import BrokerNode, start_private_broker
 from ferrylink.settings import DEFAULT_AMQP_URL
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-T = TypeVar("T")
 
 
 def ferrylink(*args: str, timeout: float = 300) -> str:
@@ -34,17 +32,6 @@ def ferrylink(*args: str, timeout: float = 300) -> str:
     if result.returncode != 0:
         raise RuntimeError(f"ferrylink {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
     return result.stdout
-
-
-def wait_until(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
 
 
 @contextmanager

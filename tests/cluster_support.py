@@ -96,15 +96,6 @@ def server_doc(doc: dict[str, Any], server_id: str) -> dict[str, Any]:
     return found
 
 
-def wait_pids_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    left = [p for p in pids if pid_alive(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = [p for p in left if pid_alive(p)]
-    return left
-
-
 def readyz(port: int) -> int:
     try:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2.0).status_code

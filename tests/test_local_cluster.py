@@ -19,6 +19,7 @@ import pytest
 from ferrylink.local_cluster import (
     pid_alive,
     service_port,
+    wait_pids_gone,
 )
 from ferrylink.services_registry import BACKEND_SERVICES
 from tests.cluster_support import (
@@ -32,7 +33,6 @@ from tests.cluster_support import (
     readyz,
     server_doc,
     wait_all_ready,
-    wait_pids_gone,
 )
 from tests.helpers import wait_until
 
