@@ -62,26 +62,20 @@ class ServiceRuntime:
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_forever, name="heartbeat", daemon=True
         )
-        self.consumers.register(
-            ConsumerSpec(
-                "assignments",
-                "",
-                self._on_assignment,
-                exchange=self.topology.exchange("assignments"),
-                always=True,
-            )
-        )
-        self.consumers.register(
-            ConsumerSpec(
-                "config",
-                "",
-                self._on_config_change,
-                exchange=self.topology.exchange("config"),
-                always=True,
-            )
-        )
+        self.subscribe("assignments", self._on_assignment)
+        self.subscribe("config", self._on_config_change)
 
     # -- work units -----------------------------------------------------------------------------
+
+    def subscribe(
+        self, exchange: str, handler: Callable[[Delivery], None], prefetch: int = 10
+    ) -> None:
+        """Receive every broadcast on one of the cluster's fanout exchanges, whenever
+        connected (not a work unit: every process of every server listens)."""
+        self.consumers.register(
+            ConsumerSpec(exchange, "", handler, prefetch=prefetch,
+                         exchange=self.topology.exchange(exchange), always=True)
+        )  # fmt: skip
 
     def add_consumer_work(self, spec: ConsumerSpec) -> None:
         """A queue consumer that runs only where the coordinator assigns `spec.name`."""

@@ -24,7 +24,7 @@ from ferrylink.cluster import (
     live_servers,
 )
 from ferrylink.config import read_config_version
-from ferrylink.consumer_manager import ConsumerSpec, Delivery
+from ferrylink.consumer_manager import Delivery
 from ferrylink.models import ClusterState
 from ferrylink.service import ServiceRuntime
 from ferrylink.services.cluster_coordinator import leadership, store
@@ -79,16 +79,7 @@ class Coordinator:
         self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
-        runtime.consumers.register(
-            ConsumerSpec(
-                "heartbeats",
-                "",
-                self._on_heartbeat,
-                exchange=runtime.topology.exchange("heartbeats"),
-                always=True,
-                prefetch=100,
-            )
-        )
+        runtime.subscribe("heartbeats", self._on_heartbeat, prefetch=100)
 
     # -- life cycle -----------------------------------------------------------------------------
 
