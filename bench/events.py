@@ -18,12 +18,13 @@ import pika
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from bench.common import broker_url, local_cluster, report, wait_until
+from bench.common import broker_url, local_cluster, report
 from ferrylink.cluster import WORK_EVENTS
 from ferrylink.db import make_engine
 from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology, wait_all
 from ferrylink.models import ProcessedEvent
+from ferrylink.polling import wait_until
 
 
 def raw_rate(url: str, count: int) -> float:
@@ -74,11 +75,11 @@ def raw_rate(url: str, count: int) -> float:
 def end_to_end_rate(url: str, servers: int, count: int) -> float:
     with local_cluster(servers, "active_active", url) as cluster:
         for server in [f"st{i + 1}" for i in range(servers)]:
-            wait_until(
-                lambda s=server: WORK_EVENTS in cluster.active(s, "transaction-manager"),
-                60,
-                f"{server} consuming",
-            )
+
+            def consuming(server: str = server) -> bool:
+                return WORK_EVENTS in cluster.active(server, "transaction-manager")
+
+            wait_until(consuming, 60, f"{server} consuming")
         base = f"http://127.0.0.1:{cluster.port('st1', 'transaction-manager')}"
         httpx.post(f"{base}/accounts", json={"name": "bench", "password": "bench-pass"})
         httpx.post(f"{base}/routes", json={"account": "bench", "pattern": "*", "steps": [

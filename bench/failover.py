@@ -23,13 +23,13 @@ from bench.common import (
     local_cluster,
     report,
     summary,
-    wait_until,
 )
 from ferrylink.cluster import WORK_EVENTS
 from ferrylink.db import make_engine
 from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology
 from ferrylink.models import ProcessedEvent
+from ferrylink.polling import wait_until
 
 CONNECTION_TIMEOUT = 5.0
 

@@ -8,8 +8,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import broker_url, local_cluster, report, wait_until
+from bench.common import broker_url, local_cluster, report
 from ferrylink.cluster import WORK_SCHEDULER
+from ferrylink.polling import wait_until
 
 TARGET_MB = 400.0
 

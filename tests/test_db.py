@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.models import ClusterServer
@@ -24,7 +24,9 @@ def exercise(url: str) -> None:
             session.add(ClusterServer(id="st1", position=0, api_url="http://st1:8101"))
             session.commit()
         with Session(engine) as session:
-            ordered = session.exec(select(ClusterServer).order_by(ClusterServer.position)).all()
+            ordered = session.exec(
+                select(ClusterServer).order_by(col(ClusterServer.position))
+            ).all()
             assert [s.id for s in ordered] == ["st1", "st2"]
         with Session(engine) as session, pytest.raises(IntegrityError):
             session.add(ClusterServer(id="st1", position=5))

@@ -25,7 +25,9 @@ from tests.helpers import wait_until
 class Recorder:
     """A handler that records every message id it completed, thread-safely."""
 
-    def __init__(self, fail_ids: set[str] = frozenset(), reject_ids: set[str] = frozenset()):
+    def __init__(
+        self, fail_ids: frozenset[str] = frozenset(), reject_ids: frozenset[str] = frozenset()
+    ) -> None:
         self.done: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()
         self.fail_ids = fail_ids
@@ -86,7 +88,7 @@ def queue_depth(amqp_url: str, queue: str) -> int:
 
 def get_all(amqp_url: str, queue: str) -> list[tuple[pika.BasicProperties, bytes]]:
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
-    messages = []
+    messages: list[tuple[pika.BasicProperties, bytes]] = []
     try:
         channel = connection.channel()
         while True:
@@ -140,7 +142,7 @@ def test_failing_handler_dead_letters_after_delivery_limit_with_reason(
     amqp_url: str, publisher: Publisher, topology: Topology
 ) -> None:
     ids = [f"m{i}" for i in range(20)]
-    recorder = Recorder(fail_ids={"m7"}, reject_ids={"m9"})
+    recorder = Recorder(fail_ids=frozenset({"m7"}), reject_ids=frozenset({"m9"}))
     manager = make_manager(amqp_url, publisher, topology)
     manager.register(ConsumerSpec("events", topology.queue("events"), recorder))
     manager.set_active({"events"})

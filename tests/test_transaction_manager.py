@@ -55,11 +55,11 @@ def create_account(base: str, name: str = "acme", password: str = "correct horse
 
 def wait_tm_ready(cluster: Cluster, servers: list[str]) -> None:
     for server in servers:
-        wait_until(
-            lambda s=server: WORK_EVENTS in cluster.active(s, "transaction-manager"),
-            30,
-            f"{server}'s TM consuming events",
-        )
+
+        def consuming(server: str = server) -> bool:
+            return WORK_EVENTS in cluster.active(server, "transaction-manager")
+
+        wait_until(consuming, 30, f"{server}'s TM consuming events")
 
 
 def test_upload_is_routed_and_logged(make_cluster: Any, tmp_path: Path) -> None:

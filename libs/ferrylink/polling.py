@@ -10,7 +10,10 @@ T = TypeVar("T")
 
 
 def wait_until(
-    predicate: Callable[[], T], timeout: float = 30.0, what: str = "", interval: float = 0.05
+    predicate: Callable[[], T | None],
+    timeout: float = 30.0,
+    what: str = "",
+    interval: float = 0.05,
 ) -> T:
     """Poll `predicate` until it returns something truthy and return that; raise
     TimeoutError (an AssertionError too, for tests) after `timeout` seconds."""
