@@ -26,7 +26,15 @@ from sqlmodel import Session, col, select
 
 from ferrylink.consumer_manager import RejectMessage
 from ferrylink.events import Event
-from ferrylink.models import Account, ClusterSetting, Partner, ProcessedEvent, Route, StepRun
+from ferrylink.models import (
+    Account,
+    ClusterSetting,
+    Partner,
+    ProcessedEvent,
+    Route,
+    StepRun,
+    Transfer,
+)
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.services.transaction_manager.steps import (
     STEPS,
@@ -71,11 +79,12 @@ class RouteRunner:
     def process(self, event: Event) -> bool:
         """Route the file of a `file.arrived` event; False if it had been done before.
 
-        State changes are published as they happen, and all of them are confirmed before
-        this returns (and the event is acked).
+        One commit completes the event (its legs, its steps' results, its processed_event
+        row) unless a step must record a plan first (rename, push). State changes are
+        published once committed, and confirmed before this returns (and the event is acked).
         """
-        pending: list[Future[None]] = []
-        with Session(self.engine) as session:
+        # No expiry on commit: the legs are read again to publish them.
+        with Session(self.engine, expire_on_commit=False) as session:
             if session.get(ProcessedEvent, event.id) is not None:
                 return False
             account = session.get(Account, event.account)
@@ -93,49 +102,29 @@ class RouteRunner:
                 cycle_id=event.cycle_id, event_id=event.id, account=account.name,
                 file_name=event.path, bytes=_size(source, event.size),
             )  # fmt: skip
+            states = _States(self.log, session)
+            states.stage(f"{event.id}:receive", RECEIVED, leg="receive", direction="inbound",
+                         protocol=event.params.get("protocol", "file"), **common)  # fmt: skip
             route = self._route_for(session, account.name, Path(event.path).name)
             if route is None:
                 log.info("no route for %s/%s: it stays in the home", account.name, event.path)
-                session.add(self._processed(event))
-            self._record(session, pending, f"{event.id}:receive", RECEIVED, leg="receive",
-                         direction="inbound", protocol=event.params.get("protocol", "file"),
-                         **common)  # fmt: skip
-            if route is not None:
+            else:
                 status, detail = ROUTED, ""
                 try:
                     current = source
                     for index, step in enumerate(STEPS.validate_json(route.steps_json)):
-                        current = self._run_step(session, pending, event, route, index, step,
-                                                 current, common)  # fmt: skip
+                        current = self._run_step(states, event, route, index, step, current,
+                                                 common)  # fmt: skip
                 except StepFailed as exc:
                     log.warning("transfer of %s failed: %s", event.path, exc)
                     status, detail = FAILED, str(exc)[:2000]
-                # Completing the event commits with the route's final state.
-                session.add(self._processed(event))
-                self._record(
-                    session,
-                    pending,
-                    f"{event.id}:route",
-                    status,
-                    leg="route",
-                    direction="internal",
-                    protocol="file",
-                    detail=detail,
-                    **common,
-                )
-        for future in pending:
-            future.result(timeout=30)
+                states.stage(f"{event.id}:route", status, leg="route", direction="internal",
+                             protocol="file", detail=detail, **common)  # fmt: skip
+            session.add(ProcessedEvent(event_id=event.id, kind=event.kind, node_id=self.node_id,
+                                       processed_at=time.time()))  # fmt: skip
+            states.commit()
+        states.wait()
         return True
-
-    def _processed(self, event: Event) -> ProcessedEvent:
-        return ProcessedEvent(event_id=event.id, kind=event.kind, node_id=self.node_id,
-                              processed_at=time.time())  # fmt: skip
-
-    def _record(self, session: Session, pending: list[Future[None]], leg_key: str,
-                status: str, **fields: Any) -> None:  # fmt: skip
-        _, future = self.log.record_async(session, leg_key, status, **fields)
-        if future is not None:
-            pending.append(future)
 
     @staticmethod
     def _route_for(session: Session, account: str, file_name: str) -> Route | None:
@@ -148,9 +137,9 @@ class RouteRunner:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _run_step(self, session: Session, pending: list[Future[None]], event: Event,
-                  route: Route, index: int, step: Step, current: Path,
-                  common: dict[str, Any]) -> Path:  # fmt: skip
+    def _run_step(self, states: _States, event: Event, route: Route, index: int, step: Step,
+                  current: Path, common: dict[str, Any]) -> Path:  # fmt: skip
+        session = states.session
         run = session.get(StepRun, (event.id, index))
         if run is not None and run.status == "done":
             return self.data_dir / json.loads(run.result)["path"]
@@ -173,7 +162,9 @@ class RouteRunner:
                     event.cycle_id,
                 )
                 plan["target"] = relative_to(self.data_dir, current.parent / name)
+                # The counter is spent: commit the plan before renaming.
                 self._save(session, event.id, index, plan)
+                states.commit()
             target = self.data_dir / plan["target"]
             with_retry(step.retry, lambda: _place(current, target, keep=False))
             result = target
@@ -185,27 +176,27 @@ class RouteRunner:
             plan["digest"] = digest
             result = current
         elif isinstance(step, PushStep):
-            self._push(session, pending, event, index, step, current, plan, common)
+            self._push(states, event, index, step, current, plan, common)
             result = current
         elif isinstance(step, DeleteStep):
             with_retry(step.retry, lambda: current.unlink(missing_ok=True))
             result = current
         plan["path"] = relative_to(self.data_dir, result)
-        self._save(session, event.id, index, plan, done=True)
+        self._save(session, event.id, index, plan, done=True)  # committed with the event
         return result
 
-    def _push(self, session: Session, pending: list[Future[None]], event: Event, index: int,
-              step: PushStep, current: Path, plan: dict[str, Any],
-              common: dict[str, Any]) -> None:  # fmt: skip
+    def _push(self, states: _States, event: Event, index: int, step: PushStep, current: Path,
+              plan: dict[str, Any], common: dict[str, Any]) -> None:  # fmt: skip
         # Imported here: asyncssh costs ~15 MB, and only servers that push need it.
         from ferrylink.services.transaction_manager import partners
 
+        session = states.session
         partner = session.get(Partner, step.partner)
         leg_key = f"{event.id}:push:{index}"
         leg = dict(common, leg=f"push:{index}", direction="outbound", partner=step.partner,
                    protocol=partner.protocol if partner else "unknown")  # fmt: skip
         if partner is None:
-            self._record(session, pending, leg_key, FAILED, detail="unknown partner", **leg)
+            states.stage(leg_key, FAILED, detail="unknown partner", **leg)
             raise StepFailed(f"unknown partner {step.partner!r}")
         remote_name = plan.setdefault(
             "remote_name",
@@ -213,15 +204,16 @@ class RouteRunner:
                    event.id, event.cycle_id),
         )  # fmt: skip
         self._save(session, event.id, index, plan)
-        self._record(session, pending, leg_key, SENDING, **leg)
+        states.stage(leg_key, SENDING, **leg)
+        states.commit()  # the plan, and SENDING announced, before the (long) push
         try:
             sent = with_retry(step.retry, lambda: partners.push_file(partner, current, remote_name),
                               retry_on=lambda e: isinstance(e, partners.PartnerError)
                               and e.retryable)  # fmt: skip
         except (partners.PartnerError, OSError) as exc:
-            self._record(session, pending, leg_key, FAILED, detail=str(exc)[:2000])
+            states.stage(leg_key, FAILED, detail=str(exc)[:2000])
             raise StepFailed(f"push to {step.partner} failed: {exc}") from exc
-        self._record(session, pending, leg_key, SENT, bytes=sent)
+        states.stage(leg_key, SENT, bytes=sent)
 
     def _folder(self, folder: str) -> Path:
         try:
@@ -234,13 +226,37 @@ class RouteRunner:
     @staticmethod
     def _save(session: Session, event_id: str, index: int, plan: dict[str, Any],
               done: bool = False) -> None:  # fmt: skip
+        """Stage a step's plan or result in the session (the caller commits)."""
         run = session.get(StepRun, (event_id, index)) or StepRun(
             event_id=event_id, step_index=index
         )
         run.result = json.dumps(plan)
         run.status = "done" if done else "planned"
         session.add(run)
-        session.commit()
+
+
+class _States:
+    """The leg states of one event: staged in its session, published once committed."""
+
+    def __init__(self, transfer_log: TransferLog, session: Session) -> None:
+        self.log = transfer_log
+        self.session = session
+        self._staged: list[Transfer] = []
+        self._futures: list[Future[None]] = []
+
+    def stage(self, leg_key: str, status: str, **fields: Any) -> None:
+        leg = self.log.stage(self.session, leg_key, status, **fields)
+        if leg is not None:
+            self._staged.append(leg)
+
+    def commit(self) -> None:
+        self.session.commit()
+        self._futures += [self.log.publish(leg) for leg in self._staged]
+        self._staged.clear()
+
+    def wait(self) -> None:
+        for future in self._futures:
+            future.result(timeout=30)
 
 
 def with_retry(

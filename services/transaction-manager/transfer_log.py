@@ -39,22 +39,23 @@ class TransferLog:
     def record(self, session: Session, leg_key: str, status: str, **fields: Any) -> Transfer:
         """Create or update the leg and commit; then publish its new state and wait for the
         broker's confirm."""
-        leg, future = self.record_async(session, leg_key, status, **fields)
-        if future is not None:
-            future.result(timeout=30)
+        leg = self.stage(session, leg_key, status, **fields)
+        if leg is None:
+            return session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).one()
+        session.commit()
+        self.publish(leg).result(timeout=30)
         return leg
 
-    def record_async(
-        self, session: Session, leg_key: str, status: str, **fields: Any
-    ) -> tuple[Transfer, Future[None] | None]:
-        """Like `record`, but returns the publish's future instead of waiting for it, so a
-        caller can pipeline several state changes and wait once (before its ack)."""
+    def stage(self, session: Session, leg_key: str, status: str, **fields: Any
+              ) -> Transfer | None:  # fmt: skip
+        """Create or update the leg in the caller's transaction (not committed, not yet
+        published); None when the leg is in that state already (a redelivered event)."""
         leg = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
         now = utcnow()
         if leg is None:
             leg = Transfer(leg_key=leg_key, status=status, node_id=self.node_id, **fields)
         elif leg.status == status:
-            return leg, None  # a redelivered event: nothing new to say
+            return None
         else:
             for name, value in fields.items():
                 setattr(leg, name, value)
@@ -65,11 +66,10 @@ class TransferLog:
             started = _aware(leg.started_at)
             leg.duration_ms = int((now - started).total_seconds() * 1000)
         session.add(leg)
-        session.commit()
-        session.refresh(leg)
-        return leg, self._publish(leg)
+        return leg
 
-    def _publish(self, leg: Transfer) -> Future[None]:
+    def publish(self, leg: Transfer) -> Future[None]:
+        """Announce a committed leg state; the future resolves on the broker's confirm."""
         state = {
             "leg_key": leg.leg_key,
             "cycle_id": leg.cycle_id,
