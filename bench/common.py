@@ -49,7 +49,8 @@ def broker_url() -> Iterator[str]:
 
 
 def free_base_port(servers: int) -> int:
-    for base in range(30000, 60000, 100):
+    # Below the kernel's ephemeral port range (32768+), where outgoing connections bind.
+    for base in range(24000, 32600, 100):
         if all(port_free(service_port(base, i, j)) for i in range(servers) for j in range(5)):
             return base
     raise RuntimeError("no free port range")

@@ -57,7 +57,7 @@ def delete_broker_objects(prefix: str, amqp_url: str, servers: int = 5) -> None:
 def free_base_port(servers: int) -> int:
     """A random base port whose whole range is free now."""
     for _ in range(200):
-        base = random.randrange(20000, 60000, 100)
+        base = random.randrange(20000, 32000, 100)
         ports = [
             service_port(base, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
         ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlmodel import Field, SQLModel
+from sqlmodel import BigInteger, Field, SQLModel, UniqueConstraint
 
 
 def utcnow() -> datetime:
@@ -188,3 +188,127 @@ class DeadEvent(SQLModel, table=True):
     headers_json: str = Field(default="{}")
     dead_at: datetime = Field(default_factory=utcnow, index=True)
     replayed_at: datetime | None = Field(default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# Folder monitor and scheduler: primary-only work whose state lives here, so that a promoted
+# server continues where the old primary stopped
+# --------------------------------------------------------------------------------------------
+
+
+class WatchedFolder(SQLModel, table=True):
+    """A folder on shared storage the folder monitor polls for new or changed files."""
+
+    __tablename__ = "watched_folder"
+    # Ids are never reused (SQLite would reuse the highest one after a delete), so a new watch
+    # never inherits the "already seen" state of a deleted one.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True)
+    account: str = Field(index=True, max_length=64)
+    # Relative to FERRYLINK_DATA_DIR and inside the account's home: events name files
+    # relative to that home.
+    folder: str = Field(max_length=1024)
+    pattern: str = Field(default="*", max_length=255)
+    recursive: bool = Field(default=False)
+    # A file is complete once its size and mtime stayed the same for this long (two polls
+    # at least).
+    settle_seconds: float = Field(default=2.0)
+    enabled: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class WatchedFile(SQLModel, table=True):
+    """The folder monitor's "already seen" state: one row per file of a watched folder."""
+
+    __tablename__ = "watched_file"
+
+    watch_id: int = Field(primary_key=True)
+    path: str = Field(primary_key=True, max_length=1024)  # relative to the watched folder
+    size: int = Field(sa_type=BigInteger)
+    mtime_ns: int = Field(sa_type=BigInteger)
+    # When this size and mtime were first seen (wall clock, shared by the cluster).
+    observed_at: float
+    # Set once `file.arrived` was published for this version of the file; the id is derived
+    # from (watch, path, size, mtime), so publishing again after a crash is deduplicated.
+    event_id: str | None = Field(default=None, max_length=64)
+    emitted_at: float | None = Field(default=None)
+
+
+class ScheduledJob(SQLModel, table=True):
+    """A scheduled transfer or maintenance application, run by the primary's scheduler."""
+
+    __tablename__ = "scheduled_job"
+    __table_args__ = {"sqlite_autoincrement": True}  # run history is keyed by job id
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=128)
+    # pull | push | transfer_log_purge | transfer_log_archive | dead_letter_purge |
+    # temp_file_cleanup
+    kind: str = Field(max_length=32)
+    cron: str | None = Field(default=None, max_length=255)
+    interval_seconds: float | None = Field(default=None)
+    timezone: str = Field(default="UTC", max_length=64)
+    # Interval triggers count from here (UTC), so every server computes the same fire times.
+    start_at: datetime
+    params_json: str = Field(default="{}")
+    misfire_grace_seconds: float = Field(default=60.0)
+    coalesce: bool = Field(default=True)
+    enabled: bool = Field(default=True)
+    # Grows on every change; the running scheduler reloads a job whose version changed.
+    version: int = Field(default=1)
+    created_at: datetime = Field(default_factory=utcnow)
+    # Fire times before the last change (creation, resume, edit) never run.
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class JobRun(SQLModel, table=True):
+    """One fire time of a job, claimed once: the unique (job id, fire time) makes a run happen
+    once even when two schedulers (a failover overlap, a redelivery) try it."""
+
+    __tablename__ = "job_run"
+    __table_args__ = (
+        UniqueConstraint("job_id", "fire_time", name="uq_job_run_fire_time"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(index=True)
+    fire_time: datetime = Field(index=True)
+    # claimed (event not yet confirmed by the broker) | submitted | missed (past its grace)
+    status: str = Field(index=True, max_length=16)
+    node_id: str = Field(max_length=64)
+    event_id: str = Field(max_length=64)
+    # The event exactly as first built, so a claimed run is published again unchanged.
+    event_json: str = Field(default="")
+    claimed_at: datetime = Field(default_factory=utcnow)
+    submitted_at: datetime | None = Field(default=None)
+
+
+_SCHEDULED_FILE_VERSION = ("job_id", "partner", "direction", "name", "size", "mtime")
+
+
+class ScheduledFile(SQLModel, table=True):
+    """A file a scheduled pull fetched or a scheduled push sent, per version (size, mtime):
+    each version of a file is transferred once, even when the run's event comes again."""
+
+    __tablename__ = "scheduled_file"
+    __table_args__ = (
+        UniqueConstraint(*_SCHEDULED_FILE_VERSION, name="uq_scheduled_file_version"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: str = Field(index=True, max_length=64)
+    partner: str = Field(max_length=64)
+    direction: str = Field(max_length=8)  # pull | push
+    name: str = Field(max_length=1024)
+    size: int = Field(sa_type=BigInteger)
+    mtime: float
+    # pull: fetched -> published (file.arrived confirmed) -> removed (deleted remotely)
+    # push: sent -> deleted (deleted locally)
+    status: str = Field(max_length=16)
+    event_id: str = Field(max_length=64)  # the scheduled run that did it
+    arrived_event_id: str | None = Field(default=None, max_length=64)
+    local_path: str = Field(default="", max_length=2048)  # relative to the data dir
+    done_at: datetime = Field(default_factory=utcnow)

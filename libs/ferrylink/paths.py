@@ -3,6 +3,7 @@ inside the data directory. No `..`, no absolute paths, no escape through a symli
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 
@@ -33,3 +34,15 @@ def confined(base: Path, relative: str) -> Path:
 def relative_to(base: Path, path: Path) -> str:
     """`path` relative to `base`, as a POSIX string (for events and the transfer log)."""
     return path.resolve().relative_to(base.resolve()).as_posix()
+
+
+def in_data_dir(data_dir: Path, path: str) -> Path:
+    """`path` (relative to the data directory, or absolute inside it), resolved; PathError if
+    it leads outside the data directory (operators may paste absolute paths)."""
+    root = data_dir.resolve()
+    if PurePosixPath(path).is_absolute() or os.path.isabs(path):
+        resolved = Path(path).resolve()
+        if resolved != root and not resolved.is_relative_to(root):
+            raise PathError(f"path {path!r} is outside the data directory")
+        return resolved
+    return confined(root, path)

@@ -76,6 +76,8 @@ class Coordinator:
         self.last_decision_reason = ""
         self.last_assignment: Assignment | None = None
         self._last_published = 0.0
+        # When each server was first seen running an older configuration version.
+        self._behind_since: dict[str, float] = {}
         self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
@@ -129,7 +131,7 @@ class Coordinator:
                 live.add(server.id)
                 heard_at[server.id] = min(last_heard[service] for service in required)
                 # Every service of it runs the current configuration.
-                if versions == {config_version}:
+                if self._synchronized(server.id, versions == {config_version}, now):
                     synchronized.add(server.id)
         return ClusterView(
             mode=settings.mode,
@@ -141,6 +143,16 @@ class Coordinator:
             services=services,
             heard_at=heard_at,
         )
+
+    def _synchronized(self, server: str, current: bool, now: float) -> bool:
+        """A server is out of sync once it ran an older configuration for a few heartbeat
+        periods: every change is announced and re-read at once, and without this grace each
+        change would briefly take the work off every server (cancelling its consumers)."""
+        if current:
+            self._behind_since.pop(server, None)
+            return True
+        since = self._behind_since.setdefault(server, now)
+        return now - since < 3 * self.settings.heartbeat_interval
 
     # -- leader loop ----------------------------------------------------------------------------
 

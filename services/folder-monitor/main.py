@@ -1,23 +1,51 @@
 """Entry point of the folder-monitor service.
 
-Watches folders on shared storage and emits file.arrived events on the primary.
+Watches folders on shared storage and emits `file.arrived` events on the primary: polling
+(monitor.py) runs only where the coordinator assigns `folder-monitor.watch`; the watches are
+managed through `/watches` (api.py) on any server.
 """
 
 from ferrylink.cluster import WORK_FOLDER_MONITOR
+from ferrylink.events import Event
 from ferrylink.service import ServiceRuntime, create_app, serve
+from ferrylink.services.folder_monitor.api import WatchStore, router
+from ferrylink.services.folder_monitor.monitor import FolderMonitor
 from ferrylink.services.folder_monitor.settings import Settings
-from ferrylink.work import FlagWork
+from ferrylink.telemetry import inject_headers
 
 SERVICE_NAME = "folder-monitor"
+PUBLISH_TIMEOUT = 10.0  # bounds how long stop() can wait for a batch
+
+
+def build(settings: Settings) -> tuple[ServiceRuntime, FolderMonitor]:
+    runtime = ServiceRuntime(SERVICE_NAME, settings)
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+
+    def publish(events: list[Event]) -> None:
+        # Pipelined: publish the whole batch, then wait for every confirm.
+        queue = runtime.work_queue("events")
+        futures = [
+            runtime.publisher.publish(
+                "", queue, event.to_bytes(), headers=inject_headers(), message_id=event.id
+            )
+            for event in events
+        ]
+        for future in futures:
+            future.result(PUBLISH_TIMEOUT)
+
+    monitor = FolderMonitor(
+        runtime.engine, data_dir, publish, interval=settings.folder_poll_interval
+    )
+    runtime.add_loop_work(WORK_FOLDER_MONITOR, monitor)
+    return runtime, monitor
 
 
 def main() -> None:
     settings = Settings()
-    runtime = ServiceRuntime(SERVICE_NAME, settings)
-    # Primary-only work, switched by the coordinator's assignment. What it does is not built
-    # yet (see README, "Status"); the switch and its fencing are.
-    runtime.add_loop_work(WORK_FOLDER_MONITOR, FlagWork())
-    app = create_app(runtime, description=__doc__ or "")
+    runtime, monitor = build(settings)
+    app = create_app(runtime, routers=[router], description=__doc__ or "")
+    app.state.watches = WatchStore(runtime.engine, monitor.data_dir)
     serve(app, settings, SERVICE_NAME)
 
 

@@ -1,23 +1,40 @@
 """Entry point of the scheduler service.
 
-Runs scheduled transfers and maintenance applications on the primary.
+Runs scheduled transfers and maintenance applications on the primary: APScheduler
+(runner.py) runs where the coordinator assigns `scheduler.jobs` and submits each fire time
+as an event to the event queue, which spreads the work over the transaction managers. The
+jobs are managed through `/jobs` (api.py) on any server.
 """
 
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.service import ServiceRuntime, create_app, serve
+from ferrylink.services.scheduler.api import JobStore, router
+from ferrylink.services.scheduler.runner import JobScheduler
 from ferrylink.services.scheduler.settings import Settings
-from ferrylink.work import FlagWork
 
 SERVICE_NAME = "scheduler"
+PUBLISH_TIMEOUT = 10.0
+
+
+def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
+    runtime = ServiceRuntime(SERVICE_NAME, settings)
+    scheduler = JobScheduler(
+        runtime.engine,
+        settings.node_id,
+        lambda event: runtime.publish_event(event, timeout=PUBLISH_TIMEOUT),
+        sync_interval=settings.scheduler_sync_interval,
+    )
+    runtime.add_loop_work(WORK_SCHEDULER, scheduler)
+    return runtime, scheduler
 
 
 def main() -> None:
     settings = Settings()
-    runtime = ServiceRuntime(SERVICE_NAME, settings)
-    # Primary-only work, switched by the coordinator's assignment. What it does is not built
-    # yet (see README, "Status"); the switch and its fencing are.
-    runtime.add_loop_work(WORK_SCHEDULER, FlagWork())
-    app = create_app(runtime, description=__doc__ or "")
+    runtime, _scheduler = build(settings)
+    app = create_app(runtime, routers=[router], description=__doc__ or "")
+    app.state.jobs = JobStore(
+        runtime.engine, settings.data_dir.resolve(), settings.scheduler_misfire_grace
+    )
     serve(app, settings, SERVICE_NAME)
 
 

@@ -63,6 +63,10 @@ class EventHandler:
                 event, self.engine, self.data_dir, self.node_id, self.publish
             )
             return self._complete(event)
+        if event.kind == "maintenance.run":
+            scheduled = importlib.import_module("ferrylink.services.transaction_manager.scheduled")
+            scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
+            return self._complete(event)
         raise RejectMessage(f"the transaction manager does not handle {event.kind!r} events")
 
     def _complete(self, event: Event) -> bool:

@@ -1,0 +1,170 @@
+"""HTTP API of the folder monitor: list, create, pause, resume and delete watched folders.
+
+Any server answers (the watches live in the shared database); only the primary polls them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import func
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, delete, select
+
+from ferrylink.models import Account, WatchedFile, WatchedFolder
+from ferrylink.paths import PathError, relative_to
+from ferrylink.services.folder_monitor.monitor import watch_paths
+
+router = APIRouter(prefix="/watches", tags=["watches"])
+
+
+@dataclass
+class WatchStore:
+    """What the API needs; main.py puts one on `app.state.watches`."""
+
+    engine: Engine
+    data_dir: Path
+
+
+def get_store(request: Request) -> WatchStore:
+    store: WatchStore = request.app.state.watches
+    return store
+
+
+StoreDep = Annotated[WatchStore, Depends(get_store)]
+
+
+class WatchIn(BaseModel):
+    account: str = Field(min_length=1, max_length=64, description="Whose file.arrived events.")
+    path: str = Field(
+        min_length=1,
+        max_length=1024,
+        description="The folder, relative to the data directory (or absolute inside it); "
+        "it must exist and lie inside the account's home.",
+    )
+    pattern: str = Field("*", min_length=1, max_length=255, description="File name pattern.")
+    recursive: bool = Field(False, description="Watch sub-folders too.")
+    settle_seconds: float = Field(
+        2.0, ge=0, le=86400, description="How long size and mtime must stay unchanged."
+    )
+    enabled: bool = True
+
+    @field_validator("pattern")
+    @classmethod
+    def _plain_pattern(cls, value: str) -> str:
+        if "/" in value or "\\" in value:
+            raise ValueError("the pattern matches file names; it may not contain '/'")
+        return value
+
+
+class WatchOut(BaseModel):
+    id: int
+    account: str
+    path: str
+    pattern: str
+    recursive: bool
+    settle_seconds: float
+    enabled: bool
+    created_at: datetime
+    files_tracked: int = Field(description="Files currently in the folder that were seen.")
+    files_emitted: int = Field(description="Of those, the ones file.arrived was sent for.")
+
+
+def _out(watch: WatchedFolder, counts: dict[int, tuple[int, int]]) -> WatchOut:
+    assert watch.id is not None
+    tracked, emitted = counts.get(watch.id, (0, 0))
+    return WatchOut(
+        id=watch.id, account=watch.account, path=watch.folder, pattern=watch.pattern,
+        recursive=watch.recursive, settle_seconds=watch.settle_seconds, enabled=watch.enabled,
+        created_at=watch.created_at, files_tracked=tracked, files_emitted=emitted,
+    )  # fmt: skip
+
+
+def _counts(session: Session, watch_id: int | None = None) -> dict[int, tuple[int, int]]:
+    query = select(
+        WatchedFile.watch_id, func.count(), func.count(col(WatchedFile.event_id))
+    ).group_by(col(WatchedFile.watch_id))
+    if watch_id is not None:
+        query = query.where(WatchedFile.watch_id == watch_id)
+    return {row[0]: (row[1], row[2]) for row in session.exec(query).all()}
+
+
+def _get(session: Session, watch_id: int) -> WatchedFolder:
+    watch = session.get(WatchedFolder, watch_id)
+    if watch is None:
+        raise HTTPException(404, f"no watch {watch_id}")
+    return watch
+
+
+@router.get("", summary="Every watched folder")
+def list_watches(store: StoreDep) -> list[WatchOut]:
+    with Session(store.engine) as session:
+        counts = _counts(session)
+        watches = session.exec(select(WatchedFolder).order_by(col(WatchedFolder.id))).all()
+        return [_out(w, counts) for w in watches]
+
+
+@router.post("", status_code=201, summary="Watch a folder (422 with the reason if refused)")
+def create_watch(body: WatchIn, store: StoreDep) -> WatchOut:
+    with Session(store.engine) as session:
+        account = session.get(Account, body.account)
+        if account is None:
+            raise HTTPException(422, f"unknown account {body.account!r}")
+        try:
+            _home, folder = watch_paths(store.data_dir, account.home, body.path)
+        except PathError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        if not folder.is_dir():
+            raise HTTPException(422, f"folder {body.path!r} does not exist")
+        watch = WatchedFolder(
+            account=body.account, folder=relative_to(store.data_dir, folder) or ".",
+            pattern=body.pattern, recursive=body.recursive, settle_seconds=body.settle_seconds,
+            enabled=body.enabled,
+        )  # fmt: skip
+        session.add(watch)
+        session.commit()
+        session.refresh(watch)
+        return _out(watch, {})
+
+
+@router.get("/{watch_id}", summary="One watched folder")
+def get_watch(watch_id: int, store: StoreDep) -> WatchOut:
+    with Session(store.engine) as session:
+        return _out(_get(session, watch_id), _counts(session, watch_id))
+
+
+def _set_enabled(watch_id: int, store: WatchStore, enabled: bool) -> WatchOut:
+    with Session(store.engine) as session:
+        watch = _get(session, watch_id)
+        watch.enabled = enabled
+        session.add(watch)
+        session.commit()
+        session.refresh(watch)
+        return _out(watch, _counts(session, watch_id))
+
+
+@router.post("/{watch_id}/pause", summary="Stop polling the folder (its state is kept)")
+def pause_watch(watch_id: int, store: StoreDep) -> WatchOut:
+    return _set_enabled(watch_id, store, False)
+
+
+@router.post(
+    "/{watch_id}/resume",
+    summary="Poll the folder again; files added or changed meanwhile are picked up then",
+)
+def resume_watch(watch_id: int, store: StoreDep) -> WatchOut:
+    return _set_enabled(watch_id, store, True)
+
+
+@router.delete("/{watch_id}", status_code=204, summary="Stop watching and forget its state")
+def delete_watch(watch_id: int, store: StoreDep) -> Response:
+    with Session(store.engine) as session:
+        session.delete(_get(session, watch_id))
+        session.exec(delete(WatchedFile).where(col(WatchedFile.watch_id) == watch_id))
+        session.commit()
+    return Response(status_code=204)

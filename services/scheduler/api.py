@@ -1,0 +1,241 @@
+"""HTTP API of the scheduler: list, create, pause, resume and delete jobs, with each job's
+last and next run and its run history.
+
+Any server answers (the jobs live in the shared database); only the primary runs them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from pydantic import BaseModel, Field
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from ferrylink.models import JobRun, ScheduledJob
+from ferrylink.services.scheduler.jobs import (
+    JobError,
+    as_utc,
+    check_params,
+    job_trigger,
+    make_trigger,
+    upcoming,
+)
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobKind = Literal[
+    "pull", "push", "transfer_log_purge", "transfer_log_archive", "dead_letter_purge",
+    "temp_file_cleanup",
+]  # fmt: skip
+
+
+@dataclass
+class JobStore:
+    """What the API needs; main.py puts one on `app.state.jobs`."""
+
+    engine: Engine
+    data_dir: Path
+    default_grace: float
+
+
+def get_store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.jobs
+    return store
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]
+
+
+class JobIn(BaseModel):
+    name: str = Field(min_length=1, max_length=128)
+    kind: JobKind = Field(
+        description="pull/push: a scheduled transfer with a partner (params: partner, "
+        "account, folder, pattern, delete_remote/delete_local). Maintenance: "
+        "transfer_log_purge/transfer_log_archive (days, archive folder), dead_letter_purge "
+        "(days), temp_file_cleanup (folder, max_age_hours, patterns)."
+    )
+    cron: str | None = Field(
+        None,
+        max_length=255,
+        description="Crontab expression, 5 fields, or 6 with seconds first; weekdays count "
+        "from Sunday = 0 as in crontab.",
+    )
+    interval_seconds: int | None = Field(None, ge=1, le=366 * 86400)
+    timezone: str = Field("UTC", max_length=64, description="IANA time zone of the trigger.")
+    start_at: datetime | None = Field(
+        None, description="Interval triggers count from here (default: now)."
+    )
+    params: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    misfire_grace_seconds: float | None = Field(
+        None, ge=0, description="A fire time missed by less than this still runs (once)."
+    )
+    coalesce: bool = Field(
+        True, description="Several missed fire times run once (the latest), not each."
+    )
+    enabled: bool = True
+
+
+class RunOut(BaseModel):
+    fire_time: datetime
+    status: str = Field(description="claimed, submitted (event on the queue) or missed")
+    node_id: str
+    event_id: str
+    claimed_at: datetime
+    submitted_at: datetime | None
+
+
+class JobOut(BaseModel):
+    id: int
+    name: str
+    kind: str
+    cron: str | None
+    interval_seconds: int | None
+    timezone: str
+    start_at: datetime
+    params: dict[str, str]
+    misfire_grace_seconds: float
+    coalesce: bool
+    enabled: bool
+    created_at: datetime
+    updated_at: datetime
+    last_run: RunOut | None
+    next_run: datetime | None
+
+
+def _run_out(run: JobRun) -> RunOut:
+    return RunOut(
+        fire_time=as_utc(run.fire_time), status=run.status, node_id=run.node_id,
+        event_id=run.event_id, claimed_at=as_utc(run.claimed_at),
+        submitted_at=as_utc(run.submitted_at) if run.submitted_at else None,
+    )  # fmt: skip
+
+
+def _job_out(session: Session, job: ScheduledJob) -> JobOut:
+    assert job.id is not None
+    last = session.exec(
+        select(JobRun).where(JobRun.job_id == job.id).order_by(col(JobRun.fire_time).desc())
+    ).first()
+    try:
+        next_run = upcoming(
+            job, job_trigger(job), last.fire_time if last else None, datetime.now(UTC)
+        )
+    except JobError:
+        next_run = None
+    return JobOut(
+        id=job.id, name=job.name, kind=job.kind, cron=job.cron,
+        interval_seconds=int(job.interval_seconds) if job.interval_seconds else None,
+        timezone=job.timezone, start_at=as_utc(job.start_at),
+        params=json.loads(job.params_json), misfire_grace_seconds=job.misfire_grace_seconds,
+        coalesce=job.coalesce, enabled=job.enabled, created_at=as_utc(job.created_at),
+        updated_at=as_utc(job.updated_at), last_run=_run_out(last) if last else None,
+        next_run=next_run,
+    )  # fmt: skip
+
+
+def _get(session: Session, job_id: int) -> ScheduledJob:
+    job = session.get(ScheduledJob, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return job
+
+
+@router.get("", summary="Every job, with its last and next run")
+def list_jobs(store: StoreDep) -> list[JobOut]:
+    with Session(store.engine) as session:
+        jobs = session.exec(select(ScheduledJob).order_by(col(ScheduledJob.id))).all()
+        return [_job_out(session, job) for job in jobs]
+
+
+@router.post("", status_code=201, summary="Create a job (422 with the reason if refused)")
+def create_job(body: JobIn, store: StoreDep) -> JobOut:
+    now = datetime.now(UTC).replace(microsecond=0)
+    # Whole seconds, so interval fire times (and the run keys) are whole seconds too.
+    start_at = as_utc(body.start_at or now).replace(microsecond=0)
+    with Session(store.engine) as session:
+        try:
+            make_trigger(body.cron, body.interval_seconds, body.timezone, start_at)
+            params = check_params(body.kind, dict(body.params), session, store.data_dir)
+        except JobError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        job = ScheduledJob(
+            name=body.name, kind=body.kind, cron=body.cron.strip() if body.cron else None,
+            interval_seconds=body.interval_seconds, timezone=body.timezone,
+            start_at=as_utc(start_at), params_json=json.dumps(params),
+            misfire_grace_seconds=(
+                store.default_grace if body.misfire_grace_seconds is None
+                else body.misfire_grace_seconds
+            ),
+            coalesce=body.coalesce, enabled=body.enabled,
+            created_at=as_utc(now), updated_at=as_utc(now),
+        )  # fmt: skip
+        session.add(job)
+        try:
+            session.commit()
+        except IntegrityError as exc:
+            raise HTTPException(409, f"a job named {body.name!r} exists already") from exc
+        session.refresh(job)
+        return _job_out(session, job)
+
+
+@router.get("/{job_id}", summary="One job, with its last and next run")
+def get_job(job_id: int, store: StoreDep) -> JobOut:
+    with Session(store.engine) as session:
+        return _job_out(session, _get(session, job_id))
+
+
+@router.get("/{job_id}/runs", summary="The job's runs, newest first")
+def list_runs(
+    job_id: int, store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[RunOut]:
+    with Session(store.engine) as session:
+        _get(session, job_id)
+        runs = session.exec(
+            select(JobRun)
+            .where(JobRun.job_id == job_id)
+            .order_by(col(JobRun.fire_time).desc())
+            .limit(limit)
+        ).all()
+        return [_run_out(run) for run in runs]
+
+
+def _set_enabled(job_id: int, store: JobStore, enabled: bool) -> JobOut:
+    with Session(store.engine) as session:
+        job = _get(session, job_id)
+        if job.enabled != enabled:
+            job.enabled = enabled
+            job.version += 1
+            # Resumed: fire times that passed while paused do not run.
+            job.updated_at = as_utc(datetime.now(UTC).replace(microsecond=0))
+            session.add(job)
+            session.commit()
+            session.refresh(job)
+        return _job_out(session, job)
+
+
+@router.post("/{job_id}/pause", summary="Stop running the job (its history is kept)")
+def pause_job(job_id: int, store: StoreDep) -> JobOut:
+    return _set_enabled(job_id, store, False)
+
+
+@router.post(
+    "/{job_id}/resume",
+    summary="Run the job again from its next fire time (missed ones while paused do not run)",
+)
+def resume_job(job_id: int, store: StoreDep) -> JobOut:
+    return _set_enabled(job_id, store, True)
+
+
+@router.delete("/{job_id}", status_code=204, summary="Delete the job and its run history")
+def delete_job(job_id: int, store: StoreDep) -> Response:
+    with Session(store.engine) as session:
+        session.delete(_get(session, job_id))
+        session.exec(delete(JobRun).where(col(JobRun.job_id) == job_id))
+        session.commit()
+    return Response(status_code=204)

@@ -1,0 +1,433 @@
+"""Scheduled transfers and maintenance applications: what the transaction manager does with
+the `transfer.scheduled` and `maintenance.run` events the scheduler submits.
+
+Idempotent, since an event may come again (a crash, a failover, a republished run):
+- an event already completed (it has a `processed_event` row) is skipped;
+- a pull fetches each version (name, size, mtime) of a remote file once, per job: the
+  `scheduled_file` row is written after the fetch and before `file.arrived` is published,
+  and the arrived event's id is derived from that version, so a repeat neither fetches again
+  nor announces the file twice. A push sends each version of a local file once likewise;
+- maintenance cutoffs count from the run's fire time, not from "now", so a repeat acts on
+  the same records (and an archive chunk is rewritten under the same name).
+Files are written to a temporary name and renamed (partners.pull_file does it for pulls).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from ferrylink.consumer_manager import RejectMessage
+from ferrylink.events import Event
+from ferrylink.models import (
+    Account,
+    DeadEvent,
+    Partner,
+    ProcessedEvent,
+    ScheduledFile,
+    Transfer,
+    utcnow,
+)
+from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.services.transaction_manager import partners
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Names of files still being written; never pushed, and removed by temp_file_cleanup.
+TEMPORARY_PATTERNS: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", "*.filepart", ".*")
+# Namespace of the derived file.arrived ids of pulled files (any fixed UUID).
+PULL_NAMESPACE = uuid.UUID("5b7d0c61-2f3a-4f1e-8c9d-7a6b5e4d3c21")
+ATTEMPTS = 3  # per partner call, for errors that may pass (PartnerError.retryable)
+BACKOFF_SECONDS = 1.0
+ARCHIVE_CHUNK = 5000
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduled transfers
+# --------------------------------------------------------------------------------------------
+
+
+def run_scheduled_transfer(
+    event: Event, engine: Engine, data_dir: Path, node_id: str, publish: Callable[[Event], None]
+) -> None:
+    """Run a scheduled pull or push once. A partner failure is recorded in the transfer log
+    (FAILED) and ends the run; what was not transferred is picked up by the next run."""
+    if _processed(engine, event.id):
+        return
+    task = event.params.get("task")
+    if task not in ("pull", "push"):
+        raise RejectMessage(f"unknown scheduled transfer {task!r} (expected pull or push)")
+    run = _Run.load(event, engine, data_dir, node_id)
+    if run is None:
+        return
+    if task == "pull":
+        _pull(run, publish)
+    else:
+        _push(run)
+
+
+class _Run:
+    """One scheduled transfer: its event, partner, account home and local folder."""
+
+    def __init__(self, event: Event, engine: Engine, data_dir: Path, node_id: str,
+                 partner: Partner, account: Account, home: Path, folder: Path) -> None:  # fmt: skip
+        self.event, self.engine, self.data_dir, self.node_id = event, engine, data_dir, node_id
+        self.partner, self.account, self.home, self.folder = partner, account, home, folder
+        self.job_id = event.params.get("job_id", "")
+
+    @classmethod
+    def load(cls, event: Event, engine: Engine, data_dir: Path, node_id: str) -> _Run | None:
+        params = event.params
+        with Session(engine) as session:
+            partner = session.get(Partner, params.get("partner", ""))
+            account = session.get(Account, params.get("account", ""))
+        problem = None
+        if partner is None:
+            problem = f"unknown partner {params.get('partner')!r}"
+        elif account is None:
+            problem = f"unknown account {params.get('account')!r}"
+        else:
+            try:
+                home = confined(data_dir, account.home)
+                folder = confined(home, params.get("folder", ""))
+            except PathError as exc:
+                problem = str(exc)
+        if problem is not None or partner is None or account is None:
+            _leg(engine, f"{event.id}:{params.get('task')}", "FAILED", event=event,
+                 node_id=node_id, detail=problem or "")  # fmt: skip
+            log.warning("scheduled transfer %s not run: %s", event.id, problem)
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        return cls(event, engine, data_dir, node_id, partner, account, home, folder)
+
+    def leg(self, leg_key: str, status: str, **fields: Any) -> None:
+        _leg(self.engine, leg_key, status, event=self.event, node_id=self.node_id,
+             partner=self.partner.name, protocol=self.partner.protocol,
+             account=self.account.name, **fields)  # fmt: skip
+
+    def find(self, direction: str, name: str, size: int, mtime: float) -> ScheduledFile | None:
+        with Session(self.engine) as session:
+            return session.exec(
+                select(ScheduledFile).where(
+                    ScheduledFile.job_id == self.job_id, ScheduledFile.partner == self.partner.name,
+                    ScheduledFile.direction == direction, ScheduledFile.name == name,
+                    ScheduledFile.size == size, ScheduledFile.mtime == mtime,
+                )
+            ).first()  # fmt: skip
+
+    def fetched_not_announced(self) -> list[ScheduledFile]:
+        with Session(self.engine) as session:
+            return list(
+                session.exec(
+                    select(ScheduledFile).where(
+                        ScheduledFile.job_id == self.job_id,
+                        ScheduledFile.partner == self.partner.name,
+                        ScheduledFile.direction == "pull", ScheduledFile.status == "fetched",
+                    )
+                ).all()
+            )  # fmt: skip
+
+    def record(self, row: ScheduledFile) -> ScheduledFile:
+        """Insert or update `row`; if another server inserted the same version meanwhile,
+        theirs is returned."""
+        with Session(self.engine) as session:
+            session.add(row)
+            try:
+                session.commit()
+            except IntegrityError:
+                session.rollback()
+                existing = self.find(row.direction, row.name, row.size, row.mtime)
+                assert existing is not None
+                return existing
+            session.refresh(row)
+            return row
+
+
+def _pull(run: _Run, publish: Callable[[Event], None]) -> None:
+    # Files fetched before a crash but never announced: announce them first, whether or not
+    # the partner still lists them.
+    for row in run.fetched_not_announced():
+        _announce(run, row, publish)
+    pattern = run.event.params.get("pattern", "*")
+    try:
+        remote = _retrying(lambda: partners.list_remote(run.partner, pattern))
+    except partners.PartnerError as exc:
+        run.leg(f"{run.event.id}:list", "FAILED", leg="list", direction="inbound",
+                detail=str(exc))  # fmt: skip
+        log.warning("scheduled pull %s: listing failed: %s", run.event.id, exc)
+        return
+    delete_remote = run.event.params.get("delete_remote") == "true"
+    for remote_file in remote:
+        try:
+            _pull_one(run, remote_file, publish, delete_remote)
+        except partners.PartnerError as exc:
+            log.warning("scheduled pull %s: %s", run.event.id, exc)
+
+
+def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Callable[[Event], None],
+              delete_remote: bool) -> None:  # fmt: skip
+    row = run.find("pull", remote.name, remote.size, remote.mtime)
+    if row is None:
+        key = f"{run.job_id}\0{run.partner.name}\0{remote.name}\0{remote.size}\0{remote.mtime!r}"
+        arrived_id = uuid.uuid5(PULL_NAMESPACE, key).hex
+        try:
+            target = confined(run.folder, remote.name)
+        except PathError as exc:
+            raise partners.PartnerError(str(exc), retryable=False) from exc
+        leg_key = f"{arrived_id}:pull"
+        started = utcnow()
+        try:
+            size = _retrying(lambda: partners.pull_file(run.partner, remote.name, target))
+        except partners.PartnerError as exc:
+            run.leg(leg_key, "FAILED", leg="pull", direction="inbound", cycle_id=arrived_id,
+                    file_name=relative_to(run.home, target), detail=str(exc))  # fmt: skip
+            raise
+        row = run.record(
+            ScheduledFile(
+                job_id=run.job_id, partner=run.partner.name, direction="pull",
+                name=remote.name, size=remote.size, mtime=remote.mtime, status="fetched",
+                event_id=run.event.id, arrived_event_id=arrived_id,
+                local_path=relative_to(run.data_dir, target),
+            )
+        )  # fmt: skip
+        run.leg(leg_key, "RECEIVED", leg="pull", direction="inbound", cycle_id=arrived_id,
+                bytes=size, file_name=relative_to(run.home, target),
+                started_at=started)  # fmt: skip
+    if row.status == "fetched":
+        row = _announce(run, row, publish)
+    if row.status == "published" and delete_remote:
+        _retrying(lambda: partners.remove_remote(run.partner, remote.name))
+        row.status = "removed"
+        run.record(row)
+
+
+def _announce(run: _Run, row: ScheduledFile, publish: Callable[[Event], None]) -> ScheduledFile:
+    """Publish the fetched file's `file.arrived` (its id fixed when it was fetched)."""
+    assert row.arrived_event_id is not None
+    local = run.data_dir / row.local_path
+    publish(
+        Event(
+            id=row.arrived_event_id, kind="file.arrived", account=run.account.name,
+            path=relative_to(run.home, local), size=row.size, cycle_id=row.arrived_event_id,
+            params={"source": "scheduler", "protocol": run.partner.protocol,
+                    "partner": run.partner.name, "job_id": run.job_id},
+        )
+    )  # fmt: skip
+    row.status = "published"
+    return run.record(row)
+
+
+def _push(run: _Run) -> None:
+    pattern = run.event.params.get("pattern", "*")
+    delete_local = run.event.params.get("delete_local") == "true"
+    for path in sorted(run.folder.iterdir()):
+        if (
+            _is_temporary(path.name)
+            or not fnmatch.fnmatchcase(path.name, pattern)
+            or path.is_symlink()
+            or not path.is_file()
+        ):
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        row = run.find("push", path.name, stat.st_size, stat.st_mtime)
+        if row is None:
+            leg_key = f"{run.event.id}:push:{hashlib.sha1(path.name.encode()).hexdigest()[:16]}"
+            file_name = relative_to(run.home, path)
+            started = utcnow()
+            try:
+                sent = _retrying(partial(partners.push_file, run.partner, path, path.name))
+            except (partners.PartnerError, OSError) as exc:
+                run.leg(leg_key, "FAILED", leg="push", direction="outbound",
+                        file_name=file_name, detail=str(exc))  # fmt: skip
+                log.warning("scheduled push %s: %s", run.event.id, exc)
+                continue
+            row = run.record(
+                ScheduledFile(
+                    job_id=run.job_id, partner=run.partner.name, direction="push",
+                    name=path.name, size=stat.st_size, mtime=stat.st_mtime, status="sent",
+                    event_id=run.event.id, local_path=relative_to(run.data_dir, path),
+                )
+            )  # fmt: skip
+            run.leg(leg_key, "SENT", leg="push", direction="outbound", file_name=file_name,
+                    bytes=sent, started_at=started)  # fmt: skip
+        if row.status == "sent" and delete_local:
+            path.unlink(missing_ok=True)
+            row.status = "deleted"
+            run.record(row)
+
+
+def _retrying(action: Callable[[], T]) -> T:
+    """Run a partner call, trying again after errors that may pass."""
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            return action()
+        except partners.PartnerError as exc:
+            if not exc.retryable or attempt == ATTEMPTS:
+                raise
+            log.info("attempt %d failed (%s); trying again", attempt, exc)
+            time.sleep(BACKOFF_SECONDS * attempt)
+    raise AssertionError("unreachable")
+
+
+def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
+         **fields: Any) -> None:  # fmt: skip
+    """Record a transfer-log leg once (leg_key is unique); a repeat updates its status."""
+    fields.setdefault("cycle_id", event.id)
+    fields.setdefault("account", event.account)
+    fields.setdefault("file_name", event.path)
+    fields.setdefault("protocol", "unknown")
+    fields.setdefault("leg", event.params.get("task", "scheduled"))
+    fields.setdefault("direction", "inbound")
+    fields["detail"] = str(fields.get("detail", ""))[:2000]
+    now = utcnow()
+    with Session(engine) as session:
+        row = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
+        if row is None:
+            row = Transfer(leg_key=leg_key, event_id=event.id, status=status, node_id=node_id,
+                           **fields)  # fmt: skip
+        else:
+            row.status, row.node_id, row.detail = status, node_id, fields["detail"]
+        row.finished_at = now
+        started = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=UTC)
+        row.duration_ms = max(0, int((now - started).total_seconds() * 1000))
+        session.add(row)
+        try:
+            session.commit()
+        except IntegrityError:  # recorded by another server meanwhile
+            session.rollback()
+
+
+# --------------------------------------------------------------------------------------------
+# Maintenance applications
+# --------------------------------------------------------------------------------------------
+
+
+def run_maintenance(event: Event, engine: Engine, data_dir: Path, node_id: str) -> None:
+    """Run a maintenance application once (the transaction manager records completion)."""
+    if _processed(engine, event.id):
+        return
+    params = event.params
+    task = params.get("task")
+    fired = _fire_time(event)
+    try:
+        if task == "transfer_log_purge":
+            count = purge_transfers(engine, fired - timedelta(days=int(params.get("days", 30))))
+        elif task == "transfer_log_archive":
+            folder = confined(data_dir, params.get("folder", "archive/transfer-log"))
+            cutoff = fired - timedelta(days=int(params.get("days", 30)))
+            count = archive_transfers(engine, folder, cutoff, event.id)
+        elif task == "dead_letter_purge":
+            count = purge_dead_events(engine, fired - timedelta(days=int(params.get("days", 30))))
+        elif task == "temp_file_cleanup":
+            folder = confined(data_dir, params.get("folder", ""))
+            patterns = [p for p in params.get("patterns", "*.part,*.tmp").split(",") if p]
+            cutoff = fired - timedelta(hours=float(params.get("max_age_hours", 24)))
+            count = remove_temp_files(folder, patterns, cutoff)
+        else:
+            raise RejectMessage(f"unknown maintenance application {task!r}")
+    except (PathError, ValueError) as exc:
+        raise RejectMessage(f"bad maintenance parameters: {exc}") from exc
+    log.info("maintenance %s (%s) on %s: %d record(s)/file(s) removed", task, event.id, node_id,
+             count)  # fmt: skip
+
+
+def purge_transfers(engine: Engine, cutoff: datetime) -> int:
+    """Delete transfer-log records started before `cutoff`; returns how many."""
+    with Session(engine) as session:
+        result = session.exec(delete(Transfer).where(col(Transfer.started_at) < cutoff))
+        session.commit()
+        return int(result.rowcount or 0)
+
+
+def archive_transfers(engine: Engine, folder: Path, cutoff: datetime, run_id: str) -> int:
+    """Move transfer-log records started before `cutoff` into JSON-lines files in `folder`,
+    chunk by chunk: each chunk's file (named by run and first record id, so a repeat
+    rewrites the same file) is complete on disk before its records are deleted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    archived = 0
+    while True:
+        with Session(engine) as session:
+            rows = session.exec(
+                select(Transfer)
+                .where(col(Transfer.started_at) < cutoff)
+                .order_by(col(Transfer.id))
+                .limit(ARCHIVE_CHUNK)
+            ).all()
+            if not rows:
+                return archived
+            target = folder / f"transfer-log-{run_id}-{rows[0].id}.jsonl"
+            temporary = target.with_name(f".{target.name}.part")
+            with temporary.open("w") as stream:
+                for row in rows:
+                    stream.write(json.dumps(row.model_dump(mode="json")) + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, target)
+            ids = [row.id for row in rows]
+            session.exec(delete(Transfer).where(col(Transfer.id).in_(ids)))
+            session.commit()
+            archived += len(rows)
+
+
+def purge_dead_events(engine: Engine, cutoff: datetime) -> int:
+    """Delete dead-letter entries parked before `cutoff`; returns how many."""
+    with Session(engine) as session:
+        result = session.exec(delete(DeadEvent).where(col(DeadEvent.dead_at) < cutoff))
+        session.commit()
+        return int(result.rowcount or 0)
+
+
+def remove_temp_files(folder: Path, patterns: list[str], cutoff: datetime) -> int:
+    """Delete files under `folder` whose names match `patterns` and that were last modified
+    before `cutoff` (a stale upload, not one in progress). Symlinks are not followed."""
+    removed = 0
+    limit = cutoff.timestamp()
+    for directory, _dirs, names in os.walk(folder, followlinks=False):
+        for name in names:
+            if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                continue
+            path = Path(directory) / name
+            try:
+                if path.is_symlink() or path.stat().st_mtime >= limit:
+                    continue
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _processed(engine: Engine, event_id: str) -> bool:
+    with Session(engine) as session:
+        return session.get(ProcessedEvent, event_id) is not None
+
+
+def _fire_time(event: Event) -> datetime:
+    raw = event.params.get("fire_time")
+    moment = datetime.fromisoformat(raw) if raw else event.created_at
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _is_temporary(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TEMPORARY_PATTERNS)
