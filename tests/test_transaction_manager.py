@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -238,4 +239,39 @@ def test_passive_only_the_primary_processes_events(make_cluster: Any) -> None:
     # The transfer log is served by the primary only.
     standby = httpx.get(f"{tm_url(cluster, 'st2')}/transfers")
     assert standby.status_code == 409 and "primary (st1)" in standby.json()["detail"]
+    engine.dispose()
+
+
+def test_scheduled_maintenance_runs_through_the_transaction_manager(make_cluster: Any) -> None:
+    cluster = make_cluster("active_active", servers=1)
+    wait_tm_ready(cluster, ["st1"])
+    engine = make_engine(f"sqlite:///{cluster.state_dir / 'ferrylink.db'}")
+    with Session(engine) as session:
+        old = datetime.now(UTC) - timedelta(days=40)
+        for age, key in ((old, "old"), (datetime.now(UTC), "new")):
+            session.add(Transfer(leg_key=key, cycle_id=key, event_id=key, leg="receive",
+                                 direction="inbound", account="acme", file_name=f"{key}.csv",
+                                 protocol="http", status="RECEIVED", node_id="st1",
+                                 started_at=age))  # fmt: skip
+        session.commit()
+    scheduler = f"http://127.0.0.1:{cluster.port('st1', 'scheduler')}"
+    created = httpx.post(f"{scheduler}/jobs", json={
+        "name": "purge", "kind": "transfer_log_purge", "interval_seconds": 1,
+        "params": {"days": 30}})  # fmt: skip
+    assert created.status_code == 201, created.text
+
+    def maintenance_done() -> bool:
+        with Session(engine) as session:
+            done = session.exec(
+                select(func.count())
+                .select_from(ProcessedEvent)
+                .where(ProcessedEvent.kind == "maintenance.run")
+            ).one()
+        return int(done) >= 1
+
+    wait_until(maintenance_done, 30, "a maintenance run completed by the TM")
+    with Session(engine) as session:
+        left = set(session.exec(select(Transfer.leg_key)).all())
+    assert "old" not in left and "new" in left
+    assert httpx.get(f"{tm_url(cluster)}/events/dead").json() == []
     engine.dispose()
