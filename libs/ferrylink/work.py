@@ -176,13 +176,16 @@ class WorkFollower:
 
 
 class PollingLoop:
-    """Work that calls `poll` every `interval` seconds on its own thread while assigned.
+    """Work that calls `poll(stop)` every `interval` seconds on its own thread while assigned.
 
-    `stop()` returns once the current poll finished, so no poll runs after the service was
-    told to stop (the self-fencing guarantee depends on it).
+    `stop()` sets the event `poll` receives (a long poll checks it between pieces of work) and
+    returns once the current poll finished, so no poll runs after the service was told to
+    stop (the self-fencing guarantee depends on it).
     """
 
-    def __init__(self, name: str, poll: Callable[[], None], interval: float) -> None:
+    def __init__(
+        self, name: str, poll: Callable[[threading.Event], object], interval: float
+    ) -> None:
         self.name = name
         self.poll = poll
         self.interval = interval
@@ -205,9 +208,11 @@ class PollingLoop:
             self._thread = None
 
     def _run(self, stop: threading.Event) -> None:
+        log.info("%s started", self.name)
         while not stop.is_set():
             try:
-                self.poll()
+                self.poll(stop)
             except Exception:
                 log.exception("%s: poll failed", self.name)
             stop.wait(self.interval)
+        log.info("%s stopped", self.name)

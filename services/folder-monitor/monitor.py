@@ -32,6 +32,7 @@ from sqlmodel import Session, col, select
 from ferrylink.events import Event
 from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, confined, in_data_dir, relative_to
+from ferrylink.work import PollingLoop
 
 log = logging.getLogger(__name__)
 
@@ -190,35 +191,15 @@ class FolderMonitor:
         self.publish = publish
         self.interval = interval
         self.batch_size = batch_size
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._warned: set[tuple[int, str]] = set()
         self.polls = 0  # completed passes over the watches
+        self._loop = PollingLoop("folder-monitor", self.poll_once, interval)
 
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(self._stop,), name="folder-monitor", daemon=True
-        )
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-
-    def _run(self, stop: threading.Event) -> None:
-        log.info("folder monitor started")
-        while not stop.is_set():
-            try:
-                self.poll_once(stop)
-            except Exception:
-                log.exception("folder monitor: poll failed")
-            stop.wait(self.interval)
-        log.info("folder monitor stopped")
+        self._loop.stop()
 
     def poll_once(self, stop: threading.Event | None = None) -> int:
         """One pass over every enabled watch; returns how many events were published."""
