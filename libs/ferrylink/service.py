@@ -9,11 +9,11 @@ import logging
 import os
 import threading
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
@@ -159,11 +159,11 @@ class ServiceRuntime:
         if not self.settings.coordinator_url:
             return
         url = self.settings.coordinator_url.rstrip("/") + "/cluster/assignment"
+        # The standard library, not httpx: one GET at start is not worth ~4 MB per process.
         try:
-            response = httpx.get(url, timeout=2)
-            if response.status_code == 200:
-                self.follower.offer(Assignment.model_validate(response.json()))
-        except (httpx.HTTPError, ValueError) as exc:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                self.follower.offer(Assignment.model_validate_json(response.read()))
+        except (OSError, ValueError) as exc:  # URLError is an OSError; 404 before the first
             log.info("no assignment from the coordinator yet: %s", exc)
 
     def heartbeat(self) -> Heartbeat:
