@@ -176,8 +176,23 @@ class Coordinator:
         self.leading_since = None
         self.term = None
 
+    def can_lead(self, now: float) -> bool:
+        """Leading is only useful while this coordinator is connected to the broker and hears
+        itself there: a coordinator cut off from the broker (but not from the database) must
+        let its lease lapse, or the cluster would have a leader nobody hears."""
+        if not (self.runtime.publisher.connected and self.runtime.consumers.connected):
+            return False
+        own = self.tracker.snapshot().get((self.node_id, self.runtime.service_name))
+        return own is not None and now - own[0] <= self.settings.lease_seconds
+
     def step(self, now: float) -> Assignment | None:
         """One round: renew/acquire the lease; if leading, decide and return the assignment."""
+        if not self.can_lead(now):
+            if self.leading_since is not None:
+                log.warning("%s cannot reach the broker: letting the leadership lease lapse",
+                            self.node_id)  # fmt: skip
+            self._lose_leadership()
+            return None
         with Session(self.runtime.engine) as session:
             lease = leadership.acquire_or_renew(
                 session, self.node_id, now, self.settings.lease_seconds
