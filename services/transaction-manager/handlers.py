@@ -60,7 +60,7 @@ class EventHandler:
         if event.kind == "transfer.scheduled":
             scheduled = importlib.import_module("ferrylink.services.transaction_manager.scheduled")
             scheduled.run_scheduled_transfer(
-                event, self.engine, self.data_dir, self.node_id, self.publish
+                event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
             )
             return self._complete(event)
         if event.kind == "maintenance.run":

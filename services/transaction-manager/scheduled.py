@@ -44,6 +44,7 @@ from ferrylink.models import (
 )
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.services.transaction_manager import partners
+from ferrylink.services.transaction_manager.transfer_log import TransferLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,16 +64,22 @@ ARCHIVE_CHUNK = 5000
 
 
 def run_scheduled_transfer(
-    event: Event, engine: Engine, data_dir: Path, node_id: str, publish: Callable[[Event], None]
+    event: Event,
+    engine: Engine,
+    data_dir: Path,
+    node_id: str,
+    publish: Callable[[Event], None],
+    transfer_log: TransferLog | None = None,
 ) -> None:
     """Run a scheduled pull or push once. A partner failure is recorded in the transfer log
-    (FAILED) and ends the run; what was not transferred is picked up by the next run."""
+    (FAILED) and ends the run; what was not transferred is picked up by the next run. With a
+    `transfer_log`, every leg state is also announced for the sentinel link."""
     if _processed(engine, event.id):
         return
     task = event.params.get("task")
     if task not in ("pull", "push"):
         raise RejectMessage(f"unknown scheduled transfer {task!r} (expected pull or push)")
-    run = _Run.load(event, engine, data_dir, node_id)
+    run = _Run.load(event, engine, data_dir, node_id, transfer_log)
     if run is None:
         return
     if task == "pull":
@@ -85,13 +92,16 @@ class _Run:
     """One scheduled transfer: its event, partner, account home and local folder."""
 
     def __init__(self, event: Event, engine: Engine, data_dir: Path, node_id: str,
-                 partner: Partner, account: Account, home: Path, folder: Path) -> None:  # fmt: skip
+                 partner: Partner, account: Account, home: Path, folder: Path,
+                 transfer_log: TransferLog | None) -> None:  # fmt: skip
         self.event, self.engine, self.data_dir, self.node_id = event, engine, data_dir, node_id
+        self.transfer_log = transfer_log
         self.partner, self.account, self.home, self.folder = partner, account, home, folder
         self.job_id = event.params.get("job_id", "")
 
     @classmethod
-    def load(cls, event: Event, engine: Engine, data_dir: Path, node_id: str) -> _Run | None:
+    def load(cls, event: Event, engine: Engine, data_dir: Path, node_id: str,
+             transfer_log: TransferLog | None) -> _Run | None:  # fmt: skip
         params = event.params
         with Session(engine) as session:
             partner = session.get(Partner, params.get("partner", ""))
@@ -109,16 +119,16 @@ class _Run:
                 problem = str(exc)
         if problem is not None or partner is None or account is None:
             _leg(engine, f"{event.id}:{params.get('task')}", "FAILED", event=event,
-                 node_id=node_id, detail=problem or "")  # fmt: skip
+                 node_id=node_id, transfer_log=transfer_log, detail=problem or "")  # fmt: skip
             log.warning("scheduled transfer %s not run: %s", event.id, problem)
             return None
         folder.mkdir(parents=True, exist_ok=True)
-        return cls(event, engine, data_dir, node_id, partner, account, home, folder)
+        return cls(event, engine, data_dir, node_id, partner, account, home, folder, transfer_log)
 
     def leg(self, leg_key: str, status: str, **fields: Any) -> None:
         _leg(self.engine, leg_key, status, event=self.event, node_id=self.node_id,
-             partner=self.partner.name, protocol=self.partner.protocol,
-             account=self.account.name, **fields)  # fmt: skip
+             transfer_log=self.transfer_log, partner=self.partner.name,
+             protocol=self.partner.protocol, account=self.account.name, **fields)  # fmt: skip
 
     def find(self, direction: str, name: str, size: int, mtime: float) -> ScheduledFile | None:
         with Session(self.engine) as session:
@@ -288,8 +298,9 @@ def _retrying(action: Callable[[], T]) -> T:
 
 
 def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
-         **fields: Any) -> None:  # fmt: skip
-    """Record a transfer-log leg once (leg_key is unique); a repeat updates its status."""
+         transfer_log: TransferLog | None = None, **fields: Any) -> None:  # fmt: skip
+    """Record a transfer-log leg once (leg_key is unique); a repeat updates its status. With
+    a transfer log, the committed state is announced (confirmed) for the sentinel link."""
     fields.setdefault("cycle_id", event.id)
     fields.setdefault("account", event.account)
     fields.setdefault("file_name", event.path)
@@ -298,7 +309,7 @@ def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
     fields.setdefault("direction", "inbound")
     fields["detail"] = str(fields.get("detail", ""))[:2000]
     now = utcnow()
-    with Session(engine) as session:
+    with Session(engine, expire_on_commit=False) as session:
         row = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
         if row is None:
             row = Transfer(leg_key=leg_key, event_id=event.id, status=status, node_id=node_id,
@@ -313,6 +324,9 @@ def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
             session.commit()
         except IntegrityError:  # recorded by another server meanwhile
             session.rollback()
+            return
+    if transfer_log is not None:
+        transfer_log.publish(row).result(timeout=30)
 
 
 # --------------------------------------------------------------------------------------------
