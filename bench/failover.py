@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
@@ -38,6 +39,12 @@ class SteadyPublisher:
     """Publishes one event every `interval` seconds until stopped; remembers every id."""
 
     def __init__(self, cluster: BenchCluster, interval: float = 0.02) -> None:
+        # Real work for the TM: an account whose home receives a file per event (no route:
+        # the file is received and stays there).
+        tm = f"http://127.0.0.1:{cluster.port('st1', 'transaction-manager')}"
+        created = httpx.post(f"{tm}/accounts", json={"name": "bench", "password": "bench-pass"})
+        created.raise_for_status()
+        self.home = cluster.state_dir / "data" / "homes" / "bench"
         self.topology = Topology(prefix=cluster.prefix)
         self.publisher = Publisher([cluster.amqp_url]).start()
         self.interval = interval
@@ -57,7 +64,9 @@ class SteadyPublisher:
     def _run(self) -> None:
         queue = self.topology.queue("events")
         while not self._stop.wait(self.interval):
-            event = Event(kind="file.arrived", account="bench", path=f"/in/{len(self.ids)}")
+            name = f"f{len(self.ids)}.dat"
+            (self.home / name).write_text("x")
+            event = Event(kind="file.arrived", account="bench", path=name)
             self.publisher.publish("", queue, event.to_bytes(), message_id=event.id).result(60)
             self.ids.append(event.id)
 

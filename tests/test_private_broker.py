@@ -4,12 +4,12 @@ no process behind (ferrylink.private_broker)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pika
 import pytest
 
+from ferrylink.polling import wait_until
 from ferrylink.private_broker import (
     BrokerNode,
     find_node_pids,
@@ -33,13 +33,6 @@ def _pid_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_single_node_serves_a_quorum_queue_and_stops_cleanly(tmp_path: Path) -> None:
@@ -102,7 +95,9 @@ def test_cluster_keeps_every_message_when_a_node_is_killed(tmp_path: Path) -> No
         victim.kill()
         assert not _pid_alive(victim_pid)
         assert find_node_pids([victim.name]) == []
-        _wait_for(lambda: victim.name not in survivor.running_nodes(), 30, "the kill to be noticed")
+        wait_until(
+            lambda: victim.name not in survivor.running_nodes(), 30, "the kill to be noticed"
+        )
 
         # The queue is still declared with 100 messages on the connected node...
         connection = pika.BlockingConnection(pika.URLParameters(connected.url))
@@ -129,7 +124,7 @@ def test_cluster_keeps_every_message_when_a_node_is_killed(tmp_path: Path) -> No
 
         # The killed node comes back on its data dir and rejoins by itself.
         victim.restart()
-        _wait_for(lambda: connected.running_nodes() == sorted(names), 60, "the node to rejoin")
+        wait_until(lambda: connected.running_nodes() == sorted(names), 60, "the node to rejoin")
     finally:
         beam_pids = [pid for pid in (node.beam_pid for node in nodes) if pid is not None]
         stop_all(nodes)
