@@ -319,6 +319,7 @@ def test_stopped_paused_and_deleted_jobs_run_no_more(
 ) -> None:
     paused_id = add_job(engine, name="paused")
     deleted_id = add_job(engine, name="deleted")
+    clock_id = add_job(engine, name="clock")  # keeps running: its runs mark time passing
     scheduler = schedulers("st1")
     scheduler.start()
     wait_until(lambda: runs(engine, paused_id) and runs(engine, deleted_id), 10)
@@ -334,7 +335,12 @@ def test_stopped_paused_and_deleted_jobs_run_no_more(
     # then may still finish: hence the fifth of a second).
     wait_until(lambda: not scheduler.loaded() & {paused_id, deleted_id}, 10, "jobs unloaded")
     unloaded = datetime.now(UTC)
-    time.sleep(2.5)  # proving an absence takes time: two more fire times pass
+
+    def clock_ticks() -> int:
+        return sum(1 for r in runs(engine, clock_id) if r.claimed_at > unloaded)
+
+    # Proving an absence takes time: wait until two more fire times ran for the clock job.
+    wait_until(lambda: clock_ticks() >= 2, 10, "two more fire times")
     later = [r for r in runs(engine, paused_id) + runs(engine, deleted_id)
              if r.claimed_at > unloaded + timedelta(seconds=0.2)]  # fmt: skip
     assert later == []
