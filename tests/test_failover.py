@@ -81,9 +81,14 @@ def test_primary_killed_next_in_list_takes_over_then_fails_back(
     states = {s["id"]: (s["state"], s["role"]) for s in after["servers"]}
     assert states["st1"][0] == "down"
     assert states["st2"] == ("up", "primary")
-    events_on_st3 = WORK_EVENTS in cluster.active("st3", "transaction-manager")
-    assert events_on_st3 == (mode == "active_active")
-    assert WORK_EVENTS in cluster.active("st2", "transaction-manager")
+    # Each process receives the assignment on its own: poll briefly for the other units.
+    wait_until(lambda: WORK_EVENTS in cluster.active("st2", "transaction-manager"), 3,
+               "st2's TM consuming events")  # fmt: skip
+    if mode == "active_active":
+        wait_until(lambda: WORK_EVENTS in cluster.active("st3", "transaction-manager"), 3,
+                   "st3's TM consuming events")  # fmt: skip
+    else:
+        assert WORK_EVENTS not in cluster.active("st3", "transaction-manager")
     assert WORK_SCHEDULER not in cluster.active("st3", "scheduler")
 
     cluster.run("server", "start", "st1")
@@ -96,7 +101,9 @@ def test_primary_killed_next_in_list_takes_over_then_fails_back(
 def test_passive_legacy_waits_for_a_manual_failover(make_cluster: Any) -> None:
     cluster = make_cluster("passive_legacy")
     before = wait_primary(cluster, "st1", 30)
-    assert WORK_EVENTS_LOCAL in cluster.active("st2", "transaction-manager")
+    # st2 may become live (all its services heard) a moment after st1 is made primary.
+    wait_until(lambda: WORK_EVENTS_LOCAL in cluster.active("st2", "transaction-manager"), 15,
+               "st2's TM listening on its own queue")  # fmt: skip
     assert WORK_SCHEDULER not in cluster.active("st2", "scheduler")
 
     cluster.run("server", "kill", "st1")
