@@ -20,7 +20,7 @@ up: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	PYTHON=$(PY) scripts/typecheck
+	$(PY) -m mypy -p ferrylink -p ferrylink_ops -p services -p tests -p bench
 
 test: lint
 	$(PY) -m pytest -q -ra

@@ -17,16 +17,16 @@ from typing import Any
 
 import httpx
 
-from ferrylink.local_cluster import broker_reachable, port_free, service_port
-from ferrylink.private_broker import BrokerNode, start_private_broker
 from ferrylink.settings import DEFAULT_AMQP_URL
+from ferrylink_ops.local_cluster import broker_reachable, port_free, service_port
+from ferrylink_ops.private_broker import BrokerNode, start_private_broker
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def ferrylink(*args: str, timeout: float = 300) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "ferrylink.cli", *args],
+        [sys.executable, "-m", "ferrylink_ops.cli", *args],
         capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     if result.returncode != 0:
@@ -110,7 +110,7 @@ def local_cluster(
         os.environ.clear()
         os.environ.update(saved)
         subprocess.run(
-            [sys.executable, "-m", "ferrylink.cli", "down", "--state-dir", str(state_dir)],
+            [sys.executable, "-m", "ferrylink_ops.cli", "down", "--state-dir", str(state_dir)],
             capture_output=True, timeout=120, check=False,
         )  # fmt: skip
 

@@ -24,7 +24,7 @@ from ferrylink.db import make_engine
 from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology, wait_all
 from ferrylink.models import ProcessedEvent
-from ferrylink.polling import wait_until
+from ferrylink_ops.polling import wait_until
 
 
 def raw_rate(url: str, count: int) -> float:

@@ -30,7 +30,7 @@ from ferrylink.db import make_engine
 from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology
 from ferrylink.models import ProcessedEvent
-from ferrylink.polling import wait_until
+from ferrylink_ops.polling import wait_until
 
 CONNECTION_TIMEOUT = 5.0
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.common import broker_url, local_cluster, report
 from ferrylink.cluster import WORK_SCHEDULER
-from ferrylink.polling import wait_until
+from ferrylink_ops.polling import wait_until
 
 TARGET_MB = 400.0
 

@@ -18,9 +18,9 @@ import httpx
 import pika
 
 from ferrylink.cluster import PRIMARY_ONLY_WORK
-from ferrylink.local_cluster import pid_alive, port_free, service_port
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
+from ferrylink_ops.local_cluster import pid_alive, port_free, service_port
 from tests.helpers import wait_until
 
 BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
@@ -68,7 +68,7 @@ def free_base_port(servers: int) -> int:
 
 def ferrylink(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ferrylink.cli", *args],
+        [sys.executable, "-m", "ferrylink_ops.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -29,7 +29,7 @@ def amqp_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
         return
     if shutil.which("rabbitmq-server"):
-        from ferrylink.private_broker import start_private_broker
+        from ferrylink_ops.private_broker import start_private_broker
 
         node = start_private_broker(tmp_path_factory.mktemp("broker"))
         try:
@@ -74,7 +74,7 @@ def broker_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list]:
     """A private 3-node RabbitMQ cluster, so fault tests can kill nodes."""
     if not shutil.which("rabbitmq-server"):
         pytest.skip("fault tests need the installed rabbitmq-server")
-    from ferrylink.private_broker import start_broker_cluster, stop_all
+    from ferrylink_ops.private_broker import start_broker_cluster, stop_all
 
     nodes = start_broker_cluster(tmp_path_factory.mktemp("cluster"), size=3)
     try:

@@ -10,20 +10,20 @@ from typing import Any
 
 import pytest
 
-from ferrylink.cli import main
-from ferrylink.local_cluster import (
+from ferrylink.services_registry import BACKEND_SERVICES
+from ferrylink_ops.cli import main
+from ferrylink_ops.local_cluster import (
     ClusterError,
     LocalCluster,
     format_table,
     service_port,
 )
-from ferrylink.services_registry import BACKEND_SERVICES
 
 
 @pytest.fixture(autouse=True)
 def no_real_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests must never start a cluster, even when an argv turns out to be valid."""
-    import ferrylink.local_cluster as local_cluster
+    import ferrylink_ops.local_cluster as local_cluster
 
     def refuse(*_args: object, **_kwargs: object) -> int:
         raise AssertionError("a fast CLI test tried to start a cluster")
@@ -83,7 +83,7 @@ def test_bad_mode_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_bad_mode_exits_2_from_the_command_line() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "ferrylink.cli", "up", "--mode", "nope"],
+        [sys.executable, "-m", "ferrylink_ops.cli", "up", "--mode", "nope"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -204,13 +204,14 @@ def test_format_table() -> None:
     assert table == ["a     bb", "----  --", "1", "long  x"]
 
 
-def test_service_runs_the_entry_point(monkeypatch: pytest.MonkeyPatch) -> None:
-    called: list[str] = []
-    import ferrylink.services_registry as registry
+def test_service_execs_the_service_module(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ferrylink service NAME` replaces itself with `python -m services.<name>.main`."""
+    import ferrylink_ops.cli as cli
 
-    monkeypatch.setattr(registry, "entry_point", lambda name: lambda: called.append(name))
-    assert main(["service", "scheduler"]) == 0
-    assert called == ["scheduler"]
+    calls: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, list(argv))))
+    main(["service", "scheduler"])
+    assert calls == [(sys.executable, [sys.executable, "-m", "services.scheduler.main"])]
 
 
 def test_status_shows_the_coordinators_view(
@@ -219,7 +220,7 @@ def test_status_shows_the_coordinators_view(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import ferrylink.local_cluster as local_cluster
+    import ferrylink_ops.local_cluster as local_cluster
 
     view = {
         "mode": "passive",

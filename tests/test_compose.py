@@ -291,7 +291,7 @@ def check_commands(compose: Compose) -> list[str]:
             problems.append(f"{name}: {argv[1]!r} is not a backend service")
             continue
         try:
-            main = services_registry.entry_point(argv[1])
+            main = importlib.import_module(services_registry.module_name(argv[1]) + ".main").main
         except Exception as exc:  # an import error is exactly what this check is for
             problems.append(f"{name}: entry point of {argv[1]} does not import: {exc!r}")
             continue
@@ -485,7 +485,7 @@ def check_servers_list(compose: Compose, servers_file: Path = SERVERS_FILE) -> l
 def check_ports(compose: Compose) -> list[str]:
     """HTTP ports as `ferrylink up` assigns them (so unique per server as on one host),
     containers publish the port they serve on, and no host port is published twice."""
-    from ferrylink.local_cluster import DEFAULT_BASE_PORT, service_port
+    from ferrylink_ops.local_cluster import DEFAULT_BASE_PORT, service_port
 
     problems = []
     server_index = {server_id: i for i, (server_id, _) in enumerate(read_servers_file())}

@@ -12,9 +12,9 @@ from ferrylink.cluster import Heartbeat
 from ferrylink.db import create_tables
 from ferrylink.models import LeaderLease
 from ferrylink.service import ServiceRuntime
-from ferrylink.services.cluster_coordinator import leadership, store
-from ferrylink.services.cluster_coordinator.coordinator import Coordinator
-from ferrylink.services.cluster_coordinator.settings import Settings
+from services.cluster_coordinator import leadership, store
+from services.cluster_coordinator.coordinator import Coordinator
+from services.cluster_coordinator.settings import Settings
 
 
 @pytest.fixture

@@ -24,8 +24,8 @@ from ferrylink.cluster import (
     WORK_SCHEDULER,
 )
 from ferrylink.events import Event
-from ferrylink.local_cluster import pid_alive
 from ferrylink.messaging import Topology
+from ferrylink_ops.local_cluster import pid_alive
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 

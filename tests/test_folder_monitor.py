@@ -25,8 +25,8 @@ from sqlmodel import Session, col, func, select
 from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.events import Event
 from ferrylink.models import ProcessedEvent, Transfer, WatchedFile, WatchedFolder
-from ferrylink.services.folder_monitor.api import WatchStore, router
-from ferrylink.services.folder_monitor.monitor import (
+from services.folder_monitor.api import WatchStore, router
+from services.folder_monitor.monitor import (
     FolderMonitor,
     Observation,
     Seen,

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from ferrylink.local_cluster import (
+from ferrylink.services_registry import BACKEND_SERVICES
+from ferrylink_ops.local_cluster import (
     pid_alive,
     service_port,
     wait_pids_gone,
 )
-from ferrylink.services_registry import BACKEND_SERVICES
 from tests.cluster_support import (
     BOOT_TIMEOUT,
     STOP_TIMEOUT,
@@ -52,7 +52,7 @@ def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(
     with open(output, "wb") as out:
         up = subprocess.Popen(
             [
-                sys.executable, "-m", "ferrylink.cli", "up",
+                sys.executable, "-m", "ferrylink_ops.cli", "up",
                 "--servers", "3",
                 "--mode", "active_active",
                 "--state-dir", str(state_dir),

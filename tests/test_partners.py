@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from ferrylink.models import Partner
-from ferrylink.services.transaction_manager.partners import (
+from services.transaction_manager.partners import (
     PartnerError,
     RemoteFile,
     list_remote,

@@ -1,5 +1,5 @@
 """Private RabbitMQ nodes really start, serve quorum queues, survive a node kill, and leave
-no process behind (ferrylink.private_broker)."""
+no process behind (ferrylink_ops.private_broker)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pika
 import pytest
 
-from ferrylink.polling import wait_until
-from ferrylink.private_broker import (
+from ferrylink_ops.polling import wait_until
+from ferrylink_ops.private_broker import (
     BrokerNode,
     find_node_pids,
     rabbitmq_installed,

@@ -17,9 +17,9 @@ from sqlmodel import Session, col, select
 from ferrylink.consumer_manager import RejectMessage
 from ferrylink.events import Event
 from ferrylink.models import DeadEvent, ProcessedEvent, ScheduledFile, ScheduledJob, Transfer
-from ferrylink.services.scheduler.jobs import run_event
-from ferrylink.services.transaction_manager import scheduled
-from ferrylink.services.transaction_manager.scheduled import (
+from services.scheduler.jobs import run_event
+from services.transaction_manager import scheduled
+from services.transaction_manager.scheduled import (
     run_maintenance,
     run_scheduled_transfer,
 )

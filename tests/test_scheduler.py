@@ -23,8 +23,8 @@ from sqlmodel import Session, col, select
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.events import Event
 from ferrylink.models import JobRun, ProcessedEvent, ScheduledFile, ScheduledJob, Transfer
-from ferrylink.services.scheduler.api import JobStore, router
-from ferrylink.services.scheduler.jobs import (
+from services.scheduler.api import JobStore, router
+from services.scheduler.jobs import (
     JobError,
     check_params,
     cron_trigger,
@@ -34,7 +34,7 @@ from ferrylink.services.scheduler.jobs import (
     run_event,
     time_zone,
 )
-from ferrylink.services.scheduler.runner import JobScheduler
+from services.scheduler.runner import JobScheduler
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 from tests.scheduling_support import (

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-
 # The backend services every server runs, in start order (the coordinator first, so the
 # others find an assignment to follow as soon as they connect).
 BACKEND_SERVICES: tuple[str, ...] = (
@@ -19,14 +16,7 @@ ALL_SERVICES: tuple[str, ...] = (*BACKEND_SERVICES, EDGE_SERVICE)
 
 
 def module_name(service: str) -> str:
-    """`transaction-manager` -> `ferrylink.services.transaction_manager`."""
+    """`transaction-manager` -> `services.transaction_manager`."""
     if service not in ALL_SERVICES:
         raise ValueError(f"unknown service {service!r}; known: {', '.join(ALL_SERVICES)}")
-    return "ferrylink.services." + service.replace("-", "_")
-
-
-def entry_point(service: str) -> Callable[[], None]:
-    """The `main()` of a service's `main.py`."""
-    module = importlib.import_module(module_name(service) + ".main")
-    main: Callable[[], None] = module.main
-    return main
+    return "services." + service.replace("-", "_")

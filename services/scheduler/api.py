@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from ferrylink.models import JobRun, ScheduledJob
-from ferrylink.services.scheduler.jobs import (
+from services.scheduler.jobs import (
     JobError,
     as_utc,
     check_params,

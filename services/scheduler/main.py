@@ -8,9 +8,9 @@ jobs are managed through `/jobs` (api.py) on any server.
 
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.service import ServiceRuntime, create_app, serve
-from ferrylink.services.scheduler.api import JobStore, router
-from ferrylink.services.scheduler.runner import JobScheduler
-from ferrylink.services.scheduler.settings import Settings
+from services.scheduler.api import JobStore, router
+from services.scheduler.runner import JobScheduler
+from services.scheduler.settings import Settings
 
 SERVICE_NAME = "scheduler"
 PUBLISH_TIMEOUT = 10.0

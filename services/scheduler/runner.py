@@ -36,7 +36,7 @@ from sqlmodel import Session, col, select
 
 from ferrylink.events import Event
 from ferrylink.models import JobRun, ScheduledJob
-from ferrylink.services.scheduler.jobs import (
+from services.scheduler.jobs import (
     JobError,
     as_utc,
     first_due,

@@ -4,9 +4,9 @@ Designates the primary and publishes which work runs where (the assignment).
 """
 
 from ferrylink.service import ServiceRuntime, create_app, serve
-from ferrylink.services.cluster_coordinator.api import router
-from ferrylink.services.cluster_coordinator.coordinator import Coordinator
-from ferrylink.services.cluster_coordinator.settings import Settings
+from services.cluster_coordinator.api import router
+from services.cluster_coordinator.coordinator import Coordinator
+from services.cluster_coordinator.settings import Settings
 
 SERVICE_NAME = "cluster-coordinator"
 

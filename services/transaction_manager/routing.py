@@ -36,7 +36,7 @@ from ferrylink.models import (
     Transfer,
 )
 from ferrylink.paths import PathError, confined, relative_to
-from ferrylink.services.transaction_manager.steps import (
+from services.transaction_manager.steps import (
     STEPS,
     ChecksumStep,
     CopyStep,
@@ -48,7 +48,7 @@ from ferrylink.services.transaction_manager.steps import (
     Step,
     render,
 )
-from ferrylink.services.transaction_manager.transfer_log import (
+from services.transaction_manager.transfer_log import (
     FAILED,
     RECEIVED,
     ROUTED,
@@ -188,7 +188,7 @@ class RouteRunner:
     def _push(self, states: _States, event: Event, index: int, step: PushStep, current: Path,
               plan: dict[str, Any], common: dict[str, Any]) -> None:  # fmt: skip
         # Imported here: asyncssh costs ~15 MB, and only servers that push need it.
-        from ferrylink.services.transaction_manager import partners
+        from services.transaction_manager import partners
 
         session = states.session
         partner = session.get(Partner, step.partner)

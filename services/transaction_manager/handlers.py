@@ -21,8 +21,8 @@ from sqlmodel import Session
 from ferrylink.consumer_manager import Delivery, RejectMessage
 from ferrylink.events import Event, parse_event
 from ferrylink.models import ProcessedEvent
-from ferrylink.services.transaction_manager.routing import RouteRunner
 from ferrylink.telemetry import extract_context
+from services.transaction_manager.routing import RouteRunner
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ferrylink.transaction-manager")
@@ -58,13 +58,13 @@ class EventHandler:
         if event.kind == "file.arrived":
             return self.routes.process(event)
         if event.kind == "transfer.scheduled":
-            scheduled = importlib.import_module("ferrylink.services.transaction_manager.scheduled")
+            scheduled = importlib.import_module("services.transaction_manager.scheduled")
             scheduled.run_scheduled_transfer(
                 event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
             )
             return self._complete(event)
         if event.kind == "maintenance.run":
-            scheduled = importlib.import_module("ferrylink.services.transaction_manager.scheduled")
+            scheduled = importlib.import_module("services.transaction_manager.scheduled")
             scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
             return self._complete(event)
         raise RejectMessage(f"the transaction manager does not handle {event.kind!r} events")

@@ -13,13 +13,13 @@ from ferrylink.cluster import (
 )
 from ferrylink.consumer_manager import ConsumerSpec
 from ferrylink.service import ServiceRuntime, create_app, serve
-from ferrylink.services.transaction_manager.api import TransactionManager, router
-from ferrylink.services.transaction_manager.dead_letters import DeadLetterKeeper
-from ferrylink.services.transaction_manager.handlers import EventHandler
-from ferrylink.services.transaction_manager.routing import RouteRunner
-from ferrylink.services.transaction_manager.settings import Settings
-from ferrylink.services.transaction_manager.transfer_log import TransferLog
 from ferrylink.work import FlagWork
+from services.transaction_manager.api import TransactionManager, router
+from services.transaction_manager.dead_letters import DeadLetterKeeper
+from services.transaction_manager.handlers import EventHandler
+from services.transaction_manager.routing import RouteRunner
+from services.transaction_manager.settings import Settings
+from services.transaction_manager.transfer_log import TransferLog
 
 SERVICE_NAME = "transaction-manager"
 

@@ -8,10 +8,10 @@ managed through `/watches` (api.py) on any server.
 from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.events import Event
 from ferrylink.service import ServiceRuntime, create_app, serve
-from ferrylink.services.folder_monitor.api import WatchStore, router
-from ferrylink.services.folder_monitor.monitor import FolderMonitor
-from ferrylink.services.folder_monitor.settings import Settings
 from ferrylink.telemetry import inject_headers
+from services.folder_monitor.api import WatchStore, router
+from services.folder_monitor.monitor import FolderMonitor
+from services.folder_monitor.settings import Settings
 
 SERVICE_NAME = "folder-monitor"
 PUBLISH_TIMEOUT = 10.0  # bounds how long stop() can wait for a batch

@@ -7,7 +7,7 @@
     ferrylink server {stop,start,kill} ID [--state-dir DIR]
     ferrylink status [--state-dir DIR] [--json]
 
-The work is done by `ferrylink.local_cluster` (its docstring explains the supervisor and
+The work is done by `ferrylink_ops.local_cluster` (its docstring explains the supervisor and
 how `server stop|start|kill` reach it); this module only parses arguments.
 """
 
@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ferrylink.services_registry import ALL_SERVICES
+from ferrylink.services_registry import ALL_SERVICES, module_name
 
 MAX_SERVERS = 50
 
@@ -46,7 +47,7 @@ def _port(value: str) -> int:
 
 
 def _state_dir_option(parser: argparse.ArgumentParser) -> None:
-    from ferrylink.local_cluster import DEFAULT_STATE_DIR
+    from ferrylink_ops.local_cluster import DEFAULT_STATE_DIR
 
     parser.add_argument(
         "--state-dir",
@@ -57,7 +58,7 @@ def _state_dir_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ferrylink.local_cluster import DEFAULT_BASE_PORT, DEFAULT_PREFIX, MODES, READY_TIMEOUT
+    from ferrylink_ops.local_cluster import DEFAULT_BASE_PORT, DEFAULT_PREFIX, MODES, READY_TIMEOUT
 
     parser = argparse.ArgumentParser(
         prog="ferrylink", description="Ferrylink managed file transfer: services and clusters."
@@ -140,21 +141,22 @@ def _say(message: str) -> None:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from ferrylink.services_registry import entry_point
-
-    entry_point(args.name)()
-    return 0
+    # exec, not import: the service process starts clean and holds no tooling module (one
+    # direction of imports, less memory); the pid stays, so signals reach the service itself.
+    module = module_name(args.name) + ".main"
+    os.execv(sys.executable, [sys.executable, "-m", module])
+    return 1  # not reached
 
 
 def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ferrylink.local_cluster import (
+    from ferrylink.services_registry import BACKEND_SERVICES
+    from ferrylink_ops.local_cluster import (
         PREFIX_PATTERN,
         LocalCluster,
         Supervisor,
         service_port,
         start_detached,
     )
-    from ferrylink.services_registry import BACKEND_SERVICES
 
     if not PREFIX_PATTERN.match(args.prefix):
         parser.error(f"--prefix {args.prefix!r}: use letters, digits, '.', '_' and '-'")
@@ -187,21 +189,21 @@ def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from ferrylink.local_cluster import down
+    from ferrylink_ops.local_cluster import down
 
     _say(down(args.state_dir.resolve()))
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from ferrylink.local_cluster import server_action
+    from ferrylink_ops.local_cluster import server_action
 
     _say(server_action(args.state_dir.resolve(), args.action, args.server_id))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ferrylink.local_cluster import format_table, read_cluster_json, status_table
+    from ferrylink_ops.local_cluster import format_table, read_cluster_json, status_table
 
     doc = read_cluster_json(args.state_dir.resolve())
     headers, rows, notes = status_table(doc)
@@ -216,7 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
-    from ferrylink.local_cluster import manual_failover
+    from ferrylink_ops.local_cluster import manual_failover
 
     _say(manual_failover(args.state_dir.resolve(), args.to))
     return 0
@@ -228,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "service":
         # Runs for the life of a service: import nothing of the cluster tooling (memory).
         return cmd_service(args)
-    from ferrylink.local_cluster import ClusterError
+    from ferrylink_ops.local_cluster import ClusterError
 
     try:
         if args.command == "up":

@@ -27,8 +27,8 @@ from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import Delivery
 from ferrylink.models import ClusterState
 from ferrylink.service import ServiceRuntime
-from ferrylink.services.cluster_coordinator import leadership, store
-from ferrylink.services.cluster_coordinator.settings import Settings
+from services.cluster_coordinator import leadership, store
+from services.cluster_coordinator.settings import Settings
 
 log = logging.getLogger(__name__)
 

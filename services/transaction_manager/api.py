@@ -25,14 +25,14 @@ from ferrylink.models import Account, DeadEvent, Partner, Route, Transfer
 from ferrylink.passwords import hash_password, verify_password
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.service import ServiceRuntime
-from ferrylink.services.transaction_manager.steps import STEPS, PushStep, Step
-from ferrylink.services.transaction_manager.transfer_log import (
+from ferrylink.work import FlagWork
+from services.transaction_manager.steps import STEPS, PushStep, Step
+from services.transaction_manager.transfer_log import (
     FAILED,
     RECEIVED,
     RECEIVING,
     TransferLog,
 )
-from ferrylink.work import FlagWork
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( .*)?$")
@@ -526,7 +526,7 @@ def list_dead(
 
 @router.post("/events/dead/{dead_id}/replay", response_model=DeadOut, tags=["events"])
 def replay_dead(dead_id: str, tm: TM) -> DeadOut:
-    from ferrylink.services.transaction_manager.dead_letters import replay
+    from services.transaction_manager.dead_letters import replay
 
     dead = replay(tm.runtime.engine, tm.runtime.publisher, dead_id)
     if dead is None:

@@ -5,8 +5,8 @@ Delivers every transfer leg's state to the external tracking system from the pri
 
 from ferrylink.cluster import WORK_SENTINEL_LINK
 from ferrylink.service import ServiceRuntime, create_app, serve
-from ferrylink.services.sentinel_link.settings import Settings
 from ferrylink.work import FlagWork
+from services.sentinel_link.settings import Settings
 
 SERVICE_NAME = "sentinel-link"
 

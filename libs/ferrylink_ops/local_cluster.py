@@ -13,7 +13,7 @@ Layout of a state directory (default `.ferrylink`)::
       broker/               a private RabbitMQ node, only when no broker answered
 
 Processes. `ferrylink up` is the *supervisor*: it starts every backend service of every
-server as its own child process (`python -m ferrylink.cli service NAME`), each in its own
+server as its own child process (`python -m ferrylink_ops.cli service NAME`), each in its own
 session (so a process group that can be signalled as a whole, and that a Ctrl-C on the
 terminal does not reach), on port `base_port + 10 * server_index + service_index + 1`
 (st1's coordinator is base_port + 1, st2's is base_port + 11, ...). It waits until every
@@ -62,14 +62,14 @@ from typing import Any
 
 import httpx
 
-from ferrylink.private_broker import (
+from ferrylink.services_registry import BACKEND_SERVICES, module_name
+from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
+from ferrylink_ops.private_broker import (
     BrokerNode,
     is_broker_reachable,
     rabbitmq_installed,
     start_private_broker,
 )
-from ferrylink.services_registry import BACKEND_SERVICES
-from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _runs_ferrylink(pid: int, markers: Sequence[str] = ("ferrylink",)) -> bool:
+def _runs_ferrylink(pid: int, markers: Sequence[str] = ("ferrylink", "services.")) -> bool:
     """Guard against pid reuse before signalling a pid read from a file."""
     if not Path("/proc").is_dir():
         return True
@@ -456,7 +456,7 @@ class LocalCluster:
             )
             log_file.flush()
             proc.popen = subprocess.Popen(
-                [sys.executable, "-m", "ferrylink.cli", "service", proc.service],
+                [sys.executable, "-m", module_name(proc.service) + ".main"],
                 env=self.environment(proc),
                 cwd=self.state_dir,
                 stdin=subprocess.DEVNULL,
@@ -1104,7 +1104,7 @@ def start_detached(
     supervisor_log = state_dir / "logs" / "supervisor.log"
     with open(supervisor_log, "ab") as log_file:
         child = subprocess.Popen(
-            [sys.executable, "-m", "ferrylink.cli", "up", *argv],
+            [sys.executable, "-m", "ferrylink_ops.cli", "up", *argv],
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -43,8 +43,8 @@ from ferrylink.models import (
     utcnow,
 )
 from ferrylink.paths import PathError, confined, relative_to
-from ferrylink.services.transaction_manager import partners
-from ferrylink.services.transaction_manager.transfer_log import TransferLog
+from services.transaction_manager import partners
+from services.transaction_manager.transfer_log import TransferLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -18,7 +18,7 @@ from sqlmodel import Session, col, delete, select
 
 from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, relative_to
-from ferrylink.services.folder_monitor.monitor import watch_paths
+from services.folder_monitor.monitor import watch_paths
 
 router = APIRouter(prefix="/watches", tags=["watches"])
 

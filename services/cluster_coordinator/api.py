@@ -13,8 +13,8 @@ from sqlmodel import Session
 from ferrylink.cluster import Assignment
 from ferrylink.messaging import connection_parameters
 from ferrylink.models import ClusterState
-from ferrylink.services.cluster_coordinator import leadership, store
-from ferrylink.services.cluster_coordinator.coordinator import Coordinator
+from services.cluster_coordinator import leadership, store
+from services.cluster_coordinator.coordinator import Coordinator
 
 router = APIRouter(prefix="/cluster", tags=["cluster"])
 
