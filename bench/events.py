@@ -20,8 +20,8 @@ from sqlmodel import Session, col, select
 
 from bench.common import broker_url, local_cluster, report
 from ferrylink.cluster import WORK_EVENTS
+from ferrylink.contracts import FileArrived
 from ferrylink.db import make_engine
-from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology, wait_all
 from ferrylink.models import ProcessedEvent
 from ferrylink_ops.polling import wait_until
@@ -57,7 +57,7 @@ def raw_rate(url: str, count: int) -> float:
     consumer = threading.Thread(target=consume)
     consumer.start()
     done.wait(30)
-    body = Event(kind="file.arrived", account="bench", path="x").to_bytes()
+    body = FileArrived(account="bench", path="x").to_bytes()
     started = time.perf_counter()
     futures = [publisher.publish("", queue, body) for _ in range(count)]
     wait_all(futures, 120)
@@ -88,7 +88,7 @@ def end_to_end_rate(url: str, servers: int, count: int) -> float:
         events = []
         for i in range(count):
             (home / f"f{i}").write_text("x")
-            events.append(Event(kind="file.arrived", account="bench", path=f"f{i}"))
+            events.append(FileArrived(account="bench", path=f"f{i}"))
         engine = make_engine(f"sqlite:///{cluster.state_dir / 'ferrylink.db'}")
         publisher = Publisher([url]).start()
         publisher.wait_connected(30)

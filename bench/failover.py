@@ -26,8 +26,8 @@ from bench.common import (
     summary,
 )
 from ferrylink.cluster import WORK_EVENTS
+from ferrylink.contracts import FileArrived
 from ferrylink.db import make_engine
-from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology
 from ferrylink.models import ProcessedEvent
 from ferrylink_ops.polling import wait_until
@@ -66,7 +66,7 @@ class SteadyPublisher:
         while not self._stop.wait(self.interval):
             name = f"f{len(self.ids)}.dat"
             (self.home / name).write_text("x")
-            event = Event(kind="file.arrived", account="bench", path=name)
+            event = FileArrived(account="bench", path=name)
             self.publisher.publish("", queue, event.to_bytes(), message_id=event.id).result(60)
             self.ids.append(event.id)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,8 @@ import pika
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from ferrylink.contracts import EVENT, Event, FileArrived
 from ferrylink.db import make_engine
-from ferrylink.events import Event
 from ferrylink.messaging import Publisher, Topology
 from ferrylink.models import Account, Partner
 from tests.cluster_support import Cluster
@@ -36,7 +37,7 @@ class EventQueue:
     def name(self) -> str:
         return self.topology.queue("events")
 
-    def publish_batch(self, events: list[Event]) -> None:
+    def publish_batch(self, events: Sequence[Event]) -> None:
         """What the services do: publish all, then wait for every confirm."""
         futures = [
             self.publisher.publish("", self.name, e.to_bytes(), message_id=e.id) for e in events
@@ -59,9 +60,21 @@ class EventQueue:
                 method, _props, body = channel.basic_get(self.name, auto_ack=True)
                 if method is None:
                     return events
-                events.append(Event.model_validate_json(body))
+                events.append(EVENT.validate_json(body))
         finally:
             connection.close()
+
+    @property
+    def published_arrivals(self) -> list[tuple[float, FileArrived]]:
+        with self.lock:
+            return [(at, e) for at, e in self.published if isinstance(e, FileArrived)]
+
+    def drain_arrivals(self) -> list[FileArrived]:
+        """`drain()`, for a queue that holds only file.arrived events."""
+        events = self.drain()
+        arrivals = [e for e in events if isinstance(e, FileArrived)]
+        assert len(arrivals) == len(events), events
+        return arrivals
 
 
 def add_account(engine: Engine, data_dir: Path, name: str = "acme") -> Path:

@@ -11,7 +11,7 @@ from sqlmodel import Session
 from ferrylink.cluster import Heartbeat
 from ferrylink.db import create_tables
 from ferrylink.models import LeaderLease
-from ferrylink.service import ServiceRuntime
+from ferrylink.runtime import ServiceRuntime
 from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.coordinator import Coordinator
 from services.cluster_coordinator.settings import Settings

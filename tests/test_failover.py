@@ -23,7 +23,7 @@ from ferrylink.cluster import (
     WORK_EVENTS_LOCAL,
     WORK_SCHEDULER,
 )
-from ferrylink.events import Event
+from ferrylink.contracts import FileArrived
 from ferrylink.messaging import Topology
 from ferrylink_ops.local_cluster import pid_alive
 from tests.cluster_support import Cluster
@@ -117,7 +117,7 @@ def test_passive_legacy_waits_for_a_manual_failover(make_cluster: Any) -> None:
             channel.basic_publish(
                 "",
                 topology.node_queue("events", "st1"),
-                Event(kind="file.arrived").to_bytes(),
+                FileArrived(account="nobody", path="x").to_bytes(),
                 mandatory=True,
             )
     finally:

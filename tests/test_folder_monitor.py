@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from ferrylink.cluster import WORK_FOLDER_MONITOR
-from ferrylink.events import Event
+from ferrylink.contracts import FileArrived
 from ferrylink.models import ProcessedEvent, Transfer, WatchedFile, WatchedFolder
 from services.folder_monitor.api import WatchStore, router
 from services.folder_monitor.monitor import (
@@ -137,7 +137,7 @@ def test_a_file_being_written_is_announced_only_when_complete(
         os.replace(part, inbox / "small.csv")
 
         def both_announced() -> bool:
-            return {e.path for _, e in event_queue.published} >= {
+            return {e.path for _, e in event_queue.published_arrivals} >= {
                 "inbox/big.dat",
                 "inbox/small.csv",
             }
@@ -146,7 +146,7 @@ def test_a_file_being_written_is_announced_only_when_complete(
     finally:
         monitor.stop()
 
-    published = event_queue.published
+    published = event_queue.published_arrivals
     big_events = [(at, e) for at, e in published if e.path == "inbox/big.dat"]
     assert len(big_events) == 1
     at, event = big_events[0]
@@ -154,7 +154,7 @@ def test_a_file_being_written_is_announced_only_when_complete(
     assert event.kind == "file.arrived" and event.account == "acme"
     assert not any(e.path.endswith(".part") for _, e in published)
     # On the broker, once each.
-    assert Counter(e.path for e in event_queue.drain()) == {
+    assert Counter(e.path for e in event_queue.drain_arrivals()) == {
         "inbox/big.dat": 1, "inbox/small.csv": 1,
     }  # fmt: skip
     # Further polls announce nothing new.
@@ -177,7 +177,7 @@ def test_changed_files_again_vanished_forgotten_recursion_and_patterns(
 
     assert monitor.poll_once() == 0  # first sight: remembered only
     assert monitor.poll_once() == 3
-    assert sorted(e.path for _, e in event_queue.published) == [
+    assert sorted(e.path for _, e in event_queue.published_arrivals) == [
         "in/a.csv", "in/sub/c.csv", "in/sub/d/e.bin",
     ]  # fmt: skip
     assert monitor.poll_once() == 0
@@ -186,7 +186,7 @@ def test_changed_files_again_vanished_forgotten_recursion_and_patterns(
     os.utime(home / "in" / "a.csv", ns=(1, 1_000_000_000))
     assert monitor.poll_once() == 0
     assert monitor.poll_once() == 1
-    first, second = [e for _, e in event_queue.published if e.path == "in/a.csv"]
+    first, second = [e for _, e in event_queue.published_arrivals if e.path == "in/a.csv"]
     assert first.id != second.id and second.size == 2
 
     (home / "in" / "sub" / "c.csv").unlink()
@@ -194,7 +194,7 @@ def test_changed_files_again_vanished_forgotten_recursion_and_patterns(
     with Session(engine) as session:
         paths = {(r.watch_id, r.path) for r in session.exec(select(WatchedFile)).all()}
     assert paths == {(flat, "a.csv"), (deep, "d/e.bin")}
-    assert len(event_queue.drain()) == 4
+    assert len(event_queue.drain_arrivals()) == 4
 
 
 class CrashAfterPublish(Exception):
@@ -213,7 +213,7 @@ def test_a_new_primary_neither_reannounces_nor_misses(
 
     calls = 0
 
-    def publish_then_crash(events: list[Event]) -> None:
+    def publish_then_crash(events: list[FileArrived]) -> None:
         nonlocal calls
         calls += 1
         event_queue.publish_batch(events)
@@ -233,12 +233,12 @@ def test_a_new_primary_neither_reannounces_nor_misses(
     assert new_primary.poll_once() == 0
 
     ids_by_path: dict[str, set[str]] = {}
-    for event in event_queue.drain():
+    for event in event_queue.drain_arrivals():
         ids_by_path.setdefault(event.path, set()).add(event.id)
     assert len(ids_by_path) == 300  # none missed
     assert all(len(ids) == 1 for ids in ids_by_path.values())  # a repeat reuses its id
     # The unrecorded batch went out twice with the same ids; the rest once.
-    assert len(event_queue.published) == 300 + 100
+    assert len(event_queue.published_arrivals) == 300 + 100
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ from collections.abc import Iterator
 import pika
 import pytest
 
-from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery, RejectMessage
+from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
+from ferrylink.contracts import REASON_HEADER, SOURCE_QUEUE_HEADER, RejectMessage
 from ferrylink.messaging import (
-    REASON_HEADER,
-    SOURCE_QUEUE_HEADER,
     Publisher,
     Topology,
     UnroutableError,

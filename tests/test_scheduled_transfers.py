@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from ferrylink.consumer_manager import RejectMessage
-from ferrylink.events import Event
+from ferrylink.contracts import Event, FileArrived, MaintenanceRun, TransferScheduled
 from ferrylink.models import DeadEvent, ProcessedEvent, ScheduledFile, ScheduledJob, Transfer
 from services.scheduler.jobs import run_event
 from services.transaction_manager import scheduled
@@ -50,14 +51,18 @@ class Announcements:
     """The `publish` the transaction manager passes in: records every file.arrived."""
 
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.events: list[FileArrived] = []
         self.fail_next = False
 
-    def __call__(self, event: Event) -> None:
+    def __call__(self, event: FileArrived) -> Future[None]:
+        confirm: Future[None] = Future()
         if self.fail_next:
             self.fail_next = False
-            raise ConnectionError("broker unreachable")
-        self.events.append(event)
+            confirm.set_exception(ConnectionError("broker unreachable"))
+        else:
+            self.events.append(event)
+            confirm.set_result(None)
+        return confirm
 
 
 def job_event(kind: str, fire: datetime = FIRST_FIRE, /, **params: str) -> Event:
@@ -67,6 +72,7 @@ def job_event(kind: str, fire: datetime = FIRST_FIRE, /, **params: str) -> Event
 
 
 def transfer(engine: Engine, data_dir: Path, event: Event, publish: Announcements) -> None:
+    assert isinstance(event, TransferScheduled)
     run_scheduled_transfer(event, engine, data_dir, "st1", publish)
 
 
@@ -234,6 +240,7 @@ def test_a_push_sends_each_local_file_once(
 
 
 def maintenance(engine: Engine, data_dir: Path, event: Event) -> None:
+    assert isinstance(event, MaintenanceRun)
     run_maintenance(event, engine, data_dir, "st1")
 
 

@@ -21,7 +21,12 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from ferrylink.cluster import WORK_SCHEDULER
-from ferrylink.events import Event
+from ferrylink.contracts import (
+    DeadLetterPurge,
+    MaintenanceRun,
+    PullJob,
+    TransferScheduled,
+)
 from ferrylink.models import JobRun, ProcessedEvent, ScheduledFile, ScheduledJob, Transfer
 from services.scheduler.api import JobStore, router
 from services.scheduler.jobs import (
@@ -141,13 +146,15 @@ def test_a_run_event_is_the_same_for_the_same_fire_time() -> None:
     first, again = run_event(job, fire), run_event(job, fire)
     assert first.id == again.id == "job7-20240101T000013Z" == first.cycle_id
     assert first.kind == "maintenance.run"
-    assert first.params == {"days": "30", "task": "dead_letter_purge", "job_id": "7",
-                            "job_name": "nightly", "fire_time": fire.isoformat()}  # fmt: skip
+    assert isinstance(first, MaintenanceRun)
+    assert first.task == DeadLetterPurge(days=30)
+    assert (first.job_id, first.job_name, first.fire_time) == (7, "nightly", fire)
     assert run_event(job, fire + timedelta(seconds=10)).id != first.id
     pull = make_job(kind="pull", params_json=json.dumps({"partner": "bank", "account": "acme",
                                                          "folder": "in"}))  # fmt: skip
-    assert run_event(pull, fire).kind == "transfer.scheduled"
-    assert run_event(pull, fire).account == "acme" and run_event(pull, fire).path == "in"
+    pulled = run_event(pull, fire)
+    assert isinstance(pulled, TransferScheduled)
+    assert pulled.job == PullJob(partner="bank", account="acme", folder="in")
 
 
 def test_job_parameters_are_checked(engine: Engine, data_dir: Path) -> None:
@@ -260,7 +267,7 @@ def test_two_schedulers_at_once_still_run_each_fire_time_once(
     wait_until(lambda: all(r.status == "submitted" for r in runs(engine, job_id)), 10)
     events = event_queue.drain()
     assert sorted(e.id for e in events) == sorted(r.event_id for r in done)
-    assert all(e.kind == "maintenance.run" and e.params["task"] == "dead_letter_purge"
+    assert all(isinstance(e, MaintenanceRun) and isinstance(e.task, DeadLetterPurge)
                for e in events)  # fmt: skip
 
 
@@ -303,7 +310,8 @@ def test_a_run_claimed_but_never_confirmed_is_published_again(
 ) -> None:
     job_id = add_job(engine, enabled=False)
     fire = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
-    event = Event(id="job-x-20240101T000000Z", kind="maintenance.run", params={"task": "x"})
+    event = MaintenanceRun(id="job-x-20240101T000000Z", job_id=job_id, fire_time=fire,
+                           task=DeadLetterPurge(days=30))  # fmt: skip
     with Session(engine) as session:
         session.add(JobRun(job_id=job_id, fire_time=fire, status="claimed", node_id="st1",
                            event_id=event.id, event_json=event.model_dump_json(),

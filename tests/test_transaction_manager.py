@@ -17,8 +17,8 @@ import pytest
 from sqlmodel import Session, col, func, select
 
 from ferrylink.cluster import WORK_EVENTS
+from ferrylink.contracts import FileArrived
 from ferrylink.db import make_engine
-from ferrylink.events import Event
 from ferrylink.messaging import Topology
 from ferrylink.models import ProcessedEvent, Transfer
 from tests.cluster_support import Cluster
@@ -127,10 +127,10 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
     create_account(base)
     home = data_dir(cluster) / "homes" / "acme"
     (home / "ok.txt").write_text("fine")
-    unknown = Event(kind="file.arrived", account="ghost", path="a.txt")
-    missing = Event(kind="file.arrived", account="acme", path="nope.txt")
-    good = Event(kind="file.arrived", account="acme", path="ok.txt")
-    future = json.loads(Event(kind="file.arrived", account="acme").to_bytes())
+    unknown = FileArrived(account="ghost", path="a.txt")
+    missing = FileArrived(account="acme", path="nope.txt")
+    good = FileArrived(account="acme", path="ok.txt")
+    future = json.loads(FileArrived(account="acme", path="x").to_bytes())
     future["schema_version"] = 9
     publish_raw(cluster, [b"{not json", json.dumps(future).encode(), unknown.to_bytes(),
                           missing.to_bytes(), good.to_bytes()],
@@ -172,7 +172,7 @@ def _processed(engine: Any, ids: list[str]) -> int:
         return int(session.exec(statement).one())
 
 
-def _route_files(cluster: Cluster, count: int) -> list[Event]:
+def _route_files(cluster: Cluster, count: int) -> list[FileArrived]:
     """`count` files in acme's home, a route that renames (with a counter) and moves them,
     and one file.arrived event each."""
     base = tm_url(cluster)
@@ -186,7 +186,7 @@ def _route_files(cluster: Cluster, count: int) -> list[Event]:
     events = []
     for i in range(count):
         (home / f"f{i:04d}.dat").write_text(f"payload {i}")
-        events.append(Event(kind="file.arrived", account="acme", path=f"f{i:04d}.dat"))
+        events.append(FileArrived(account="acme", path=f"f{i:04d}.dat"))
     return events
 
 

@@ -1,4 +1,4 @@
-"""Cluster rules as pure functions, and the assignment message every service follows.
+"""Cluster rules as pure functions (the messages they produce are in contracts.py).
 
 Kept free of I/O so every row of the reference's failover rules is unit-tested:
 - the primary is the first live server in list order, promoted only after the primary was
@@ -14,26 +14,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
-from pydantic import BaseModel, Field
-
-ClusterMode = Literal["active_active", "passive", "passive_legacy"]
-CLUSTER_MODES: tuple[str, ...] = ("active_active", "passive", "passive_legacy")
-
-# Work units, named once here. A service registers the ones it implements.
-WORK_EVENTS = "transaction-manager.events"  # the shared event queue
-WORK_EVENTS_LOCAL = "transaction-manager.events-local"  # a node's own queue (passive_legacy)
-WORK_TRANSFER_LOG = "transaction-manager.transfer-log"  # serving the consolidated log
-WORK_FOLDER_MONITOR = "folder-monitor.watch"
-WORK_SCHEDULER = "scheduler.jobs"
-WORK_SENTINEL_LINK = "sentinel-link.deliver"
-WORK_DEAD_LETTERS = "transaction-manager.dead-letters"  # keeping parked events for the API
-
-# Work that at most one server may run at a time; it self-fences when assignments stop.
-PRIMARY_ONLY_WORK: frozenset[str] = frozenset(
-    {WORK_TRANSFER_LOG, WORK_DEAD_LETTERS, WORK_FOLDER_MONITOR, WORK_SCHEDULER, WORK_SENTINEL_LINK}
+from ferrylink.contracts import (
+    CLUSTER_MODES,
+    PRIMARY_ONLY_WORK,
+    WORK_DEAD_LETTERS,
+    WORK_EVENTS,
+    WORK_EVENTS_LOCAL,
+    WORK_FOLDER_MONITOR,
+    WORK_SCHEDULER,
+    WORK_SENTINEL_LINK,
+    WORK_TRANSFER_LOG,
+    Assignment,
+    ClusterMode,
+    Heartbeat,
 )
+
+# Re-exported: the rules and the names they speak of are read together.
+__all__ = [
+    "CLUSTER_MODES", "PRIMARY_ONLY_WORK", "WORK_DEAD_LETTERS", "WORK_EVENTS",
+    "WORK_EVENTS_LOCAL", "WORK_FOLDER_MONITOR", "WORK_SCHEDULER", "WORK_SENTINEL_LINK",
+    "WORK_TRANSFER_LOG", "Assignment", "ClusterMode", "Heartbeat", "PrimaryDecision",
+    "decide_primary", "desired_work", "live_servers",
+]  # fmt: skip
 
 
 def live_servers(
@@ -117,43 +120,3 @@ def desired_work(
         if server == primary:
             work[server].extend(sorted(PRIMARY_ONLY_WORK))
     return work
-
-
-class Assignment(BaseModel):
-    """The coordinator's whole desired state, published on every heartbeat period.
-
-    A service acts on the newest epoch it has seen and stops its primary-only work when the
-    assignment has expired (self-fencing); it starts primary-only work only from `not_before`,
-    which the leader sets past every earlier assignment's expiry when the primary changes.
-    """
-
-    epoch: int = Field(ge=0)
-    mode: str
-    leader: str
-    primary: str | None
-    work: dict[str, list[str]]
-    issued_at: float
-    not_before: float
-    expires_at: float
-
-    def work_for(self, node_id: str, now: float) -> set[str]:
-        """The work `node_id` may run at `now` under this assignment."""
-        if now >= self.expires_at:
-            # Expired: keep only work that is safe on any number of servers.
-            return {w for w in self.work.get(node_id, []) if w not in PRIMARY_ONLY_WORK}
-        units = set(self.work.get(node_id, []))
-        if now < self.not_before:
-            units -= PRIMARY_ONLY_WORK
-        return units
-
-
-class Heartbeat(BaseModel):
-    """What every service broadcasts each heartbeat period: alive, and what it runs."""
-
-    node: str
-    service: str
-    pid: int
-    sent_at: float
-    epoch: int | None = None
-    active: list[str] = Field(default_factory=list)
-    config_version: int = 0

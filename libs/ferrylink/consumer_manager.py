@@ -27,24 +27,15 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
+from ferrylink.contracts import DeadLetterInfo, RejectMessage
 from ferrylink.messaging import (
     CONNECTION_ERRORS,
-    DEAD_LETTERED_AT_HEADER,
-    REASON_HEADER,
-    SOURCE_QUEUE_HEADER,
     Backoff,
     Publisher,
     connect_blocking,
 )
 
 log = logging.getLogger(__name__)
-
-
-class RejectMessage(Exception):
-    """Raised by a handler for a message that can never succeed (malformed, unknown schema).
-
-    The message goes to the dead-letter queue at once, with this exception's text as reason.
-    """
 
 
 @dataclass(frozen=True)
@@ -380,10 +371,9 @@ class ConsumerManager:
             delivery.queue,
             reason,
         )
-        headers = dict(delivery.headers)
-        headers[REASON_HEADER] = reason[:1000]
-        headers[SOURCE_QUEUE_HEADER] = delivery.queue
-        headers[DEAD_LETTERED_AT_HEADER] = int(time.time() * 1000)  # epoch ms
+        info = DeadLetterInfo(reason=reason, source_queue=delivery.queue,
+                              dead_lettered_at=time.time())  # fmt: skip
+        headers = {**delivery.headers, **info.to_headers()}
         try:
             self._publisher.publish(
                 "",

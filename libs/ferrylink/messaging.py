@@ -43,10 +43,6 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
-REASON_HEADER = "x-ferrylink-reason"
-SOURCE_QUEUE_HEADER = "x-ferrylink-source-queue"
-DEAD_LETTERED_AT_HEADER = "x-ferrylink-dead-lettered-at"
-
 
 # --------------------------------------------------------------------------------------------
 # Names and topology
@@ -313,6 +309,9 @@ class Publisher:
             url = self._urls[self._url_index % len(self._urls)]
             self._url_index += 1
             params = connection_parameters([url])[0]
+            if not self._declared(params):
+                self._stopping.wait(self._backoff.next_delay())
+                continue
             connection = SelectConnection(
                 params,
                 on_open_callback=self._on_connection_open,
@@ -328,25 +327,27 @@ class Publisher:
             if not self._stopping.is_set():
                 self._stopping.wait(self._backoff.next_delay())
 
+    def _declared(self, params: pika.URLParameters) -> bool:
+        """Declare the topology on a short blocking connection, before the select loop runs
+        (never inside its callbacks, where a blocking call would stall every publish)."""
+        if self._declare is None:
+            return True
+        try:
+            connection = pika.BlockingConnection(params)
+            try:
+                self._declare(connection.channel())
+            finally:
+                connection.close()
+            return True
+        except CONNECTION_ERRORS as exc:
+            log.warning("%s: cannot declare topology: %s", self._name, exc)
+            return False
+
     def _on_open_error(self, connection: SelectConnection, error: BaseException) -> None:
         log.warning("%s: cannot connect: %s", self._name, error)
         connection.ioloop.stop()
 
     def _on_connection_open(self, connection: SelectConnection) -> None:
-        if self._declare is not None:
-            # Declaring is rare and simpler on a short-lived blocking connection.
-            try:
-                declare_connection = pika.BlockingConnection(
-                    connection_parameters([self._urls[(self._url_index - 1) % len(self._urls)]])
-                )
-                try:
-                    self._declare(declare_connection.channel())
-                finally:
-                    declare_connection.close()
-            except CONNECTION_ERRORS as exc:
-                log.warning("%s: cannot declare topology: %s", self._name, exc)
-                connection.close()
-                return
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
@@ -459,3 +460,20 @@ def wait_all(futures: Iterable[Future[None]], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     for future in futures:
         future.result(max(0.0, deadline - time.monotonic()))
+
+
+def queue_message_counts(urls: Sequence[str], queues: Sequence[str]) -> dict[str, int]:
+    """Messages waiting in each queue; 0 for a queue that was never declared."""
+    counts: dict[str, int] = {}
+    connection = connect_blocking(urls, deadline=time.monotonic() + 10)
+    try:
+        for name in queues:
+            channel = connection.channel()
+            try:
+                counts[name] = channel.queue_declare(name, passive=True).method.message_count
+                channel.close()
+            except pika.exceptions.ChannelClosedByBroker:  # 404: never declared
+                counts[name] = 0
+    finally:
+        connection.close()
+    return counts

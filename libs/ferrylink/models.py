@@ -3,13 +3,11 @@ that the whole schema is created in one place and the services never import each
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlmodel import BigInteger, Field, SQLModel, UniqueConstraint
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from ferrylink.clock import utcnow
 
 
 class ClusterServer(SQLModel, table=True):

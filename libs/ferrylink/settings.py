@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ferrylink.contracts import ClusterMode
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 
@@ -41,8 +42,8 @@ class FerrylinkSettings(BaseSettings):
         5, ge=1, description="Deliveries before a failing message is dead-lettered."
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
-    cluster_mode: Literal["active_active", "passive", "passive_legacy"] = Field(
-        "active_active",
+    cluster_mode: ClusterMode = Field(
+        ClusterMode.ACTIVE_ACTIVE,
         description="Cluster mode seeded into the database when the cluster is first created.",
     )
     coordinator_url: str = Field(

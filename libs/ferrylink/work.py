@@ -70,7 +70,11 @@ class WorkFollower:
     history_limit: int = 1000
 
     def __post_init__(self) -> None:
-        self._lock = threading.RLock()
+        # Two locks: `_lock` guards the state and is held only briefly, so heartbeats and
+        # `/work` can always read it; `_switching` serializes starting and stopping work,
+        # which may wait (a loop's stop() can wait for publish confirms).
+        self._lock = threading.Lock()
+        self._switching = threading.Lock()
         self._assignment: Assignment | None = None
         self._active: dict[str, Activation] = {}
         self._history: list[Activation] = []
@@ -89,8 +93,7 @@ class WorkFollower:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        with self._lock:
-            self._apply(set(), time.time())
+        self._reconcile(stopping=True)
 
     def offer(self, assignment: Assignment) -> bool:
         """Take an assignment unless it is older than the newest seen; apply it at once."""
@@ -108,8 +111,8 @@ class WorkFollower:
             ):
                 return False
             self._assignment = assignment
-            self._apply(assignment.work_for(self.node_id, time.time()) & self.units, time.time())
-            return True
+        self._reconcile()
+        return True
 
     @property
     def epoch(self) -> int | None:
@@ -143,24 +146,37 @@ class WorkFollower:
     def _tick_forever(self) -> None:
         # Re-evaluate often so that expiry (self-fencing) and not_before take effect on time.
         while not self._stop.wait(0.1):
-            with self._lock:
-                if self._assignment is not None:
-                    now = time.time()
-                    self._apply(self._assignment.work_for(self.node_id, now) & self.units, now)
+            self._reconcile()
 
-    def _apply(self, wanted: set[str], now: float) -> None:
-        epoch = self._assignment.epoch if self._assignment else 0
-        for unit in sorted(set(self._active) - wanted):
-            self._switch(unit, False)
-            activation = self._active.pop(unit)
-            activation.end = time.time()
-            self._history.append(activation)
-            log.info("stopped %s (epoch %s)", unit, epoch)
-        for unit in sorted(wanted - set(self._active)):
-            self._switch(unit, True)
-            self._active[unit] = Activation(unit, epoch, time.time())
-            log.info("started %s (epoch %s)", unit, epoch)
-        del self._history[: -self.history_limit]
+    def _reconcile(self, stopping: bool = False) -> None:
+        """Start and stop work to match the assignment as of now."""
+        with self._switching:
+            now = time.time()
+            with self._lock:
+                assignment = self._assignment
+                if assignment is None and not stopping:
+                    return
+                wanted = (
+                    set()
+                    if stopping or assignment is None
+                    else assignment.work_for(self.node_id, now) & self.units
+                )
+                epoch = assignment.epoch if assignment else 0
+                to_stop = sorted(set(self._active) - wanted)
+                to_start = sorted(wanted - set(self._active))
+            for unit in to_stop:
+                self._switch(unit, False)
+                with self._lock:
+                    activation = self._active.pop(unit)
+                    activation.end = time.time()
+                    self._history.append(activation)
+                    del self._history[: -self.history_limit]
+                log.info("stopped %s (epoch %s)", unit, epoch)
+            for unit in to_start:
+                self._switch(unit, True)
+                with self._lock:
+                    self._active[unit] = Activation(unit, epoch, time.time())
+                log.info("started %s (epoch %s)", unit, epoch)
 
     def _switch(self, unit: str, on: bool) -> None:
         if unit in self.loops:
@@ -170,7 +186,8 @@ class WorkFollower:
             except Exception:
                 log.exception("could not %s %s", "start" if on else "stop", unit)
         else:
-            active = {u for u in self._active if u in self.consumer_units}
+            with self._lock:
+                active = {u for u in self._active if u in self.consumer_units}
             active = active | {unit} if on else active - {unit}
             self.consumers.set_active(active)
 

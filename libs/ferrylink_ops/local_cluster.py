@@ -62,6 +62,7 @@ from typing import Any
 
 import httpx
 
+from ferrylink.contracts import CLUSTER_MODES
 from ferrylink.services_registry import BACKEND_SERVICES, module_name
 from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
 from ferrylink_ops.private_broker import (
@@ -73,7 +74,7 @@ from ferrylink_ops.private_broker import (
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("active_active", "passive", "passive_legacy")
+MODES: tuple[str, ...] = CLUSTER_MODES
 DEFAULT_STATE_DIR = Path(".ferrylink")
 DEFAULT_BASE_PORT = 8100
 DEFAULT_PREFIX = "ferrylink"

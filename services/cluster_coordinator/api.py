@@ -5,13 +5,11 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-import pika
 from fastapi import APIRouter, Depends, HTTPException, Request
 from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from ferrylink.cluster import Assignment
-from ferrylink.messaging import connection_parameters
 from ferrylink.models import ClusterState
 from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.coordinator import Coordinator
@@ -219,20 +217,5 @@ def _stranded_counts(coordinator: Coordinator, node: str | None) -> tuple[int, i
     """Messages left on the old primary's node-local queues (passive_legacy loses them)."""
     if node is None:
         return 0, 0
-    topology = coordinator.runtime.topology
-    counts = []
-    connection = pika.BlockingConnection(connection_parameters(coordinator.settings.amqp_urls))
-    try:
-        for name in (
-            topology.node_queue("events", node),
-            topology.node_queue("transfer-states", node),
-        ):
-            channel = connection.channel()
-            try:
-                counts.append(channel.queue_declare(name, passive=True).method.message_count)
-                channel.close()
-            except pika.exceptions.ChannelClosedByBroker:  # never declared: nothing queued
-                counts.append(0)
-    finally:
-        connection.close()
-    return counts[0], counts[1]
+    depths = coordinator.runtime.queue_depths(["events", "transfer-states"], node=node)
+    return depths["events"], depths["transfer-states"]

@@ -24,9 +24,8 @@ from ferrylink.cluster import (
     live_servers,
 )
 from ferrylink.config import read_config_version
-from ferrylink.consumer_manager import Delivery
 from ferrylink.models import ClusterState
-from ferrylink.service import ServiceRuntime
+from ferrylink.runtime import ServiceRuntime
 from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.settings import Settings
 
@@ -81,7 +80,6 @@ class Coordinator:
         self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
-        runtime.subscribe("heartbeats", self._on_heartbeat, prefetch=100)
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -96,8 +94,8 @@ class Coordinator:
         self._stop.set()
         self._thread.join(5)
 
-    def _on_heartbeat(self, delivery: Delivery) -> None:
-        self.tracker.record(Heartbeat.model_validate_json(delivery.body), time.time())
+    def on_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.tracker.record(heartbeat, time.time())
 
     # -- the view -------------------------------------------------------------------------------
 
@@ -289,14 +287,7 @@ class Coordinator:
         )
 
     def _publish(self, assignment: Assignment) -> None:
-        exchange = self.runtime.topology.exchange("assignments")
-        self.runtime.publisher.publish(
-            exchange,
-            "",
-            assignment.model_dump_json().encode(),
-            mandatory=False,
-            persistent=False,
-        )
+        self.runtime.publish(assignment)
         # This server's own services follow it too, but the coordinator need not wait.
         self.runtime.follower.offer(assignment)
 

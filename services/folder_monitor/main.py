@@ -5,10 +5,10 @@ Watches folders on shared storage and emits `file.arrived` events on the primary
 managed through `/watches` (api.py) on any server.
 """
 
-from ferrylink.cluster import WORK_FOLDER_MONITOR
-from ferrylink.events import Event
-from ferrylink.service import ServiceRuntime, create_app, serve
-from ferrylink.telemetry import inject_headers
+from fastapi import FastAPI
+
+from ferrylink.contracts import WORK_FOLDER_MONITOR
+from ferrylink.runtime import ServiceRuntime, create_app, serve
 from services.folder_monitor.api import WatchStore, router
 from services.folder_monitor.monitor import FolderMonitor
 from services.folder_monitor.settings import Settings
@@ -21,32 +21,27 @@ def build(settings: Settings) -> tuple[ServiceRuntime, FolderMonitor]:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-
-    def publish(events: list[Event]) -> None:
-        # Pipelined: publish the whole batch, then wait for every confirm.
-        queue = runtime.work_queue("events")
-        futures = [
-            runtime.publisher.publish(
-                "", queue, event.to_bytes(), headers=inject_headers(), message_id=event.id
-            )
-            for event in events
-        ]
-        for future in futures:
-            future.result(PUBLISH_TIMEOUT)
-
     monitor = FolderMonitor(
-        runtime.engine, data_dir, publish, interval=settings.folder_poll_interval
+        runtime.engine,
+        data_dir,
+        lambda events: runtime.publish_all(events, PUBLISH_TIMEOUT),
+        interval=settings.folder_poll_interval,
     )
-    runtime.add_loop_work(WORK_FOLDER_MONITOR, monitor)
+    # What it does: a polling loop, on the primary only.
+    runtime.loop(WORK_FOLDER_MONITOR, monitor)
     return runtime, monitor
+
+
+def app(settings: Settings) -> FastAPI:
+    runtime, monitor = build(settings)
+    api = create_app(runtime, routers=[router], description=__doc__ or "")
+    api.state.watches = WatchStore(runtime.engine, monitor.data_dir)
+    return api
 
 
 def main() -> None:
     settings = Settings()
-    runtime, monitor = build(settings)
-    app = create_app(runtime, routers=[router], description=__doc__ or "")
-    app.state.watches = WatchStore(runtime.engine, monitor.data_dir)
-    serve(app, settings, SERVICE_NAME)
+    serve(app(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from ferrylink.events import Event
+from ferrylink.contracts import FileArrived
 from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, confined, in_data_dir, relative_to
 from ferrylink.work import PollingLoop
@@ -105,17 +105,16 @@ def event_id_for(watch_id: int, path: str, obs: Observation) -> str:
 
 def arrived_event(
     watch: WatchedFolder, home: Path, folder: Path, path: str, obs: Observation
-) -> Event:
+) -> FileArrived:
     assert watch.id is not None
     event_id = event_id_for(watch.id, path, obs)
-    return Event(
+    return FileArrived(
         id=event_id,
-        kind="file.arrived",
         account=watch.account,
         path=relative_to(home, folder / path),
         size=obs.size,
         cycle_id=event_id,
-        params={"source": "folder-monitor", "watch_id": str(watch.id), "protocol": "file"},
+        protocol="file",
     )
 
 
@@ -181,7 +180,7 @@ class FolderMonitor:
         self,
         engine: Engine,
         data_dir: Path,
-        publish: Callable[[list[Event]], None],
+        publish: Callable[[list[FileArrived]], None],
         interval: float = 1.0,
         batch_size: int = 200,
     ) -> None:
@@ -282,7 +281,7 @@ class FolderMonitor:
             published += len(events)
         return published
 
-    def _mark_emitted(self, watch_id: int, events: dict[str, Event]) -> None:
+    def _mark_emitted(self, watch_id: int, events: dict[str, FileArrived]) -> None:
         emitted_at = time.time()
         with Session(self.engine) as session:
             rows = session.exec(

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
@@ -99,7 +99,7 @@ class JobOut(BaseModel):
     interval_seconds: int | None
     timezone: str
     start_at: datetime
-    params: dict[str, str]
+    params: dict[str, Any]
     misfire_grace_seconds: float
     coalesce: bool
     enabled: bool

@@ -8,11 +8,9 @@ triggers count from the job's stored `start_at`, never from "when this server st
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import re
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -20,20 +18,28 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
+from pydantic import ValidationError
 from sqlmodel import Session
 
-from ferrylink.events import Event
+from ferrylink.clock import as_utc
+from ferrylink.contracts import (
+    JOB_KINDS,
+    JOB_PARAMS,
+    TRANSFER_JOB_KINDS,
+    JobParams,
+    MaintenanceRun,
+    PullJob,
+    PushJob,
+    TransferScheduled,
+)
 from ferrylink.models import Account, Partner, ScheduledJob
 from ferrylink.paths import PathError, confined, in_data_dir, relative_to
 
-TRANSFER_KINDS = ("pull", "push")
-MAINTENANCE_KINDS = (
-    "transfer_log_purge",  # delete transfer-log records older than `days`
-    "transfer_log_archive",  # write them to a JSON-lines file under `folder`, then delete
-    "dead_letter_purge",  # delete dead-letter entries older than `days`
-    "temp_file_cleanup",  # delete temporary files older than `max_age_hours` under `folder`
-)
-KINDS = TRANSFER_KINDS + MAINTENANCE_KINDS
+# The kinds and their parameters are contracts (ferrylink.contracts): pull, push,
+# transfer_log_purge (older than `days`), transfer_log_archive (to JSON lines under
+# `folder`), dead_letter_purge, temp_file_cleanup (older than `max_age_hours`).
+TRANSFER_KINDS = TRANSFER_JOB_KINDS
+KINDS = JOB_KINDS
 
 # A moment just after a fire time, to ask a trigger for the *next* one (fire times fall on
 # whole seconds, so this never skips one).
@@ -128,11 +134,6 @@ def job_trigger(job: ScheduledJob) -> BaseTrigger:
     return make_trigger(job.cron, interval, job.timezone, job.start_at)
 
 
-def as_utc(moment: datetime) -> datetime:
-    """Aware UTC (a zone-less value is taken as UTC already)."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
 def next_fire_time(trigger: BaseTrigger, after: datetime) -> datetime | None:
     """The first fire time at or after `after` (aware UTC), or None if there is none."""
     fire: datetime | None = trigger.get_next_fire_time(None, as_utc(after))
@@ -174,134 +175,59 @@ def run_event_id(job_id: int, fire_time: datetime) -> str:
     return f"job{job_id}-{as_utc(fire_time):%Y%m%dT%H%M%S}Z"
 
 
-def run_event(job: ScheduledJob, fire_time: datetime) -> Event:
+def job_params(job: ScheduledJob) -> JobParams:
+    """The job's stored parameters as their typed contract."""
+    return JOB_PARAMS.validate_python({**json.loads(job.params_json), "kind": job.kind})
+
+
+def run_event(job: ScheduledJob, fire_time: datetime) -> TransferScheduled | MaintenanceRun:
     assert job.id is not None
     event_id = run_event_id(job.id, fire_time)
-    params: dict[str, str] = json.loads(job.params_json)
-    params.update(
-        task=job.kind, job_id=str(job.id), job_name=job.name,
-        fire_time=as_utc(fire_time).isoformat(),
-    )  # fmt: skip
-    return Event(
-        id=event_id,
-        kind="transfer.scheduled" if job.kind in TRANSFER_KINDS else "maintenance.run",
-        account=params.get("account", ""),
-        path=params.get("folder", ""),
-        cycle_id=event_id,
-        params=params,
-    )
+    params = job_params(job)
+    common = dict(id=event_id, cycle_id=event_id, job_id=job.id, job_name=job.name,
+                  fire_time=as_utc(fire_time))  # fmt: skip
+    if isinstance(params, PullJob | PushJob):
+        return TransferScheduled(job=params, **common)
+    return MaintenanceRun(task=params, **common)
 
 
 # --------------------------------------------------------------------------------------------
 # Parameters per kind
 # --------------------------------------------------------------------------------------------
 
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _boolean(name: str, value: str) -> str:
-    if value.lower() in _TRUE:
-        return "true"
-    if value.lower() in _FALSE:
-        return "false"
-    raise JobError(f"parameter {name!r} must be true or false, not {value!r}")
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str, str], str]:
-    def check(name: str, value: str) -> str:
-        try:
-            number = kind(value)
-        except ValueError:
-            raise JobError(f"parameter {name!r} must be a number, not {value!r}") from None
-        if number <= 0:
-            raise JobError(f"parameter {name!r} must be greater than 0")
-        return str(number)
-
-    return check
-
-
-def _name_pattern(name: str, value: str) -> str:
-    if not value or "/" in value or "\\" in value:
-        raise JobError(f"parameter {name!r} is a file-name pattern; it may not contain '/'")
-    return value
-
-
-def _patterns(name: str, value: str) -> str:
-    patterns = [p.strip() for p in value.split(",") if p.strip()]
-    if not patterns:
-        raise JobError(f"parameter {name!r} needs at least one pattern")
-    for pattern in patterns:
-        _name_pattern(name, pattern)
-    if any(fnmatch.fnmatchcase("anything", p) for p in patterns):
-        raise JobError(f"parameter {name!r} would match every file")
-    return ",".join(patterns)
-
-
-def _text(name: str, value: str) -> str:
-    return value
-
-
-# kind -> parameter -> (default, check); None as default means required.
-_Check = Callable[[str, str], str]
-PARAMETERS: dict[str, dict[str, tuple[str | None, _Check]]] = {
-    "pull": {
-        "partner": (None, _text), "account": (None, _text), "folder": ("", _text),
-        "pattern": ("*", _name_pattern), "delete_remote": ("false", _boolean),
-    },
-    "push": {
-        "partner": (None, _text), "account": (None, _text), "folder": ("", _text),
-        "pattern": ("*", _name_pattern), "delete_local": ("false", _boolean),
-    },
-    "transfer_log_purge": {"days": ("30", _positive(int))},
-    "transfer_log_archive": {
-        "days": ("30", _positive(int)), "folder": ("archive/transfer-log", _text),
-    },
-    "dead_letter_purge": {"days": ("30", _positive(int))},
-    "temp_file_cleanup": {
-        "folder": ("", _text), "max_age_hours": ("24", _positive(float)),
-        "patterns": ("*.part,*.tmp", _patterns),
-    },
-}  # fmt: skip
-
 
 def check_params(
     kind: str, given: dict[str, Any], session: Session, data_dir: Path
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """The job's parameters with defaults filled in, normalized; JobError names the problem.
 
     Folders are stored relative: to the account's home for transfers, to the data directory
     for maintenance.
     """
-    spec = PARAMETERS.get(kind)
-    if spec is None:
+    if kind not in KINDS:
         raise JobError(f"unknown job kind {kind!r}; known: {', '.join(KINDS)}")
-    unknown = sorted(set(given) - set(spec))
-    if unknown:
-        raise JobError(
-            f"unknown parameter(s) {', '.join(unknown)} for a {kind} job; known: {', '.join(spec)}"
-        )
-    params: dict[str, str] = {}
-    for name, (default, check) in spec.items():
-        value = given.get(name, default)
-        if value is None:
-            raise JobError(f"a {kind} job needs the parameter {name!r}")
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        params[name] = check(name, text)
-
     try:
-        if kind in TRANSFER_KINDS:
-            if session.get(Partner, params["partner"]) is None:
-                raise JobError(f"unknown partner {params['partner']!r}")
-            account = session.get(Account, params["account"])
+        params = JOB_PARAMS.validate_python({**given, "kind": kind})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"parameter {'.'.join(str(p) for p in e['loc'][1:]) or kind!r}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise JobError(f"bad parameters for a {kind} job: {problems}") from None
+    try:
+        if isinstance(params, PullJob | PushJob):
+            if session.get(Partner, params.partner) is None:
+                raise JobError(f"unknown partner {params.partner!r}")
+            account = session.get(Account, params.account)
             if account is None:
-                raise JobError(f"unknown account {params['account']!r}")
+                raise JobError(f"unknown account {params.account!r}")
             home = confined(data_dir.resolve(), account.home)
-            params["folder"] = _relative(home, confined(home, params["folder"]))
-        elif "folder" in params:
-            params["folder"] = _relative(data_dir, in_data_dir(data_dir, params["folder"]))
+            params.folder = _relative(home, confined(home, params.folder))
+        elif hasattr(params, "folder"):
+            params.folder = _relative(data_dir, in_data_dir(data_dir, params.folder))
     except PathError as exc:
         raise JobError(str(exc)) from exc
-    return params
+    return params.model_dump(mode="json", exclude={"kind"})
 
 
 def _relative(base: Path, path: Path) -> str:

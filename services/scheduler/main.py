@@ -6,14 +6,16 @@ as an event to the event queue, which spreads the work over the transaction mana
 jobs are managed through `/jobs` (api.py) on any server.
 """
 
-from ferrylink.cluster import WORK_SCHEDULER
-from ferrylink.service import ServiceRuntime, create_app, serve
+from fastapi import FastAPI
+
+from ferrylink.contracts import WORK_SCHEDULER
+from ferrylink.runtime import ServiceRuntime, create_app, serve
 from services.scheduler.api import JobStore, router
 from services.scheduler.runner import JobScheduler
 from services.scheduler.settings import Settings
 
 SERVICE_NAME = "scheduler"
-PUBLISH_TIMEOUT = 10.0
+PUBLISH_TIMEOUT = 10.0  # bounds how long a run's publish (and so stop()) can wait
 
 
 def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
@@ -21,21 +23,26 @@ def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
     scheduler = JobScheduler(
         runtime.engine,
         settings.node_id,
-        lambda event: runtime.publish_event(event, timeout=PUBLISH_TIMEOUT),
+        lambda event: runtime.publish(event).result(PUBLISH_TIMEOUT),
         sync_interval=settings.scheduler_sync_interval,
     )
-    runtime.add_loop_work(WORK_SCHEDULER, scheduler)
+    # What it does: a loop, on the primary only.
+    runtime.loop(WORK_SCHEDULER, scheduler)
     return runtime, scheduler
+
+
+def app(settings: Settings) -> FastAPI:
+    runtime, _scheduler = build(settings)
+    api = create_app(runtime, routers=[router], description=__doc__ or "")
+    api.state.jobs = JobStore(
+        runtime.engine, settings.data_dir.resolve(), settings.scheduler_misfire_grace
+    )
+    return api
 
 
 def main() -> None:
     settings = Settings()
-    runtime, _scheduler = build(settings)
-    app = create_app(runtime, routers=[router], description=__doc__ or "")
-    app.state.jobs = JobStore(
-        runtime.engine, settings.data_dir.resolve(), settings.scheduler_misfire_grace
-    )
-    serve(app, settings, SERVICE_NAME)
+    serve(app(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from ferrylink.events import Event
+from ferrylink.clock import as_utc
+from ferrylink.contracts import EVENT, Event, JobRunStatus
 from ferrylink.models import JobRun, ScheduledJob
-from services.scheduler.jobs import (
-    JobError,
-    as_utc,
-    first_due,
-    job_trigger,
-    run_event,
-)
+from services.scheduler.jobs import JobError, first_due, job_trigger, run_event
 
 log = logging.getLogger(__name__)
 
-CLAIMED, SUBMITTED, MISSED = "claimed", "submitted", "missed"
+CLAIMED, SUBMITTED, MISSED = JobRunStatus.CLAIMED, JobRunStatus.SUBMITTED, JobRunStatus.MISSED
 
 
 class FireTimeExecutor(BaseExecutor):
@@ -69,7 +64,7 @@ class JobScheduler:
         self,
         engine: Engine,
         node_id: str,
-        publish: Callable[[Event], None],
+        publish: Callable[[Event], object],
         sync_interval: float = 1.0,
         republish_after: float = 10.0,
     ) -> None:
@@ -270,8 +265,7 @@ class JobScheduler:
                 run.submitted_at = as_utc(datetime.now(UTC))
                 session.add(run)
                 session.commit()
-        log.info("job %s: run %s submitted as event %s", event.params.get("job_id"), run_id,
-                 event.id)  # fmt: skip
+        log.info("run %s submitted as event %s", run_id, event.id)
 
     def _republish_claimed(self) -> None:
         """Runs claimed but never confirmed (a crash, a broker outage) are published again,
@@ -288,4 +282,4 @@ class JobScheduler:
             log.info("run %s of job %s was never confirmed: publishing it again", run.id,
                      run.job_id)  # fmt: skip
             self._in_flight.add(run.id)
-            pool.submit(self._submit, run.id, Event.model_validate_json(run.event_json))
+            pool.submit(self._submit, run.id, EVENT.validate_json(run.event_json))

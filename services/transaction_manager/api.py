@@ -20,11 +20,11 @@ from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
 from ferrylink.config import bump_config_version
-from ferrylink.events import Event
+from ferrylink.contracts import FileArrived
 from ferrylink.models import Account, DeadEvent, Partner, Route, Transfer
 from ferrylink.passwords import hash_password, verify_password
 from ferrylink.paths import PathError, confined, relative_to
-from ferrylink.service import ServiceRuntime
+from ferrylink.runtime import ServiceRuntime
 from ferrylink.work import FlagWork
 from services.transaction_manager.steps import STEPS, PushStep, Step
 from services.transaction_manager.transfer_log import (
@@ -362,8 +362,7 @@ async def upload(account: str, path: str, request: Request, tm: TM) -> UploadOut
     # Blocking work (the KDF, the database, the broker) runs in the thread pool; only the
     # body streaming runs on the event loop, a chunk at a time, never the whole file.
     target, relative = await run_in_threadpool(_upload_target, tm, request, account, path)
-    event = Event(kind="file.arrived", account=account, path=relative,
-                  params={"protocol": "http"})  # fmt: skip
+    event = FileArrived(account=account, path=relative, protocol="http")
     leg_key = f"{event.id}:receive"
     await run_in_threadpool(
         _record, tm, leg_key, RECEIVING, cycle_id=event.cycle_id, event_id=event.id,
@@ -390,7 +389,7 @@ async def upload(account: str, path: str, request: Request, tm: TM) -> UploadOut
     event.size = size
     event.checksum = digest.hexdigest()
     await run_in_threadpool(_record, tm, leg_key, RECEIVED, bytes=size)
-    await run_in_threadpool(tm.runtime.publish_event, event)
+    await run_in_threadpool(lambda: tm.runtime.publish(event).result(30))
     return UploadOut(event_id=event.id, cycle_id=event.cycle_id, account=account,
                      path=relative, bytes=size)  # fmt: skip
 
@@ -528,7 +527,7 @@ def list_dead(
 def replay_dead(dead_id: str, tm: TM) -> DeadOut:
     from services.transaction_manager.dead_letters import replay
 
-    dead = replay(tm.runtime.engine, tm.runtime.publisher, dead_id)
+    dead = replay(tm.runtime.engine, tm.runtime.republish_raw, dead_id)
     if dead is None:
         raise HTTPException(404, f"no dead letter {dead_id!r}")
     return _dead_out(dead)

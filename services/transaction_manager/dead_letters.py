@@ -10,14 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future
 from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from ferrylink.clock import utcnow
 from ferrylink.consumer_manager import Delivery
-from ferrylink.messaging import REASON_HEADER, SOURCE_QUEUE_HEADER, Publisher
-from ferrylink.models import DeadEvent, utcnow
+from ferrylink.contracts import REASON_HEADER, SOURCE_QUEUE_HEADER
+from ferrylink.models import DeadEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +77,15 @@ class DeadLetterKeeper:
         log.warning("dead letter %s kept: %s", message_id, reason_of(delivery.headers))
 
 
-def replay(engine: Engine, publisher: Publisher, dead_id: str) -> DeadEvent | None:
+def replay(
+    engine: Engine, republish: Callable[[str, bytes, str], Future[None]], dead_id: str
+) -> DeadEvent | None:
     """Publish a kept dead letter to its queue again (fresh delivery count); None if unknown."""
     with Session(engine) as session:
         dead = session.get(DeadEvent, dead_id)
         if dead is None:
             return None
-        publisher.publish("", dead.queue, dead.body, message_id=dead.id).result(timeout=30)
+        republish(dead.queue, dead.body, dead.id).result(timeout=30)
         dead.replayed_at = utcnow()
         session.add(dead)
         session.commit()

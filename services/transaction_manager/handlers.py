@@ -7,21 +7,21 @@ crash, a cancel or a failover) completes the work once.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
+from typing import assert_never
 
 from opentelemetry import trace
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from ferrylink.consumer_manager import Delivery, RejectMessage
-from ferrylink.events import Event, parse_event
+from ferrylink.contracts import Event, FileArrived, MaintenanceRun, TransferScheduled
 from ferrylink.models import ProcessedEvent
-from ferrylink.telemetry import extract_context
+from services.transaction_manager import scheduled
 from services.transaction_manager.routing import RouteRunner
 
 log = logging.getLogger(__name__)
@@ -29,13 +29,15 @@ tracer = trace.get_tracer("ferrylink.transaction-manager")
 
 
 class EventHandler:
+    """Reacts to every event on the event queue (shared, or the node's own)."""
+
     def __init__(
         self,
         engine: Engine,
         node_id: str,
         routes: RouteRunner,
         data_dir: Path,
-        publish: Callable[[Event], None],
+        publish: Callable[[FileArrived], Future[None]],
     ) -> None:
         self.engine = engine
         self.node_id = node_id
@@ -43,11 +45,8 @@ class EventHandler:
         self.data_dir = data_dir
         self.publish = publish
 
-    def __call__(self, delivery: Delivery) -> None:
-        with tracer.start_as_current_span(
-            "handle event", context=extract_context(delivery.headers)
-        ) as span:
-            event = parse_event(delivery)
+    def handle(self, event: Event) -> None:
+        with tracer.start_as_current_span("handle event") as span:
             span.set_attribute("ferrylink.event_id", event.id)
             span.set_attribute("ferrylink.event_kind", event.kind)
             span.set_attribute("ferrylink.cycle_id", event.cycle_id)
@@ -55,19 +54,19 @@ class EventHandler:
 
     def process(self, event: Event) -> bool:
         """Complete `event` once; False if it had been completed before."""
-        if event.kind == "file.arrived":
-            return self.routes.process(event)
-        if event.kind == "transfer.scheduled":
-            scheduled = importlib.import_module("services.transaction_manager.scheduled")
-            scheduled.run_scheduled_transfer(
-                event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
-            )
-            return self._complete(event)
-        if event.kind == "maintenance.run":
-            scheduled = importlib.import_module("services.transaction_manager.scheduled")
-            scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
-            return self._complete(event)
-        raise RejectMessage(f"the transaction manager does not handle {event.kind!r} events")
+        match event:
+            case FileArrived():
+                return self.routes.process(event)
+            case TransferScheduled():
+                scheduled.run_scheduled_transfer(
+                    event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
+                )
+                return self._complete(event)
+            case MaintenanceRun():
+                scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
+                return self._complete(event)
+            case _:
+                assert_never(event)
 
     def _complete(self, event: Event) -> bool:
         with Session(self.engine) as session:

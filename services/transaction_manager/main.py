@@ -5,14 +5,16 @@ its route once, keeps the consolidated transfer log (served by the primary) and 
 letters, and takes streamed uploads.
 """
 
-from ferrylink.cluster import (
+from fastapi import FastAPI
+
+from ferrylink.contracts import (
+    EVENT,
     WORK_DEAD_LETTERS,
     WORK_EVENTS,
     WORK_EVENTS_LOCAL,
     WORK_TRANSFER_LOG,
 )
-from ferrylink.consumer_manager import ConsumerSpec
-from ferrylink.service import ServiceRuntime, create_app, serve
+from ferrylink.runtime import ServiceRuntime, create_app, serve
 from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, router
 from services.transaction_manager.dead_letters import DeadLetterKeeper
@@ -24,44 +26,37 @@ from services.transaction_manager.transfer_log import TransferLog
 SERVICE_NAME = "transaction-manager"
 
 
-def build(settings: Settings) -> TransactionManager:
+def build(settings: Settings) -> tuple[ServiceRuntime, TransactionManager]:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
-    topology = runtime.topology
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    transfer_log = TransferLog(
-        runtime.publisher, lambda: runtime.work_queue("transfer-states"), settings.node_id
-    )
+    transfer_log = TransferLog(runtime.publish, settings.node_id)
     routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id)
-    handler = EventHandler(runtime.engine, settings.node_id, routes, data_dir,
-                           runtime.publish_event)  # fmt: skip
-    for unit, queue in (
-        (WORK_EVENTS, topology.queue("events")),
-        (WORK_EVENTS_LOCAL, topology.node_queue("events", settings.node_id)),
-    ):
-        runtime.add_consumer_work(
-            ConsumerSpec(
-                unit, queue, handler, prefetch=settings.prefetch, workers=settings.workers
-            )  # fmt: skip
-        )
-    runtime.add_consumer_work(
-        ConsumerSpec(
-            WORK_DEAD_LETTERS,
-            topology.dead_letter_queue(topology.queue("events")),
-            DeadLetterKeeper(runtime.engine, topology.queue("events")),
-        )  # fmt: skip
-    )
+    events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish)
+    dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
-    runtime.add_loop_work(WORK_TRANSFER_LOG, serves_transfer_log)
-    return TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log)
+
+    # What it reacts to.
+    prefetch, workers = settings.prefetch, settings.workers
+    runtime.consume(WORK_EVENTS, "events", events.handle, EVENT,
+                    prefetch=prefetch, workers=workers)  # fmt: skip
+    runtime.consume(WORK_EVENTS_LOCAL, "events", events.handle, EVENT, node_local=True,
+                    prefetch=prefetch, workers=workers)  # fmt: skip
+    runtime.consume_raw(WORK_DEAD_LETTERS, "events.dead", dead_letters)
+    runtime.loop(WORK_TRANSFER_LOG, serves_transfer_log)
+    return runtime, TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log)
+
+
+def app(settings: Settings) -> FastAPI:
+    runtime, tm = build(settings)
+    api = create_app(runtime, routers=[router], description=__doc__ or "")
+    api.state.tm = tm
+    return api
 
 
 def main() -> None:
     settings = Settings()
-    tm = build(settings)
-    app = create_app(tm.runtime, routers=[router], description=__doc__ or "")
-    app.state.tm = tm
-    serve(app, settings, SERVICE_NAME)
+    serve(app(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,12 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from ferrylink.consumer_manager import RejectMessage
-from ferrylink.events import Event
+from ferrylink.contracts import FileArrived, RejectMessage, StepRunStatus
 from ferrylink.models import (
     Account,
     ClusterSetting,
@@ -76,7 +75,7 @@ class RouteRunner:
 
     # -- the event -----------------------------------------------------------------------------
 
-    def process(self, event: Event) -> bool:
+    def process(self, event: FileArrived) -> bool:
         """Route the file of a `file.arrived` event; False if it had been done before.
 
         One commit completes the event (its legs, its steps' results, its processed_event
@@ -104,7 +103,7 @@ class RouteRunner:
             )  # fmt: skip
             states = _States(self.log, session)
             states.stage(f"{event.id}:receive", RECEIVED, leg="receive", direction="inbound",
-                         protocol=event.params.get("protocol", "file"), **common)  # fmt: skip
+                         protocol=event.protocol, **common)  # fmt: skip
             route = self._route_for(session, account.name, Path(event.path).name)
             if route is None:
                 log.info("no route for %s/%s: it stays in the home", account.name, event.path)
@@ -137,11 +136,11 @@ class RouteRunner:
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def _run_step(self, states: _States, event: Event, route: Route, index: int, step: Step,
+    def _run_step(self, states: _States, event: FileArrived, route: Route, index: int, step: Step,
                   current: Path, common: dict[str, Any]) -> Path:  # fmt: skip
         session = states.session
         run = session.get(StepRun, (event.id, index))
-        if run is not None and run.status == "done":
+        if run is not None and run.status == StepRunStatus.DONE:
             return self.data_dir / json.loads(run.result)["path"]
         plan: dict[str, Any] = json.loads(run.result) if run is not None else {}
         if isinstance(step, CopyStep | MoveStep):
@@ -181,11 +180,13 @@ class RouteRunner:
         elif isinstance(step, DeleteStep):
             with_retry(step.retry, lambda: current.unlink(missing_ok=True))
             result = current
+        else:
+            assert_never(step)
         plan["path"] = relative_to(self.data_dir, result)
         self._save(session, event.id, index, plan, done=True)  # committed with the event
         return result
 
-    def _push(self, states: _States, event: Event, index: int, step: PushStep, current: Path,
+    def _push(self, states: _States, event: FileArrived, index: int, step: PushStep, current: Path,
               plan: dict[str, Any], common: dict[str, Any]) -> None:  # fmt: skip
         # Imported here: asyncssh costs ~15 MB, and only servers that push need it.
         from services.transaction_manager import partners
@@ -231,7 +232,7 @@ class RouteRunner:
             event_id=event_id, step_index=index
         )
         run.result = json.dumps(plan)
-        run.status = "done" if done else "planned"
+        run.status = StepRunStatus.DONE if done else StepRunStatus.PLANNED
         session.add(run)
 
 

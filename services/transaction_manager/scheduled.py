@@ -22,17 +22,30 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from concurrent.futures import Future
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from ferrylink.consumer_manager import RejectMessage
-from ferrylink.events import Event
+from ferrylink.clock import as_utc, utcnow
+from ferrylink.contracts import (
+    DeadLetterPurge,
+    FileArrived,
+    MaintenanceRun,
+    PullJob,
+    PushJob,
+    RejectMessage,
+    TempFileCleanup,
+    TransferLogArchive,
+    TransferLogPurge,
+    TransferScheduled,
+)
+from ferrylink.contracts import ScheduledFileStatus as FileStatus
 from ferrylink.models import (
     Account,
     DeadEvent,
@@ -40,7 +53,6 @@ from ferrylink.models import (
     ProcessedEvent,
     ScheduledFile,
     Transfer,
-    utcnow,
 )
 from ferrylink.paths import PathError, confined, relative_to
 from services.transaction_manager import partners
@@ -52,6 +64,8 @@ T = TypeVar("T")
 # Names of files still being written; never pushed, and removed by temp_file_cleanup.
 TEMPORARY_PATTERNS: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", "*.filepart", ".*")
 # Namespace of the derived file.arrived ids of pulled files (any fixed UUID).
+Announce = Callable[[FileArrived], Future[None]]
+PUBLISH_TIMEOUT = 30.0
 PULL_NAMESPACE = uuid.UUID("5b7d0c61-2f3a-4f1e-8c9d-7a6b5e4d3c21")
 ATTEMPTS = 3  # per partner call, for errors that may pass (PartnerError.retryable)
 BACKOFF_SECONDS = 1.0
@@ -64,11 +78,11 @@ ARCHIVE_CHUNK = 5000
 
 
 def run_scheduled_transfer(
-    event: Event,
+    event: TransferScheduled,
     engine: Engine,
     data_dir: Path,
     node_id: str,
-    publish: Callable[[Event], None],
+    publish: Announce,
     transfer_log: TransferLog | None = None,
 ) -> None:
     """Run a scheduled pull or push once. A partner failure is recorded in the transfer log
@@ -76,49 +90,47 @@ def run_scheduled_transfer(
     `transfer_log`, every leg state is also announced for the sentinel link."""
     if _processed(engine, event.id):
         return
-    task = event.params.get("task")
-    if task not in ("pull", "push"):
-        raise RejectMessage(f"unknown scheduled transfer {task!r} (expected pull or push)")
     run = _Run.load(event, engine, data_dir, node_id, transfer_log)
     if run is None:
         return
-    if task == "pull":
-        _pull(run, publish)
-    else:
-        _push(run)
+    match event.job:
+        case PullJob():
+            _pull(run, event.job, publish)
+        case PushJob():
+            _push(run, event.job)
 
 
 class _Run:
     """One scheduled transfer: its event, partner, account home and local folder."""
 
-    def __init__(self, event: Event, engine: Engine, data_dir: Path, node_id: str,
+    def __init__(self, event: TransferScheduled, engine: Engine, data_dir: Path, node_id: str,
                  partner: Partner, account: Account, home: Path, folder: Path,
                  transfer_log: TransferLog | None) -> None:  # fmt: skip
         self.event, self.engine, self.data_dir, self.node_id = event, engine, data_dir, node_id
         self.transfer_log = transfer_log
         self.partner, self.account, self.home, self.folder = partner, account, home, folder
-        self.job_id = event.params.get("job_id", "")
+        self.job_id = str(event.job_id)
 
     @classmethod
-    def load(cls, event: Event, engine: Engine, data_dir: Path, node_id: str,
+    def load(cls, event: TransferScheduled, engine: Engine, data_dir: Path, node_id: str,
              transfer_log: TransferLog | None) -> _Run | None:  # fmt: skip
-        params = event.params
+        job = event.job
         with Session(engine) as session:
-            partner = session.get(Partner, params.get("partner", ""))
-            account = session.get(Account, params.get("account", ""))
+            partner = session.get(Partner, job.partner)
+            account = session.get(Account, job.account)
         problem = None
         if partner is None:
-            problem = f"unknown partner {params.get('partner')!r}"
+            problem = f"unknown partner {job.partner!r}"
         elif account is None:
-            problem = f"unknown account {params.get('account')!r}"
+            problem = f"unknown account {job.account!r}"
         else:
             try:
                 home = confined(data_dir, account.home)
-                folder = confined(home, params.get("folder", ""))
+                folder = confined(home, job.folder)
             except PathError as exc:
                 problem = str(exc)
         if problem is not None or partner is None or account is None:
-            _leg(engine, f"{event.id}:{params.get('task')}", "FAILED", event=event,
+            _leg(engine, f"{event.id}:{job.kind}", "FAILED", event=event,
                  node_id=node_id, transfer_log=transfer_log, detail=problem or "")  # fmt: skip
             log.warning("scheduled transfer %s not run: %s", event.id, problem)
             return None
@@ -147,7 +159,8 @@ class _Run:
                     select(ScheduledFile).where(
                         ScheduledFile.job_id == self.job_id,
                         ScheduledFile.partner == self.partner.name,
-                        ScheduledFile.direction == "pull", ScheduledFile.status == "fetched",
+                        ScheduledFile.direction == "pull",
+                        ScheduledFile.status == FileStatus.FETCHED,
                     )
                 ).all()
             )  # fmt: skip
@@ -168,28 +181,26 @@ class _Run:
             return row
 
 
-def _pull(run: _Run, publish: Callable[[Event], None]) -> None:
+def _pull(run: _Run, job: PullJob, publish: Announce) -> None:
     # Files fetched before a crash but never announced: announce them first, whether or not
     # the partner still lists them.
     for row in run.fetched_not_announced():
         _announce(run, row, publish)
-    pattern = run.event.params.get("pattern", "*")
     try:
-        remote = _retrying(lambda: partners.list_remote(run.partner, pattern))
+        remote = _retrying(lambda: partners.list_remote(run.partner, job.pattern))
     except partners.PartnerError as exc:
         run.leg(f"{run.event.id}:list", "FAILED", leg="list", direction="inbound",
                 detail=str(exc))  # fmt: skip
         log.warning("scheduled pull %s: listing failed: %s", run.event.id, exc)
         return
-    delete_remote = run.event.params.get("delete_remote") == "true"
     for remote_file in remote:
         try:
-            _pull_one(run, remote_file, publish, delete_remote)
+            _pull_one(run, remote_file, publish, job.delete_remote)
         except partners.PartnerError as exc:
             log.warning("scheduled pull %s: %s", run.event.id, exc)
 
 
-def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Callable[[Event], None],
+def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Announce,
               delete_remote: bool) -> None:  # fmt: skip
     row = run.find("pull", remote.name, remote.size, remote.mtime)
     if row is None:
@@ -210,7 +221,7 @@ def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Callable[[Event],
         row = run.record(
             ScheduledFile(
                 job_id=run.job_id, partner=run.partner.name, direction="pull",
-                name=remote.name, size=remote.size, mtime=remote.mtime, status="fetched",
+                name=remote.name, size=remote.size, mtime=remote.mtime, status=FileStatus.FETCHED,
                 event_id=run.event.id, arrived_event_id=arrived_id,
                 local_path=relative_to(run.data_dir, target),
             )
@@ -218,33 +229,31 @@ def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Callable[[Event],
         run.leg(leg_key, "RECEIVED", leg="pull", direction="inbound", cycle_id=arrived_id,
                 bytes=size, file_name=relative_to(run.home, target),
                 started_at=started)  # fmt: skip
-    if row.status == "fetched":
+    if row.status == FileStatus.FETCHED:
         row = _announce(run, row, publish)
-    if row.status == "published" and delete_remote:
+    if row.status == FileStatus.PUBLISHED and delete_remote:
         _retrying(lambda: partners.remove_remote(run.partner, remote.name))
-        row.status = "removed"
+        row.status = FileStatus.REMOVED
         run.record(row)
 
 
-def _announce(run: _Run, row: ScheduledFile, publish: Callable[[Event], None]) -> ScheduledFile:
+def _announce(run: _Run, row: ScheduledFile, publish: Announce) -> ScheduledFile:
     """Publish the fetched file's `file.arrived` (its id fixed when it was fetched)."""
     assert row.arrived_event_id is not None
     local = run.data_dir / row.local_path
     publish(
-        Event(
-            id=row.arrived_event_id, kind="file.arrived", account=run.account.name,
+        FileArrived(
+            id=row.arrived_event_id, account=run.account.name,
             path=relative_to(run.home, local), size=row.size, cycle_id=row.arrived_event_id,
-            params={"source": "scheduler", "protocol": run.partner.protocol,
-                    "partner": run.partner.name, "job_id": run.job_id},
+            protocol=run.partner.protocol,
         )
-    )  # fmt: skip
-    row.status = "published"
+    ).result(PUBLISH_TIMEOUT)  # fmt: skip
+    row.status = FileStatus.PUBLISHED
     return run.record(row)
 
 
-def _push(run: _Run) -> None:
-    pattern = run.event.params.get("pattern", "*")
-    delete_local = run.event.params.get("delete_local") == "true"
+def _push(run: _Run, job: PushJob) -> None:
+    pattern, delete_local = job.pattern, job.delete_local
     for path in sorted(run.folder.iterdir()):
         if (
             _is_temporary(path.name)
@@ -272,15 +281,15 @@ def _push(run: _Run) -> None:
             row = run.record(
                 ScheduledFile(
                     job_id=run.job_id, partner=run.partner.name, direction="push",
-                    name=path.name, size=stat.st_size, mtime=stat.st_mtime, status="sent",
+                    name=path.name, size=stat.st_size, mtime=stat.st_mtime, status=FileStatus.SENT,
                     event_id=run.event.id, local_path=relative_to(run.data_dir, path),
                 )
             )  # fmt: skip
             run.leg(leg_key, "SENT", leg="push", direction="outbound", file_name=file_name,
                     bytes=sent, started_at=started)  # fmt: skip
-        if row.status == "sent" and delete_local:
+        if row.status == FileStatus.SENT and delete_local:
             path.unlink(missing_ok=True)
-            row.status = "deleted"
+            row.status = FileStatus.DELETED
             run.record(row)
 
 
@@ -297,15 +306,15 @@ def _retrying(action: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
+def _leg(engine: Engine, leg_key: str, status: str, event: TransferScheduled, node_id: str,
          transfer_log: TransferLog | None = None, **fields: Any) -> None:  # fmt: skip
     """Record a transfer-log leg once (leg_key is unique); a repeat updates its status. With
     a transfer log, the committed state is announced (confirmed) for the sentinel link."""
     fields.setdefault("cycle_id", event.id)
-    fields.setdefault("account", event.account)
-    fields.setdefault("file_name", event.path)
+    fields.setdefault("account", event.job.account)
+    fields.setdefault("file_name", event.job.folder)
     fields.setdefault("protocol", "unknown")
-    fields.setdefault("leg", event.params.get("task", "scheduled"))
+    fields.setdefault("leg", event.job.kind)
     fields.setdefault("direction", "inbound")
     fields["detail"] = str(fields.get("detail", ""))[:2000]
     now = utcnow()
@@ -317,7 +326,7 @@ def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
         else:
             row.status, row.node_id, row.detail = status, node_id, fields["detail"]
         row.finished_at = now
-        started = row.started_at if row.started_at.tzinfo else row.started_at.replace(tzinfo=UTC)
+        started = as_utc(row.started_at)
         row.duration_ms = max(0, int((now - started).total_seconds() * 1000))
         session.add(row)
         try:
@@ -334,33 +343,33 @@ def _leg(engine: Engine, leg_key: str, status: str, event: Event, node_id: str,
 # --------------------------------------------------------------------------------------------
 
 
-def run_maintenance(event: Event, engine: Engine, data_dir: Path, node_id: str) -> None:
-    """Run a maintenance application once (the transaction manager records completion)."""
+def run_maintenance(event: MaintenanceRun, engine: Engine, data_dir: Path, node_id: str) -> None:
+    """Run a maintenance application once (the transaction manager records completion).
+    Cutoffs count from the fire time, so a repeat acts on the same records."""
     if _processed(engine, event.id):
         return
-    params = event.params
-    task = params.get("task")
-    fired = _fire_time(event)
+    fired = as_utc(event.fire_time)
+    task = event.task
     try:
-        if task == "transfer_log_purge":
-            count = purge_transfers(engine, fired - timedelta(days=int(params.get("days", 30))))
-        elif task == "transfer_log_archive":
-            folder = confined(data_dir, params.get("folder", "archive/transfer-log"))
-            cutoff = fired - timedelta(days=int(params.get("days", 30)))
-            count = archive_transfers(engine, folder, cutoff, event.id)
-        elif task == "dead_letter_purge":
-            count = purge_dead_events(engine, fired - timedelta(days=int(params.get("days", 30))))
-        elif task == "temp_file_cleanup":
-            folder = confined(data_dir, params.get("folder", ""))
-            patterns = [p for p in params.get("patterns", "*.part,*.tmp").split(",") if p]
-            cutoff = fired - timedelta(hours=float(params.get("max_age_hours", 24)))
-            count = remove_temp_files(folder, patterns, cutoff)
-        else:
-            raise RejectMessage(f"unknown maintenance application {task!r}")
-    except (PathError, ValueError) as exc:
+        match task:
+            case TransferLogPurge():
+                count = purge_transfers(engine, fired - timedelta(days=task.days))
+            case TransferLogArchive():
+                folder = confined(data_dir, task.folder)
+                count = archive_transfers(engine, folder, fired - timedelta(days=task.days),
+                                          event.id)  # fmt: skip
+            case DeadLetterPurge():
+                count = purge_dead_events(engine, fired - timedelta(days=task.days))
+            case TempFileCleanup():
+                folder = confined(data_dir, task.folder)
+                cutoff = fired - timedelta(hours=task.max_age_hours)
+                count = remove_temp_files(folder, task.patterns, cutoff)
+            case _:
+                assert_never(task)
+    except PathError as exc:
         raise RejectMessage(f"bad maintenance parameters: {exc}") from exc
-    log.info("maintenance %s (%s) on %s: %d record(s)/file(s) removed", task, event.id, node_id,
-             count)  # fmt: skip
+    log.info("maintenance %s (%s) on %s: %d record(s)/file(s) removed", task.kind, event.id,
+             node_id, count)  # fmt: skip
 
 
 def purge_transfers(engine: Engine, cutoff: datetime) -> int:
@@ -435,12 +444,6 @@ def remove_temp_files(folder: Path, patterns: list[str], cutoff: datetime) -> in
 def _processed(engine: Engine, event_id: str) -> bool:
     with Session(engine) as session:
         return session.get(ProcessedEvent, event_id) is not None
-
-
-def _fire_time(event: Event) -> datetime:
-    raw = event.params.get("fire_time")
-    moment = datetime.fromisoformat(raw) if raw else event.created_at
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _is_temporary(name: str) -> bool:

@@ -7,33 +7,33 @@ of adding new ones.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import datetime
 from typing import Any
 
 from sqlmodel import Session, select
 
-from ferrylink.messaging import Publisher
-from ferrylink.models import Transfer, utcnow
+from ferrylink.clock import as_utc, utcnow
+from ferrylink.contracts import FINAL_TRANSFER_STATUSES, TransferState, TransferStatus
+from ferrylink.models import Transfer
 
 log = logging.getLogger(__name__)
 
-# The reference's vocabulary for transfer states.
-RECEIVING, RECEIVED, ROUTED, SENDING, SENT, FAILED, CANCELED = (
-    "RECEIVING", "RECEIVED", "ROUTED", "SENDING", "SENT", "FAILED", "CANCELED",
-)  # fmt: skip
-FINAL_STATES = {RECEIVED, ROUTED, SENT, FAILED, CANCELED}
+# Short names for the states the transaction manager writes.
+RECEIVING, RECEIVED, ROUTED = (
+    TransferStatus.RECEIVING,
+    TransferStatus.RECEIVED,
+    TransferStatus.ROUTED,
+)
+SENDING, SENT, FAILED = TransferStatus.SENDING, TransferStatus.SENT, TransferStatus.FAILED
 
 
 class TransferLog:
     """Writes legs and announces each state change on the transfer-states queue."""
 
-    def __init__(self, publisher: Publisher, states_queue: Callable[[], str], node_id: str) -> None:
-        self.publisher = publisher
-        self.states_queue = states_queue
+    def __init__(self, publish: Callable[[TransferState], Future[None]], node_id: str) -> None:
+        self._publish = publish
         self.node_id = node_id
 
     def record(self, session: Session, leg_key: str, status: str, **fields: Any) -> Transfer:
@@ -61,39 +61,21 @@ class TransferLog:
                 setattr(leg, name, value)
             leg.status = status
             leg.node_id = self.node_id
-        if status in FINAL_STATES:
+        if status in FINAL_TRANSFER_STATUSES:
             leg.finished_at = now
-            started = _aware(leg.started_at)
+            started = as_utc(leg.started_at)
             leg.duration_ms = int((now - started).total_seconds() * 1000)
         session.add(leg)
         return leg
 
     def publish(self, leg: Transfer) -> Future[None]:
         """Announce a committed leg state; the future resolves on the broker's confirm."""
-        state = {
-            "leg_key": leg.leg_key,
-            "cycle_id": leg.cycle_id,
-            "event_id": leg.event_id,
-            "leg": leg.leg,
-            "state": leg.status,
-            "account": leg.account,
-            "file_name": leg.file_name,
-            "bytes": leg.bytes,
-            "direction": leg.direction,
-            "protocol": leg.protocol,
-            "partner": leg.partner,
-            "node": self.node_id,
-            "at": utcnow().isoformat(),
-        }
-        # At least once: the sentinel link drops repeats by (leg_key, state).
-        return self.publisher.publish(
-            "", self.states_queue(), json.dumps(state).encode(),
-            message_id=f"{leg.leg_key}:{leg.status}",
+        # At least once: the sentinel link drops repeats by the state's id (leg key, state).
+        return self._publish(
+            TransferState(
+                leg_key=leg.leg_key, cycle_id=leg.cycle_id, event_id=leg.event_id, leg=leg.leg,
+                state=TransferStatus(leg.status), account=leg.account, file_name=leg.file_name,
+                bytes=leg.bytes, direction=leg.direction, protocol=leg.protocol,
+                partner=leg.partner, error=leg.detail or None, node=self.node_id,
+            )
         )  # fmt: skip
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands datetimes back without a zone; they were written in UTC."""
-    from datetime import UTC
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,7 +1,18 @@
 """What every Ferrylink process shares: its runtime (settings, database, broker links, the
 work it follows from the coordinator, heartbeats) and an HTTP app with `/healthz`, `/readyz`,
-`/metrics` and `/work`. A service's `main.py` builds one runtime, registers its work units
-and routes, and calls `serve()`."""
+`/metrics` and `/work`.
+
+A service's `main.py` builds one runtime and declares, in one place, what it reacts to:
+
+    runtime.consume(WORK_EVENTS, "events", handler.handle, EVENT)   # a work queue, when assigned
+    runtime.broadcast("config", on_config, ConfigChanged)           # a fanout, always
+    runtime.loop(WORK_SCHEDULER, scheduler)                         # a loop, when assigned
+    runtime.publish(message) / runtime.publish_all(messages)        # typed messages out
+
+Handlers take the typed message (parsed from the contract; a bad one is parked with its
+reason) and run inside the trace context it carried. Queue names, message ids and pika stay
+in here and in messaging.py.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +21,34 @@ import os
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
+from opentelemetry import context as otel_context
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 
-from ferrylink.cluster import Assignment, Heartbeat
 from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
+from ferrylink.contracts import (
+    Assignment,
+    ClusterMode,
+    ConfigChanged,
+    Contract,
+    Heartbeat,
+    destination,
+    message_id,
+    parse,
+)
 from ferrylink.db import create_tables, database_works, make_engine
-from ferrylink.events import Event
-from ferrylink.messaging import Publisher, Topology
+from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
 from ferrylink.settings import FerrylinkSettings, redact_url
-from ferrylink.telemetry import inject_headers, setup_logging, setup_tracing
+from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
 from ferrylink.work import LoopWork, WorkFollower
 
 log = logging.getLogger(__name__)
@@ -35,6 +57,27 @@ BROKER_CONNECTED = Gauge("ferrylink_broker_connected", "1 when the broker connec
 CONSUMERS_ACTIVE = Gauge(
     "ferrylink_consumer_active", "1 when the named consumer is consuming", ["consumer"]
 )
+
+M = TypeVar("M")
+Publish = Callable[[Contract], "Future[None]"]
+
+
+def typed_handler(
+    handler: Callable[[M], object], contract: type[M] | TypeAdapter[M]
+) -> Callable[[Delivery], None]:
+    """A consumer callback that parses the contract (RejectMessage parks a bad message)
+    and runs the handler inside the trace context the message carried."""
+    adapter = contract if isinstance(contract, TypeAdapter) else TypeAdapter(contract)
+
+    def on_delivery(delivery: Delivery) -> None:
+        message = parse(adapter, delivery.body)
+        token = otel_context.attach(extract_context(delivery.headers))
+        try:
+            handler(message)
+        finally:
+            otel_context.detach(token)
+
+    return on_delivery
 
 
 class ServiceRuntime:
@@ -62,51 +105,115 @@ class ServiceRuntime:
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_forever, name="heartbeat", daemon=True
         )
-        self.subscribe("assignments", self._on_assignment)
-        self.subscribe("config", self._on_config_change)
+        self.broadcast("assignments", self.follower.offer, Assignment)
+        self.broadcast("config", self._on_config_change, ConfigChanged)
 
-    # -- work units -----------------------------------------------------------------------------
+    # -- what the service reacts to ---------------------------------------------------------
 
-    def subscribe(
-        self, exchange: str, handler: Callable[[Delivery], None], prefetch: int = 10
+    def consume(
+        self,
+        unit: str,
+        queue: str,
+        handler: Callable[[M], object],
+        contract: type[M] | TypeAdapter[M],
+        *,
+        node_local: bool = False,
+        prefetch: int = 10,
+        workers: int = 1,
     ) -> None:
-        """Receive every broadcast on one of the cluster's fanout exchanges, whenever
-        connected (not a work unit: every process of every server listens)."""
+        """Consume a work queue ("events", or its dead letters "events.dead") wherever the
+        coordinator assigns `unit`; `node_local` picks this server's own queue."""
+        self.consume_raw(unit, queue, typed_handler(handler, contract), node_local=node_local,
+                         prefetch=prefetch, workers=workers)  # fmt: skip
+
+    def consume_raw(
+        self,
+        unit: str,
+        queue: str,
+        handler: Callable[[Delivery], None],
+        *,
+        node_local: bool = False,
+        prefetch: int = 10,
+        workers: int = 1,
+    ) -> None:
+        """Like `consume`, for messages that are not a contract (dead letters are kept
+        whatever their bytes)."""
+        base, _, suffix = queue.partition(".")
+        name = (
+            self.topology.node_queue(base, self.settings.node_id)
+            if node_local
+            else self.topology.queue(base)
+        )
+        if suffix == "dead":
+            name = self.topology.dead_letter_queue(name)
         self.consumers.register(
-            ConsumerSpec(exchange, "", handler, prefetch=prefetch,
+            ConsumerSpec(unit, name, handler, prefetch=prefetch, workers=workers)
+        )
+        self.follower.consumer_units.add(unit)
+
+    def broadcast(
+        self,
+        exchange: str,
+        handler: Callable[[M], object],
+        contract: type[M] | TypeAdapter[M],
+        prefetch: int = 10,
+    ) -> None:
+        """Hear every message on one of the cluster's fanout exchanges, whenever connected
+        (every process of every server listens; not a work unit)."""
+        self.consumers.register(
+            ConsumerSpec(exchange, "", typed_handler(handler, contract), prefetch=prefetch,
                          exchange=self.topology.exchange(exchange), always=True)
         )  # fmt: skip
 
-    def add_consumer_work(self, spec: ConsumerSpec) -> None:
-        """A queue consumer that runs only where the coordinator assigns `spec.name`."""
-        self.consumers.register(spec)
-        self.follower.consumer_units.add(spec.name)
-
-    def add_loop_work(self, name: str, loop: LoopWork) -> None:
-        """A loop (scheduler, folder polling) that runs only where the coordinator assigns it."""
-        self.follower.loops[name] = loop
+    def loop(self, unit: str, work: LoopWork) -> None:
+        """A loop (scheduler, folder polling) or a permission (FlagWork) that runs only where
+        the coordinator assigns `unit`."""
+        self.follower.loops[unit] = work
 
     # -- publishing -----------------------------------------------------------------------------
 
-    def work_queue(self, name: str) -> str:
-        """The queue new work of this kind goes to: in passive_legacy each server keeps its
-        own (node-local) queue, otherwise the cluster shares one."""
-        mode = self.follower.mode or self.settings.cluster_mode
-        if mode == "passive_legacy":
-            return self.topology.node_queue(name, self.settings.node_id)
-        return self.topology.queue(name)
+    @property
+    def mode(self) -> ClusterMode:
+        return ClusterMode(self.follower.mode or self.settings.cluster_mode)
 
-    def publish_event(self, event: Event, timeout: float = 30.0) -> None:
-        """Publish an event (confirmed), carrying the current trace context."""
-        self.publisher.publish(
-            "", self.work_queue("events"), event.to_bytes(), headers=inject_headers(),
-            message_id=event.id,
-        ).result(timeout)  # fmt: skip
+    def publish(self, message: Contract) -> Future[None]:
+        """Publish one message (confirmed when the future resolves), carrying the current
+        trace context. Heartbeats and assignments are transient and unrouted ones are fine."""
+        kind, name = destination(message)
+        if kind == "exchange":
+            transient = not isinstance(message, ConfigChanged)
+            return self.publisher.publish(
+                self.topology.exchange(name), "", message.to_bytes(), headers=inject_headers(),
+                message_id=message_id(message), mandatory=False, persistent=not transient,
+            )  # fmt: skip
+        queue = (
+            self.topology.node_queue(name, self.settings.node_id)
+            if self.mode == ClusterMode.PASSIVE_LEGACY
+            else self.topology.queue(name)
+        )
+        return self.publisher.publish(
+            "", queue, message.to_bytes(), headers=inject_headers(), message_id=message_id(message)
+        )
+
+    def publish_all(self, messages: Iterable[Contract], timeout: float = 30.0) -> None:
+        """Publish pipelined, then wait for every confirm (raises if one is not confirmed)."""
+        wait_all([self.publish(m) for m in messages], timeout)
+
+    def republish_raw(self, queue: str, body: bytes, message_id: str) -> Future[None]:
+        """Put bytes back on a queue by its full name (a dead letter's replay)."""
+        return self.publisher.publish("", queue, body, message_id=message_id)
 
     def announce_config_change(self) -> None:
         """Tell every service that the configuration changed (they re-read the database)."""
-        exchange = self.topology.exchange("config")
-        self.publisher.publish(exchange, "", b"{}", mandatory=False).result(10)
+        self.publish(ConfigChanged(version=read_config_version(self.engine))).result(10)
+
+    def queue_depths(self, queues: Sequence[str], node: str | None = None) -> dict[str, int]:
+        """Messages waiting in the named work queues (of `node` when given: node-local)."""
+        names = {
+            q: self.topology.node_queue(q, node) if node else self.topology.queue(q) for q in queues
+        }
+        counts = queue_message_counts(self.settings.amqp_urls, list(names.values()))
+        return {q: counts[name] for q, name in names.items()}
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -147,11 +254,8 @@ class ServiceRuntime:
 
     # -- following the coordinator --------------------------------------------------------------
 
-    def _on_assignment(self, delivery: Delivery) -> None:
-        self.follower.offer(Assignment.model_validate_json(delivery.body))
-
-    def _on_config_change(self, delivery: Delivery) -> None:
-        # The message only says "something changed"; the database holds the truth.
+    def _on_config_change(self, _change: ConfigChanged) -> None:
+        # The database holds the truth; the message only says when to look.
         self.config_version = read_config_version(self.engine)
 
     def _fetch_assignment(self) -> None:
@@ -178,7 +282,6 @@ class ServiceRuntime:
         )
 
     def _heartbeat_forever(self) -> None:
-        exchange = self.topology.exchange("heartbeats")
         while not self._stopping.is_set():
             if self.publisher.connected:
                 # A config message may have been missed while disconnected: re-read the
@@ -188,8 +291,7 @@ class ServiceRuntime:
                 except Exception as exc:
                     log.warning("cannot read the configuration version: %s", exc)
                 # Not waited for: a lost heartbeat is replaced by the next one.
-                body = self.heartbeat().model_dump_json().encode()
-                self.publisher.publish(exchange, "", body, mandatory=False, persistent=False)
+                self.publish(self.heartbeat())
             self._stopping.wait(self.settings.heartbeat_interval)
 
 

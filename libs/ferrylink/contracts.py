@@ -1,0 +1,467 @@
+"""Every message that crosses a process, as a typed, versioned class.
+
+A message is JSON with a `schema_version`. A receiver reads the versions it knows and parks
+anything else on the dead-letter queue with the reason (`RejectMessage`), so a newer
+sender never makes an older receiver guess. Events are a discriminated union on `kind`;
+handlers dispatch with `match` and `assert_never`, so a new kind that a handler forgets is a
+type error, not a silent drop.
+
+The work-unit names and cluster modes are part of the wire format (assignments list them),
+so they are spelled here, once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from ferrylink.clock import utcnow
+
+SCHEMA_VERSION: Literal[1] = 1
+
+
+class RejectMessage(Exception):
+    """A message that can never succeed (malformed, unknown version or kind): it goes to the
+    dead-letter queue at once, with this exception's text as the reason."""
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster vocabulary
+# --------------------------------------------------------------------------------------------
+
+
+class ClusterMode(StrEnum):
+    ACTIVE_ACTIVE = "active_active"
+    PASSIVE = "passive"
+    PASSIVE_LEGACY = "passive_legacy"
+
+
+CLUSTER_MODES: tuple[str, ...] = tuple(mode.value for mode in ClusterMode)
+
+# Work units. A service registers the ones it implements; the coordinator assigns them.
+WORK_EVENTS = "transaction-manager.events"  # the shared event queue
+WORK_EVENTS_LOCAL = "transaction-manager.events-local"  # a node's own queue (passive_legacy)
+WORK_TRANSFER_LOG = "transaction-manager.transfer-log"  # serving the consolidated log
+WORK_DEAD_LETTERS = "transaction-manager.dead-letters"  # keeping parked events for the API
+WORK_FOLDER_MONITOR = "folder-monitor.watch"
+WORK_SCHEDULER = "scheduler.jobs"
+WORK_SENTINEL_LINK = "sentinel-link.deliver"
+
+# Work that at most one server may run at a time; it self-fences when assignments stop.
+PRIMARY_ONLY_WORK: frozenset[str] = frozenset(
+    {WORK_TRANSFER_LOG, WORK_DEAD_LETTERS, WORK_FOLDER_MONITOR, WORK_SCHEDULER, WORK_SENTINEL_LINK}
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Statuses stored in the database and carried in messages
+# --------------------------------------------------------------------------------------------
+
+
+class TransferStatus(StrEnum):
+    """The reference's vocabulary for a transfer leg's state."""
+
+    TO_EXECUTE = "TO_EXECUTE"
+    RECEIVING = "RECEIVING"
+    RECEIVED = "RECEIVED"
+    ROUTED = "ROUTED"
+    SENDING = "SENDING"
+    SENT = "SENT"
+    FAILED = "FAILED"
+    CANCELED = "CANCELED"
+    AVAILABLE = "AVAILABLE"
+
+
+FINAL_TRANSFER_STATUSES: frozenset[TransferStatus] = frozenset(
+    {
+        TransferStatus.RECEIVED,
+        TransferStatus.ROUTED,
+        TransferStatus.SENT,
+        TransferStatus.FAILED,
+        TransferStatus.CANCELED,
+    }
+)
+
+
+class StepRunStatus(StrEnum):
+    PLANNED = "planned"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class JobRunStatus(StrEnum):
+    CLAIMED = "claimed"  # event not yet confirmed by the broker
+    SUBMITTED = "submitted"
+    MISSED = "missed"  # past its misfire grace
+
+
+class ScheduledFileStatus(StrEnum):
+    FETCHED = "fetched"  # pulled, file.arrived not yet confirmed
+    PUBLISHED = "published"  # file.arrived confirmed
+    REMOVED = "removed"  # deleted at the partner after the pull
+    SENT = "sent"  # pushed
+    DELETED = "deleted"  # deleted locally after the push
+
+
+# --------------------------------------------------------------------------------------------
+# Base
+# --------------------------------------------------------------------------------------------
+
+
+class Contract(BaseModel):
+    """A message: strict (unknown fields are an error) and versioned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+M = TypeVar("M")
+
+
+def parse(contract: type[M] | TypeAdapter[M], body: bytes) -> M:
+    """Read a message; an unknown version or an invalid body raises RejectMessage with a
+    reason a human can act on."""
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RejectMessage(f"invalid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RejectMessage("a message must be a JSON object")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RejectMessage(
+            f"unknown schema version {version!r} (this server reads {SCHEMA_VERSION})"
+        )
+    adapter = contract if isinstance(contract, TypeAdapter) else TypeAdapter(contract)
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'message'}: {e['msg']}" for e in exc.errors()
+        )
+        raise RejectMessage(f"invalid message: {problems}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Scheduled jobs: the parameters of each kind (the API validates with these too)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name_pattern(pattern: str) -> str:
+    if not pattern or "/" in pattern or "\\" in pattern:
+        raise ValueError("a file-name pattern may not be empty or contain '/'")
+    return pattern
+
+
+class _JobParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PullJob(_JobParams):
+    """Fetch the files matching `pattern` from a partner into an account's folder."""
+
+    kind: Literal["pull"] = "pull"
+    partner: str = Field(min_length=1, max_length=128)
+    account: str = Field(min_length=1, max_length=128)
+    folder: str = Field(default="", max_length=4096)  # relative to the account's home
+    pattern: str = Field(default="*", max_length=255)
+    delete_remote: bool = False
+
+    _pattern = field_validator("pattern")(_check_name_pattern)
+
+
+class PushJob(_JobParams):
+    """Send the files matching `pattern` from an account's folder to a partner."""
+
+    kind: Literal["push"] = "push"
+    partner: str = Field(min_length=1, max_length=128)
+    account: str = Field(min_length=1, max_length=128)
+    folder: str = Field(default="", max_length=4096)
+    pattern: str = Field(default="*", max_length=255)
+    delete_local: bool = False
+
+    _pattern = field_validator("pattern")(_check_name_pattern)
+
+
+class TransferLogPurge(_JobParams):
+    kind: Literal["transfer_log_purge"] = "transfer_log_purge"
+    days: int = Field(default=30, gt=0)
+
+
+class TransferLogArchive(_JobParams):
+    kind: Literal["transfer_log_archive"] = "transfer_log_archive"
+    days: int = Field(default=30, gt=0)
+    folder: str = Field(default="archive/transfer-log", max_length=4096)  # in the data dir
+
+
+class DeadLetterPurge(_JobParams):
+    kind: Literal["dead_letter_purge"] = "dead_letter_purge"
+    days: int = Field(default=30, gt=0)
+
+
+class TempFileCleanup(_JobParams):
+    kind: Literal["temp_file_cleanup"] = "temp_file_cleanup"
+    folder: str = Field(default="", max_length=4096)  # in the data dir
+    max_age_hours: float = Field(default=24.0, gt=0)
+    patterns: list[str] = Field(default_factory=lambda: ["*.part", "*.tmp"], min_length=1)
+
+    @field_validator("patterns", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        return (
+            [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+        )
+
+    @field_validator("patterns")
+    @classmethod
+    def _safe(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            _check_name_pattern(pattern)
+        if any(fnmatch.fnmatchcase("anything", p) for p in patterns):
+            raise ValueError("these patterns would match every file")
+        return patterns
+
+
+TransferJob = Annotated[PullJob | PushJob, Field(discriminator="kind")]
+MaintenanceTask = Annotated[
+    TransferLogPurge | TransferLogArchive | DeadLetterPurge | TempFileCleanup,
+    Field(discriminator="kind"),
+]
+JobParams = Annotated[
+    PullJob | PushJob | TransferLogPurge | TransferLogArchive | DeadLetterPurge | TempFileCleanup,
+    Field(discriminator="kind"),
+]
+JOB_PARAMS: TypeAdapter[JobParams] = TypeAdapter(JobParams)
+TRANSFER_JOB_KINDS: tuple[str, ...] = ("pull", "push")
+JOB_KINDS: tuple[str, ...] = (
+    "pull",
+    "push",
+    "transfer_log_purge",
+    "transfer_log_archive",
+    "dead_letter_purge",
+    "temp_file_cleanup",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Events: the work on the event queue
+# --------------------------------------------------------------------------------------------
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class _EventBase(Contract):
+    id: str = Field(default_factory=_new_id, min_length=1, max_length=64)
+    # Links the legs of one file's journey (the sentinel link's cycle id).
+    cycle_id: str = Field(default_factory=_new_id, min_length=1, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class FileArrived(_EventBase):
+    """A file is complete in an account's home (uploaded, or found by the folder monitor)."""
+
+    kind: Literal["file.arrived"] = "file.arrived"
+    account: str = Field(min_length=1, max_length=128)
+    path: str = Field(min_length=1, max_length=4096)  # relative to the data directory
+    size: int | None = Field(default=None, ge=0)
+    checksum: str | None = Field(default=None, max_length=128)
+    # How it arrived: file (folder monitor), http, sftp, or the scheduler's protocol.
+    protocol: str = Field(default="file", max_length=16)
+
+
+class _ScheduledBase(_EventBase):
+    job_id: int = Field(ge=0)
+    job_name: str = Field(default="", max_length=128)
+    fire_time: datetime
+
+
+class TransferScheduled(_ScheduledBase):
+    """One fire time of a scheduled pull or push."""
+
+    kind: Literal["transfer.scheduled"] = "transfer.scheduled"
+    job: TransferJob
+
+
+class MaintenanceRun(_ScheduledBase):
+    """One fire time of a maintenance application."""
+
+    kind: Literal["maintenance.run"] = "maintenance.run"
+    task: MaintenanceTask
+
+
+Event = Annotated[FileArrived | TransferScheduled | MaintenanceRun, Field(discriminator="kind")]
+EVENT: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def parse_event(body: bytes) -> Event:
+    return parse(EVENT, body)
+
+
+# --------------------------------------------------------------------------------------------
+# Transfer states: every leg's state change, for the sentinel link
+# --------------------------------------------------------------------------------------------
+
+
+class TransferState(Contract):
+    """A leg of a file's journey entered a state. At least once: a receiver drops repeats
+    by `id` (leg key and state)."""
+
+    leg_key: str = Field(max_length=255)
+    cycle_id: str = Field(max_length=64)
+    event_id: str = Field(max_length=64)
+    leg: str = Field(max_length=64)
+    state: TransferStatus
+    account: str = ""
+    file_name: str = ""
+    bytes: int | None = None
+    direction: str = ""
+    protocol: str = ""
+    partner: str | None = None
+    error: str | None = None
+    node: str
+    at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def id(self) -> str:
+        return f"{self.leg_key}:{self.state.value}"
+
+
+# --------------------------------------------------------------------------------------------
+# Cluster: heartbeats, assignments, configuration changes
+# --------------------------------------------------------------------------------------------
+
+
+class Heartbeat(Contract):
+    """What every service broadcasts each heartbeat period: alive, and what it runs."""
+
+    node: str
+    service: str
+    pid: int
+    sent_at: float
+    epoch: int | None = None
+    active: list[str] = Field(default_factory=list)
+    config_version: int = 0
+
+
+class Assignment(Contract):
+    """The coordinator's whole desired state, published on every heartbeat period.
+
+    A service acts on the newest epoch it has seen and stops its primary-only work when the
+    assignment has expired (self-fencing); it starts primary-only work only from `not_before`,
+    which the leader sets past every earlier assignment's expiry when the primary changes.
+    """
+
+    epoch: int = Field(ge=0)
+    mode: ClusterMode
+    leader: str
+    primary: str | None
+    work: dict[str, list[str]]
+    issued_at: float
+    not_before: float
+    expires_at: float
+
+    def work_for(self, node_id: str, now: float) -> set[str]:
+        """The work `node_id` may run at `now` under this assignment."""
+        if now >= self.expires_at:
+            # Expired: keep only work that is safe on any number of servers.
+            return {w for w in self.work.get(node_id, []) if w not in PRIMARY_ONLY_WORK}
+        units = set(self.work.get(node_id, []))
+        if now < self.not_before:
+            units -= PRIMARY_ONLY_WORK
+        return units
+
+
+class ConfigChanged(Contract):
+    """The configuration changed; the database holds it (receivers re-read the version)."""
+
+    version: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Where each message goes: a work queue (the runtime picks the shared or, in passive_legacy,
+# the node's own) or a fanout exchange that every process hears
+# --------------------------------------------------------------------------------------------
+
+_EXCHANGE_OF: dict[type[Contract], str] = {
+    Heartbeat: "heartbeats",
+    Assignment: "assignments",
+    ConfigChanged: "config",
+}
+_QUEUE_OF: dict[type[Contract], str] = {TransferState: "transfer-states"}
+
+
+def destination(message: Contract) -> tuple[Literal["queue", "exchange"], str]:
+    """("queue" | "exchange", logical name); every event goes to the "events" queue."""
+    kind = type(message)
+    if kind in _EXCHANGE_OF:
+        return "exchange", _EXCHANGE_OF[kind]
+    return "queue", _QUEUE_OF.get(kind, "events")
+
+
+def message_id(message: Contract) -> str:
+    """A stable id, so the broker, dead letters and receivers can tell repeats apart."""
+    if isinstance(message, TransferState):
+        return message.id
+    return str(getattr(message, "id", "")) or f"{type(message).__name__}-{uuid.uuid4().hex}"
+
+
+# --------------------------------------------------------------------------------------------
+# Dead letters: why a message was parked, carried in its AMQP headers
+# --------------------------------------------------------------------------------------------
+
+REASON_HEADER = "x-ferrylink-reason"
+SOURCE_QUEUE_HEADER = "x-ferrylink-source-queue"
+DEAD_LETTERED_AT_HEADER = "x-ferrylink-dead-lettered-at"
+
+
+class DeadLetterInfo(BaseModel):
+    """The headers a parked message carries."""
+
+    reason: str
+    source_queue: str
+    dead_lettered_at: float
+
+    def to_headers(self) -> dict[str, Any]:
+        return {
+            REASON_HEADER: self.reason[:1000],
+            SOURCE_QUEUE_HEADER: self.source_queue,
+            # Epoch milliseconds: AMQP (pika) headers carry integers, not floats.
+            DEAD_LETTERED_AT_HEADER: int(self.dead_lettered_at * 1000),
+        }
+
+    @classmethod
+    def from_headers(cls, headers: dict[str, Any], fallback_queue: str = "") -> DeadLetterInfo:
+        """Read our headers, or the broker's own x-death record for a message the broker
+        dead-lettered itself (delivery limit)."""
+        if REASON_HEADER in headers:
+            return cls(
+                reason=str(headers[REASON_HEADER]),
+                source_queue=str(headers.get(SOURCE_QUEUE_HEADER, fallback_queue)),
+                dead_lettered_at=int(headers.get(DEAD_LETTERED_AT_HEADER, 0)) / 1000,
+            )
+        deaths = headers.get("x-death") or []
+        death = deaths[0] if deaths and isinstance(deaths[0], dict) else {}
+        reason = death.get("reason", "unknown")
+        if isinstance(reason, bytes):
+            reason = reason.decode(errors="replace")
+        queue = death.get("queue", fallback_queue)
+        if isinstance(queue, bytes):
+            queue = queue.decode(errors="replace")
+        when = death.get("time")
+        return cls(
+            reason=f"broker dead-lettered it: {reason}",
+            source_queue=str(queue),
+            dead_lettered_at=when.timestamp() if isinstance(when, datetime) else 0.0,
+        )
