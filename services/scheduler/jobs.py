@@ -209,11 +209,7 @@ def check_params(
     try:
         params = JOB_PARAMS.validate_python({**given, "kind": kind})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"parameter {'.'.join(str(p) for p in e['loc'][1:]) or kind!r}: {e['msg']}"
-            for e in exc.errors()
-        )
-        raise JobError(f"bad parameters for a {kind} job: {problems}") from None
+        raise JobError("; ".join(_problem(kind, e) for e in exc.errors())) from None
     try:
         if isinstance(params, PullJob | PushJob):
             if session.get(Partner, params.partner) is None:
@@ -228,6 +224,16 @@ def check_params(
     except PathError as exc:
         raise JobError(str(exc)) from exc
     return params.model_dump(mode="json", exclude={"kind"})
+
+
+def _problem(kind: str, error: Any) -> str:
+    """One validation error in the words of a job's parameters."""
+    name = ".".join(str(part) for part in error["loc"][1:])
+    if error["type"] == "missing":
+        return f"a {kind} job needs the parameter {name!r}"
+    if error["type"] == "extra_forbidden":
+        return f"unknown parameter {name!r} for a {kind} job"
+    return f"parameter {name!r}: {error['msg']}"
 
 
 def _relative(base: Path, path: Path) -> str:
