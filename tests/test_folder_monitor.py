@@ -25,12 +25,12 @@ from sqlmodel import Session, col, func, select
 from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.contracts import FileArrived
 from ferrylink.models import ProcessedEvent, Transfer, WatchedFile, WatchedFolder
+from ferrylink.paths import is_temporary
 from services.folder_monitor.api import WatchStore, router
 from services.folder_monitor.monitor import (
     FolderMonitor,
     Observation,
     Seen,
-    is_temporary,
     plan_poll,
     scan,
 )

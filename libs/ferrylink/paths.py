@@ -3,6 +3,7 @@ inside the data directory. No `..`, no absolute paths, no escape through a symli
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from pathlib import Path, PurePosixPath
 
@@ -46,3 +47,12 @@ def in_data_dir(data_dir: Path, path: str) -> Path:
             raise PathError(f"path {path!r} is outside the data directory")
         return resolved
     return confined(root, path)
+
+
+# Names writers use while a file is incomplete, and hidden files (where the transaction
+# manager and SFTP clients put their temporary uploads): never picked up, never pushed.
+TEMPORARY_PATTERNS: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", "*.filepart", ".*")
+
+
+def is_temporary(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TEMPORARY_PATTERNS)

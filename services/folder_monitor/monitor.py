@@ -31,22 +31,13 @@ from sqlmodel import Session, col, select
 
 from ferrylink.contracts import FileArrived
 from ferrylink.models import Account, WatchedFile, WatchedFolder
-from ferrylink.paths import PathError, confined, in_data_dir, relative_to
+from ferrylink.paths import PathError, confined, in_data_dir, is_temporary, relative_to
 from ferrylink.work import PollingLoop
 
 log = logging.getLogger(__name__)
 
-# Names writers use while a file is incomplete (and hidden files, where the transaction
-# manager and SFTP clients put their temporary uploads). Directories with such names are
-# skipped too.
-TEMPORARY_PATTERNS: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", "*.filepart", ".*")
-
 # Namespace of the derived event ids (any fixed UUID).
 EVENT_NAMESPACE = uuid.UUID("0f9a4d2e-6c1b-4e8f-9a53-5d7c2b1e8f40")
-
-
-def is_temporary(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TEMPORARY_PATTERNS)
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,18 +54,16 @@ from ferrylink.models import (
     ScheduledFile,
     Transfer,
 )
-from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.paths import PathError, confined, is_temporary, relative_to
 from services.transaction_manager import partners
 from services.transaction_manager.transfer_log import TransferLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Names of files still being written; never pushed, and removed by temp_file_cleanup.
-TEMPORARY_PATTERNS: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", "*.filepart", ".*")
-# Namespace of the derived file.arrived ids of pulled files (any fixed UUID).
 Announce = Callable[[FileArrived], Future[None]]
 PUBLISH_TIMEOUT = 30.0
+# Namespace of the derived file.arrived ids of pulled files (any fixed UUID).
 PULL_NAMESPACE = uuid.UUID("5b7d0c61-2f3a-4f1e-8c9d-7a6b5e4d3c21")
 ATTEMPTS = 3  # per partner call, for errors that may pass (PartnerError.retryable)
 BACKOFF_SECONDS = 1.0
@@ -256,7 +254,7 @@ def _push(run: _Run, job: PushJob) -> None:
     pattern, delete_local = job.pattern, job.delete_local
     for path in sorted(run.folder.iterdir()):
         if (
-            _is_temporary(path.name)
+            is_temporary(path.name)
             or not fnmatch.fnmatchcase(path.name, pattern)
             or path.is_symlink()
             or not path.is_file()
@@ -444,7 +442,3 @@ def remove_temp_files(folder: Path, patterns: list[str], cutoff: datetime) -> in
 def _processed(engine: Engine, event_id: str) -> bool:
     with Session(engine) as session:
         return session.get(ProcessedEvent, event_id) is not None
-
-
-def _is_temporary(name: str) -> bool:
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in TEMPORARY_PATTERNS)
