@@ -261,7 +261,17 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
 
     async def close(self, file_obj: object) -> None:
         assert isinstance(file_obj, EdgeFile)
+        if file_obj.writing and self._client_gone():
+            # asyncssh closes the open files when the session ends, too: an upload the
+            # client never closed is incomplete, so the backend keeps it as a partial.
+            await self._call({"op": "abandon", "handle": file_obj.handle})
+            return
         await self._call({"op": "close", "handle": file_obj.handle})
+
+    def _client_gone(self) -> bool:
+        """True once the client sent EOF or the channel closed: a close now comes from the
+        session's cleanup, not from the client. (asyncssh keeps this state private.)"""
+        return getattr(self.channel, "_recv_state", "open") != "open" or self.channel.is_closing()
 
     # -- what a virtual file system does not offer ----------------------------------------------
 

@@ -424,19 +424,29 @@ class EdgeSession:
         )
         return {"bytes": size, "event_id": event.id}, b""
 
+    def op_abandon(self, meta: dict[str, Any], _data: bytes) -> tuple[dict[str, Any], bytes]:
+        """The client went away without closing this upload: keep it as a partial."""
+        opened = self._file(meta)
+        del self.files[int(meta["handle"])]
+        self._abandon(opened)
+        return {}, b""
+
     def _abandon_open_files(self) -> None:
         """The session ended without closing its uploads: keep each as a resumable partial."""
         for opened in self.files.values():
-            with contextlib.suppress(OSError):
-                opened.stream.close()
-            if opened.writing and opened.temporary is not None and opened.event is not None:
-                with contextlib.suppress(OSError):
-                    os.replace(opened.temporary, partial_name(opened.path))
-                with contextlib.suppress(Exception):
-                    self._record(
-                        opened.event, FAILED, detail="upload interrupted; resume it or upload again"
-                    )
+            self._abandon(opened)
         self.files.clear()
+
+    def _abandon(self, opened: OpenFile) -> None:
+        with contextlib.suppress(OSError):
+            opened.stream.close()
+        if opened.writing and opened.temporary is not None and opened.event is not None:
+            with contextlib.suppress(OSError):
+                os.replace(opened.temporary, partial_name(opened.path))
+            with contextlib.suppress(Exception):
+                self._record(
+                    opened.event, FAILED, detail="upload interrupted; resume it or upload again"
+                )
 
     def _record(self, event: Event, status: str, **fields: Any) -> None:
         with Session(self.tm.runtime.engine) as session:
