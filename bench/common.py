@@ -50,8 +50,9 @@ def broker_url() -> Iterator[str]:
 
 def free_base_port(servers: int) -> int:
     # Below the kernel's ephemeral port range (32768+), where outgoing connections bind.
+    # The servers' blocks of ten ports, and one more block for the edge.
     for base in range(24000, 32600, 100):
-        if all(port_free(service_port(base, i, j)) for i in range(servers) for j in range(5)):
+        if all(port_free(service_port(base, i, j)) for i in range(servers + 1) for j in range(5)):
             return base
     raise RuntimeError("no free port range")
 

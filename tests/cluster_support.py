@@ -20,7 +20,7 @@ import pika
 from ferrylink.cluster import PRIMARY_ONLY_WORK
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
-from ferrylink_ops.local_cluster import pid_alive, port_free, service_port
+from ferrylink_ops.local_cluster import edge_ports, pid_alive, port_free, service_port
 from tests.helpers import wait_until
 
 BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
@@ -54,13 +54,13 @@ def delete_broker_objects(prefix: str, amqp_url: str, servers: int = 5) -> None:
         connection.close()
 
 
-def free_base_port(servers: int) -> int:
-    """A random base port whose whole range is free now."""
+def free_base_port(servers: int, edges: int = 1) -> int:
+    """A random base port whose whole range (servers' and edges' ports) is free now."""
     for _ in range(200):
         base = random.randrange(20000, 32000, 100)
         ports = [
             service_port(base, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
-        ]
+        ] + [port for e in range(edges) for port in edge_ports(base, servers, e)]
         if all(port_free(p) for p in ports):
             return base
     raise RuntimeError("no free port range")
@@ -82,13 +82,15 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def all_pids(doc: dict[str, Any], server_id: str | None = None) -> list[int]:
+    """Pids of a server's services (of every server and edge when `server_id` is None)."""
+    edges = [e["pid"] for e in doc.get("edges", []) if e.get("pid")] if server_id is None else []
     return [
         svc["pid"]
         for server in doc["servers"]
         if server_id is None or server["id"] == server_id
         for svc in server["services"].values()
         if svc["pid"]
-    ]
+    ] + edges
 
 
 def server_doc(doc: dict[str, Any], server_id: str) -> dict[str, Any]:
@@ -180,12 +182,13 @@ class Cluster:
 
 
 def start_cluster(
-    tmp_path: Path, prefix: str, amqp_url: str, mode: str, servers: int = 3
+    tmp_path: Path, prefix: str, amqp_url: str, mode: str, servers: int = 3, edges: int = 1
 ) -> Cluster:
     state_dir = tmp_path / "state"
     result = ferrylink(
         "up", "--servers", str(servers), "--mode", mode, "--state-dir", str(state_dir),
-        "--base-port", str(free_base_port(servers)), "--prefix", prefix, "--detach",
+        "--base-port", str(free_base_port(servers, edges)), "--prefix", prefix, "--detach",
+        "--edges", str(edges),
         timeout=BOOT_TIMEOUT + 60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

@@ -98,13 +98,22 @@ def our_image(service: Service) -> bool:
     return "build" in service or str(service.get("image", "")).startswith("ferrylink")
 
 
+def is_edge(service: Service) -> bool:
+    return command(service) == ["service", services_registry.EDGE_SERVICE]
+
+
 def ferrylink_services(compose: Compose) -> dict[str, Service]:
-    """Our long-running containers: the image's entrypoint, `ferrylink service NAME`."""
+    """Our long-running backend containers: the image's entrypoint, `ferrylink service NAME`
+    (the edges, in the DMZ, are checked on their own: `check_edges`)."""
     return {
         name: svc
         for name, svc in compose["services"].items()
-        if our_image(svc) and "entrypoint" not in svc
+        if our_image(svc) and "entrypoint" not in svc and not is_edge(svc)
     }
+
+
+def edge_services(compose: Compose) -> dict[str, Service]:
+    return {name: svc for name, svc in compose["services"].items() if is_edge(svc)}
 
 
 def ferrylink_jobs(compose: Compose) -> dict[str, Service]:
@@ -696,6 +705,50 @@ def check_rabbitmq(compose: Compose) -> list[str]:
     return problems
 
 
+def check_edges(compose: Compose) -> list[str]:
+    """At least one edge: importable, its settings' names only, partner ports published,
+    /readyz probed, no shared storage (it keeps no files), and every transaction manager
+    dialling out to every edge with the edge's secret."""
+    from services.edge_proxy.settings import Settings as EdgeSettings
+
+    problems = []
+    edges = edge_services(compose)
+    if not edges:
+        return ["no edge-proxy container"]
+    importlib.import_module("services.edge_proxy.main")
+    fields = env_names(EdgeSettings)
+    tunnels = set()
+    secrets = set()
+    for name, svc in edges.items():
+        env = environment(svc)
+        problems += [f"{name}: {key} is not an edge setting" for key in env if key not in fields]
+        values = {key[len("FERRYLINK_") :].lower(): value for key, value in env.items()}
+        settings = EdgeSettings.model_validate(values)
+        published = {str(p).rsplit(":", 1)[-1] for p in svc.get("ports", [])}
+        for port in (settings.sftp_port, settings.https_port):
+            if str(port) not in published:
+                problems.append(f"{name}: partner port {port} is not published")
+        probe = " ".join(map(str, svc.get("healthcheck", {}).get("test", [])))
+        if f"{settings.http_port}/readyz" not in probe:
+            problems.append(f"{name}: healthcheck does not probe /readyz on {settings.http_port}")
+        if any(str(v).split(":")[1:2] == ["/data"] for v in svc.get("volumes", [])):
+            problems.append(f"{name}: an edge mounts no shared storage")
+        if not settings.edge_secret:
+            problems.append(f"{name}: no FERRYLINK_EDGE_SECRET")
+        tunnels.add(f"{name}:{settings.tunnel_port}")
+        secrets.add(settings.edge_secret)
+    for name, svc in ferrylink_services(compose).items():
+        if command(svc) != ["service", "transaction-manager"]:
+            continue
+        env = environment(svc)
+        dialled = {e.strip() for e in env.get("FERRYLINK_EDGES", "").split(",") if e.strip()}
+        if dialled != tunnels:
+            problems.append(f"{name}: dials {sorted(dialled)}, not the edges {sorted(tunnels)}")
+        if {env.get("FERRYLINK_EDGE_SECRET")} != secrets:
+            problems.append(f"{name}: FERRYLINK_EDGE_SECRET differs from the edges'")
+    return problems
+
+
 CHECKS: list[Callable[[Compose], list[str]]] = [
     check_servers_run_every_backend_service,
     check_commands,
@@ -708,6 +761,7 @@ CHECKS: list[Callable[[Compose], list[str]]] = [
     check_volumes,
     check_build,
     check_rabbitmq,
+    check_edges,
 ]
 
 

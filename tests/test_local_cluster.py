@@ -78,7 +78,9 @@ def test_up_three_servers_then_ctrl_c_leaves_nothing_behind(
         assert doc["mode"] == "active_active"
         assert "guest:***@" in doc["amqp_url"]
         assert doc["database_url"] == f"sqlite:///{state_dir.resolve() / 'ferrylink.db'}"
-        assert doc["edges"] == []
+        [edge] = doc["edges"]  # `up` starts one edge by default
+        assert edge["id"] == "edge1" and pid_alive(edge["pid"])
+        assert {"sftp_port", "https_port"} <= set(edge)
         assert [s["id"] for s in doc["servers"]] == ["st1", "st2", "st3"]
         ports = []
         for server in doc["servers"]:

@@ -1,8 +1,8 @@
 """`ferrylink`: run one service, or a whole local cluster of servers, and act on it.
 
     ferrylink service NAME
-    ferrylink up --servers N --mode MODE [--state-dir DIR] [--base-port P] [--prefix NAME]
-                 [--ready-timeout S] [--detach]
+    ferrylink up --servers N --mode MODE [--edges N] [--state-dir DIR] [--base-port P]
+                 [--prefix NAME] [--ready-timeout S] [--detach]
     ferrylink down [--state-dir DIR]
     ferrylink server {stop,start,kill} ID [--state-dir DIR]
     ferrylink status [--state-dir DIR] [--json]
@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=MODES,
         default="active_active",
         help="cluster mode (default active_active)",
+    )
+    up.add_argument(
+        "--edges",
+        type=int,
+        choices=range(0, 10),
+        default=1,
+        metavar="N",
+        help="number of edge proxies edge1..edgeN (default 1; 0 for none)",
     )
     _state_dir_option(up)
     up.add_argument(
@@ -169,6 +177,8 @@ def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             str(args.servers),
             "--mode",
             args.mode,
+            "--edges",
+            str(args.edges),
             "--state-dir",
             str(state_dir),
             "--base-port",
@@ -183,8 +193,9 @@ def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("ferrylink").setLevel(logging.INFO)
     cluster = LocalCluster(
-        state_dir, args.servers, args.mode, base_port=args.base_port, prefix=args.prefix
-    )
+        state_dir, args.servers, args.mode, base_port=args.base_port, prefix=args.prefix,
+        edges=args.edges,
+    )  # fmt: skip
     return Supervisor(cluster, ready_timeout=args.ready_timeout, out=_say).run()
 
 

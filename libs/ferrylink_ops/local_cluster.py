@@ -47,6 +47,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import select
 import signal
 import socket
@@ -63,7 +64,7 @@ from typing import Any
 import httpx
 
 from ferrylink.contracts import CLUSTER_MODES
-from ferrylink.services_registry import BACKEND_SERVICES, module_name
+from ferrylink.services_registry import BACKEND_SERVICES, EDGE_SERVICE, module_name
 from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
 from ferrylink_ops.private_broker import (
     BrokerNode,
@@ -270,6 +271,29 @@ class ServiceProcess:
 
 
 @dataclass
+class EdgeProcess(ServiceProcess):
+    """An edge proxy: its own API on `port`, partner SFTP and HTTPS ports, and the tunnel
+    port the transaction managers dial out to."""
+
+    sftp_port: int = 0
+    https_port: int = 0
+    tunnel_port: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        doc = super().to_json()
+        doc.update(id=self.server_id, sftp_port=self.sftp_port, https_port=self.https_port,
+                   tunnel_port=self.tunnel_port)  # fmt: skip
+        return doc
+
+
+def edge_ports(base_port: int, servers: int, edge_index: int) -> tuple[int, int, int, int]:
+    """(API, SFTP, HTTPS, tunnel) ports of edge `edge_index` (from 0): the blocks of ten
+    after the servers' (with 3 servers at base 8100, edge1 has 8131..8134)."""
+    first = base_port + PORTS_PER_SERVER * (servers + edge_index) + 1
+    return first, first + 1, first + 2, first + 3
+
+
+@dataclass
 class Server:
     id: str
     index: int
@@ -307,6 +331,7 @@ class LocalCluster:
         services: Sequence[str] = BACKEND_SERVICES,
         abort: Callable[[], bool] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        edges: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ClusterError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -316,7 +341,8 @@ class LocalCluster:
             raise ClusterError(f"at most {PORTS_PER_SERVER - 1} services per server")
         if not PREFIX_PATTERN.match(prefix):
             raise ClusterError(f"bad name prefix {prefix!r}: letters, digits, '.', '_', '-'")
-        last_port = service_port(base_port, servers - 1, len(services) - 1)
+        last_port = max(service_port(base_port, servers - 1, len(services) - 1),
+                        edge_ports(base_port, servers, edges - 1)[3] if edges else 0)  # fmt: skip
         if base_port < 1 or last_port > 65535:
             raise ClusterError(f"ports {base_port + 1}..{last_port} are out of range")
         self.state_dir = state_dir.resolve()
@@ -340,6 +366,15 @@ class LocalCluster:
                     self.logs_dir / f"{server_id}-{service}.log",
                 )
             self.servers.append(server)
+        self.edges: list[EdgeProcess] = []
+        for edge_index in range(edges):
+            api, sftp, https, tunnel = edge_ports(base_port, servers, edge_index)
+            edge_id = f"edge{edge_index + 1}"
+            self.edges.append(
+                EdgeProcess(edge_id, EDGE_SERVICE, api, self.logs_dir / f"{edge_id}.log",
+                            sftp_port=sftp, https_port=https, tunnel_port=tunnel)
+            )  # fmt: skip
+        self.demo: dict[str, Any] = {}
 
     # ---- paths ------------------------------------------------------------------------------
 
@@ -367,13 +402,29 @@ class LocalCluster:
         raise ClusterError(f"unknown server {server_id!r}; this cluster has {known}")
 
     def processes(self, server_ids: Iterable[str] | None = None) -> list[ServiceProcess]:
+        """The services of the servers (all, when None), and the edges named or all."""
         wanted = None if server_ids is None else set(server_ids)
         return [
             proc
             for server in self.servers
             if wanted is None or server.id in wanted
             for proc in server.services.values()
-        ]
+        ] + [edge for edge in self.edges if wanted is None or edge.server_id in wanted]
+
+    @property
+    def edge_keys_dir(self) -> Path:
+        """SSH host key and TLS certificate, shared by every edge of the cluster."""
+        return self.state_dir / "edge-keys"
+
+    @property
+    def edge_secret(self) -> str:
+        """The secret the transaction managers present to the edges (made once)."""
+        path = self.state_dir / "edge-secret"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as stream:
+                stream.write(secrets.token_hex(24))
+        return path.read_text().strip()
 
     # ---- preparing ----------------------------------------------------------------------------
 
@@ -382,6 +433,12 @@ class LocalCluster:
         for directory in (self.state_dir, self.logs_dir, self.data_dir):
             directory.mkdir(parents=True, exist_ok=True)
         busy = [p.port for p in self.processes() if not port_free(p.port)]
+        busy += [
+            port
+            for edge in self.edges
+            for port in (edge.sftp_port, edge.https_port, edge.tunnel_port)
+            if not port_free(port)
+        ]
         if busy:
             raise ClusterError(
                 f"ports already in use: {', '.join(map(str, busy))}; pick another --base-port"
@@ -425,8 +482,30 @@ class LocalCluster:
 
     def environment(self, proc: ServiceProcess) -> dict[str, str]:
         env = dict(os.environ)
+        if isinstance(proc, EdgeProcess):
+            env.update(
+                {
+                    "FERRYLINK_EDGE_ID": proc.server_id,
+                    "FERRYLINK_HTTP_HOST": HTTP_HOST,
+                    "FERRYLINK_HTTP_PORT": str(proc.port),
+                    "FERRYLINK_LISTEN_HOST": HTTP_HOST,
+                    "FERRYLINK_SFTP_PORT": str(proc.sftp_port),
+                    "FERRYLINK_HTTPS_PORT": str(proc.https_port),
+                    "FERRYLINK_TUNNEL_HOST": HTTP_HOST,
+                    "FERRYLINK_TUNNEL_PORT": str(proc.tunnel_port),
+                    "FERRYLINK_EDGE_SECRET": self.edge_secret,
+                    "FERRYLINK_EDGE_KEYS_DIR": str(self.edge_keys_dir),
+                    "FERRYLINK_STATE_DIR": str(self.state_dir),
+                    "PYTHONUNBUFFERED": "1",
+                }
+            )
+            return env
         env.update(
             {
+                # Transaction managers dial out to every edge (services/transaction_manager/
+                # edge_link.py); the other services ignore these two.
+                "FERRYLINK_EDGES": ",".join(f"{HTTP_HOST}:{e.tunnel_port}" for e in self.edges),
+                "FERRYLINK_EDGE_SECRET": self.edge_secret,
                 "FERRYLINK_NODE_ID": proc.server_id,
                 "FERRYLINK_HTTP_HOST": HTTP_HOST,
                 "FERRYLINK_HTTP_PORT": str(proc.port),
@@ -481,6 +560,11 @@ class LocalCluster:
     def spawn_all(self) -> None:
         for server in self.servers:
             self.spawn_server(server.id)
+        for edge in self.edges:
+            if not edge.running:
+                if not port_free(edge.port):
+                    raise ClusterError(f"{edge.server_id}: port {edge.port} is in use")
+                self._spawn(edge)
 
     def reap(self) -> list[ServiceProcess]:
         """Notice processes that exited on their own; returns them (they are not restarted)."""
@@ -578,7 +662,8 @@ class LocalCluster:
                 }
                 for server in self.servers
             ],
-            "edges": [],
+            "edges": [edge.to_json() for edge in self.edges],
+            "demo": self.demo,
             "status": self.status,
             "supervisor_pid": os.getpid(),
             "prefix": self.prefix,
@@ -729,12 +814,19 @@ class Supervisor:
                     self._report_not_ready(ready)
                     code = 1
                 else:
+                    if cluster.edges:
+                        try:
+                            cluster.demo = create_demo(cluster)
+                        except (ClusterError, httpx.HTTPError, OSError) as exc:
+                            self.out(f"warning: could not create the demo account: {exc}")
                     cluster.status = "running"
                     cluster.write_cluster_json()
                     self.out(
                         f"cluster up: {len(cluster.servers)} servers, mode {cluster.mode}, "
                         f"broker {redact_url(cluster.amqp_url)}, state {state_dir}"
                     )
+                    for line in demo_lines(cluster.demo):
+                        self.out(line)
                     self.out("stop with Ctrl-C, SIGTERM or `ferrylink down`")
                     self._watch()
                     code = 0
@@ -754,7 +846,8 @@ class Supervisor:
         for (server_id, service), ok in ready.items():
             if ok:
                 continue
-            proc = self.cluster.server(server_id).services[service]
+            edges = {edge.server_id: edge for edge in self.cluster.edges}
+            proc = edges.get(server_id) or self.cluster.server(server_id).services[service]
             why = f"exited with {proc.exit_code}" if proc.exit_code is not None else "not ready"
             self.out(f"{server_id} {service}: {why}; last lines of {proc.log_path}:")
             self.out(log_tail(proc.log_path) or "(empty)")
@@ -874,6 +967,10 @@ def cluster_pids(doc: dict[str, Any]) -> list[int]:
         for server in doc.get("servers", [])
         for svc in server.get("services", {}).values()
         if svc.get("pid") and svc.get("running", True)
+    ] + [
+        int(edge["pid"])
+        for edge in doc.get("edges", [])
+        if edge.get("pid") and edge.get("running", True)
     ]
 
 
@@ -1124,6 +1221,8 @@ def start_detached(
                 doc = read_cluster_json(state_dir)
                 if doc.get("supervisor_pid") == child.pid and doc.get("status") == "running":
                     out(format_table(*placement_table(doc)))
+                    for line in demo_lines(doc.get("demo") or {}):
+                        out(line)
                     out(
                         f"cluster up in the background (supervisor pid {child.pid}, log "
                         f"{supervisor_log}); stop it with `ferrylink down --state-dir {state_dir}`"
@@ -1154,6 +1253,15 @@ def placement_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         ]
         for server in doc.get("servers", [])
         for name, svc in server.get("services", {}).items()
+    ] + [
+        [
+            edge["id"],
+            EDGE_SERVICE,
+            edge.get("pid") if edge.get("running") else "-",
+            f"{edge.get('port')} (sftp {edge.get('sftp_port')}, https {edge.get('https_port')})",
+            "yes" if edge.get("ready") else "no",
+        ]
+        for edge in doc.get("edges", [])
     ]
     return ["server", "service", "pid", "port", "ready"], rows
 
@@ -1191,3 +1299,81 @@ def manual_failover(state_dir: Path, to: str, timeout: float = 30.0) -> str:
             if response.status_code < 500:
                 break
     raise ClusterError(f"failover refused: {refusal}" if refusal else "no coordinator answers")
+
+
+# --------------------------------------------------------------------------------------------
+# The demo account: a new user can send a file the moment `ferrylink up` is ready
+# --------------------------------------------------------------------------------------------
+
+DEMO_ACCOUNT = "demo"
+
+
+def create_demo(cluster: LocalCluster) -> dict[str, Any]:
+    """Account `demo` (password and key pair in STATE_DIR/demo/), a route copying its uploads
+    to `archive`, and a known_hosts file with the edges' host key. Kept across restarts of
+    the same state directory."""
+    import asyncssh
+
+    demo_dir = cluster.state_dir / DEMO_ACCOUNT
+    demo_dir.mkdir(exist_ok=True)
+    password_file, key_file = demo_dir / "password", demo_dir / "id_ed25519"
+    if not password_file.exists():
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(secrets.token_urlsafe(18) + "\n")
+    if not key_file.exists():
+        key = asyncssh.generate_private_key("ssh-ed25519", comment="demo@ferrylink")
+        key.write_private_key(str(key_file))
+        os.chmod(key_file, 0o600)
+        key.write_public_key(str(key_file) + ".pub")
+    public_key = Path(str(key_file) + ".pub").read_text().strip()
+    tm = next(
+        s.services["transaction-manager"] for s in cluster.servers
+        if s.services["transaction-manager"].running
+    )  # fmt: skip
+    with httpx.Client(base_url=tm.url, timeout=30) as client:
+        created = client.post("/accounts", json={
+            "name": DEMO_ACCOUNT, "password": password_file.read_text().strip(),
+            "ssh_public_keys": [public_key],
+        })  # fmt: skip
+        if created.status_code not in (201, 409):
+            raise ClusterError(f"creating the demo account: {created.text}")
+        if not client.get("/routes", params={"account": DEMO_ACCOUNT}).json():
+            route = client.post("/routes", json={
+                "account": DEMO_ACCOUNT, "pattern": "*",
+                "steps": [{"kind": "copy", "folder": "archive"}],
+            })  # fmt: skip
+            if route.status_code != 201:
+                raise ClusterError(f"creating the demo route: {route.text}")
+    host_key = cluster.edge_keys_dir / "ssh_host_ed25519_key"
+    known_hosts = demo_dir / "known_hosts"
+    host_public = asyncssh.read_private_key(str(host_key)).export_public_key().decode().strip()
+    known_hosts.write_text(
+        "".join(f"[{HTTP_HOST}]:{edge.sftp_port} {host_public}\n" for edge in cluster.edges)
+    )
+    edge = cluster.edges[0]
+    return {
+        "account": DEMO_ACCOUNT,
+        "password_file": str(password_file),
+        "key_file": str(key_file),
+        "known_hosts": str(known_hosts),
+        "ca_file": str(cluster.edge_keys_dir / "tls.crt"),
+        "sftp_port": edge.sftp_port,
+        "https_port": edge.https_port,
+        "transfers_url": f"{tm.url}/transfers?account={DEMO_ACCOUNT}",
+        "archive": str(cluster.data_dir / "archive"),
+    }
+
+
+def demo_lines(demo: dict[str, Any]) -> list[str]:
+    """Three ready-to-paste lines: SFTP in, an HTTPS upload, where the transfer shows."""
+    if not demo:
+        return []
+    return [
+        "send a file as the demo account:",
+        f"  sftp -i {demo['key_file']} -o UserKnownHostsFile={demo['known_hosts']} "
+        f"-P {demo['sftp_port']} {demo['account']}@{HTTP_HOST}",
+        f"  curl --cacert {demo['ca_file']} -u {demo['account']}:$(cat {demo['password_file']}) "
+        f"-T FILE https://{HTTP_HOST}:{demo['https_port']}/files/",
+        f"  see it: curl -s '{demo['transfers_url']}'   and   ls {demo['archive']}",
+    ]

@@ -22,10 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from ferrylink.config import bump_config_version
 from ferrylink.contracts import FileArrived
 from ferrylink.models import Account, DeadEvent, Partner, Route, Transfer
-from ferrylink.passwords import hash_password, verify_password
+from ferrylink.passwords import hash_password
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.runtime import ServiceRuntime
 from ferrylink.work import FlagWork
+from services.transaction_manager.logins import verify_login
 from services.transaction_manager.steps import STEPS, PushStep, Step
 from services.transaction_manager.transfer_log import (
     FAILED,
@@ -343,10 +344,9 @@ def _authenticate(request: Request, session: Session, account_name: str) -> Acco
         user, _, password = base64.b64decode(header[6:]).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
         raise unauthorized from None
-    account = session.get(Account, account_name)
-    if user != account_name or account is None or not account.enabled:
-        raise unauthorized
-    if not verify_password(password, account.password_hash):
+    client = request.client.host if request.client else "?"
+    account = verify_login(session, user, client, "http", password=password)
+    if account is None or account.name != account_name:
         raise unauthorized
     return account
 

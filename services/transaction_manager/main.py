@@ -18,6 +18,7 @@ from ferrylink.runtime import ServiceRuntime, create_app, serve
 from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, router
 from services.transaction_manager.dead_letters import DeadLetterKeeper
+from services.transaction_manager.edge_link import EdgeLink, offers_sessions
 from services.transaction_manager.handlers import EventHandler
 from services.transaction_manager.routing import RouteRunner
 from services.transaction_manager.settings import Settings
@@ -49,7 +50,17 @@ def build(settings: Settings) -> tuple[ServiceRuntime, TransactionManager]:
 
 def app(settings: Settings) -> FastAPI:
     runtime, tm = build(settings)
-    api = create_app(runtime, routers=[router], description=__doc__ or "")
+    # Partner sessions through the edges: this TM dials out to them (edge_link.py) while it
+    # runs the event queue.
+    follower = runtime.follower
+    edge_link = EdgeLink(
+        tm, [e for e in settings.edges.split(",") if e.strip()], settings.edge_secret,
+        lambda: offers_sessions(follower.status(), set(follower.active()), follower.mode,
+                                settings.node_id),
+        settings.edge_idle_connections, settings.edge_token_lifetime,
+    )  # fmt: skip
+    api = create_app(runtime, routers=[router], description=__doc__ or "",
+                     on_start=[edge_link.start], on_stop=[edge_link.stop])  # fmt: skip
     api.state.tm = tm
     return api
 

@@ -9,3 +9,17 @@ class Settings(FerrylinkSettings):
     workers: int = Field(
         default=4, ge=1, le=64, description="Events handled at once by one transaction manager."
     )
+    edges: str = Field(
+        default="",
+        description="Tunnel listeners of the edge proxies to dial out to (host:port, comma "
+        "separated); empty: no edge.",
+    )
+    edge_secret: str = Field(
+        default="", description="Shared secret a TM presents to the edges it dials."
+    )
+    edge_idle_connections: int = Field(
+        default=4, ge=1, le=256, description="Idle connections kept open to each edge."
+    )
+    edge_token_lifetime: float = Field(
+        default=3600.0, gt=0, description="Seconds an HTTPS session token stays valid."
+    )

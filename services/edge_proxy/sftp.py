@@ -1,0 +1,307 @@
+"""The partner-facing SFTP server (asyncssh): every login and file operation is forwarded
+to the backend server that took the session; nothing is stored here.
+
+Paths are the account's view: `/` is its home. The edge only normalises paths for
+`realpath` (what `cd` shows); the backend confines every path to the home and refuses `..`,
+absolute escapes and symlinks leading out, with a message (SFTP status "permission denied").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import posixpath
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+from asyncssh import (
+    FXF_APPEND,
+    FXF_EXCL,
+    FXF_TRUNC,
+    FXF_WRITE,
+    SFTPAttrs,
+    SFTPError,
+    SFTPFailure,
+    SFTPName,
+    SFTPNoSuchFile,
+    SFTPOpUnsupported,
+    SFTPPermissionDenied,
+)
+
+from ferrylink.edge_wire import AUTH_FAILED, NO_SUCH_FILE, PERMISSION_DENIED
+from services.edge_proxy.backends import (
+    BackendConnection,
+    BackendGone,
+    BackendHub,
+    BackendRefused,
+    NoBackend,
+)
+
+log = logging.getLogger(__name__)
+DISC_BY_APPLICATION = 11
+
+
+class EdgeSSHServer(asyncssh.SSHServer):
+    """One partner SSH connection: its login and the backend connection it runs on."""
+
+    def __init__(self, hub: BackendHub) -> None:
+        self.hub = hub
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.client_address = "?"
+        self.backend: BackendConnection | None = None
+        self.account: str | None = None
+        self._accepted_key: tuple[str, str] | None = None
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername")
+        self.client_address = str(peer[0]) if peer else "?"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.backend is not None:
+            self.hub.release(self.backend)
+            self.backend = None
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._login(username, {"password": password})
+
+    async def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        line = key.export_public_key("openssh").decode().strip()
+        # asyncssh asks twice for one key (the query, then with the signature it verifies).
+        if self._accepted_key is not None:
+            return self._accepted_key == (username, line)
+        if await self._login(username, {"public_key": line}):
+            self._accepted_key = (username, line)
+            return True
+        return False
+
+    async def _login(self, username: str, secret: dict[str, Any]) -> bool:
+        if self.account is not None:
+            return False  # one account per connection
+        credentials = {"account": username, "client_address": self.client_address,
+                       "protocol": "sftp", **secret}  # fmt: skip
+        try:
+            backend, ok = await self.hub.login(credentials, self.backend)
+        except NoBackend as exc:
+            log.warning("SFTP login of %r from %s: %s", username, self.client_address, exc)
+            if self.conn is not None:
+                self.conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, str(exc))
+            return False
+        if self.backend is not backend:
+            self.backend = backend
+            backend.on_lost.append(self._backend_lost)
+        if ok:
+            self.account = username
+        return ok
+
+    def _backend_lost(self, backend: BackendConnection) -> None:
+        if backend is not self.backend or self.conn is None:
+            return
+        log.warning(
+            "backend %s went away: ending the SFTP session of %s from %s",
+            backend.node, self.account, self.client_address,
+        )  # fmt: skip
+        conn = self.conn
+        message = f"the server {backend.node} handling this session went away; please reconnect"
+        # A moment for the failed request's own status to reach the client first.
+        asyncio.get_running_loop().call_later(
+            0.2, lambda: conn.disconnect(DISC_BY_APPLICATION, message)
+        )
+
+
+@dataclass
+class EdgeFile:
+    handle: int
+    path: str
+    writing: bool
+
+
+def _text(path: bytes) -> str:
+    try:
+        return path.decode()
+    except UnicodeDecodeError:
+        raise SFTPFailure("file names must be UTF-8") from None
+
+
+def _attrs(attrs: dict[str, Any]) -> SFTPAttrs:
+    return SFTPAttrs(
+        size=attrs.get("size"), permissions=attrs.get("mode"),
+        atime=attrs.get("atime"), mtime=attrs.get("mtime"), uid=0, gid=0,
+    )  # fmt: skip
+
+
+def _sftp_error(exc: BackendRefused) -> SFTPError:
+    if exc.code == NO_SUCH_FILE:
+        return SFTPNoSuchFile(str(exc))
+    if exc.code in (PERMISSION_DENIED, AUTH_FAILED):
+        return SFTPPermissionDenied(str(exc))
+    return SFTPFailure(str(exc))
+
+
+class EdgeSFTPServer(asyncssh.SFTPServer):
+    """The SFTP operations OpenSSH's `sftp` uses, each forwarded to the session's backend."""
+
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        super().__init__(chan)
+        owner = chan.get_connection().get_owner()
+        assert isinstance(owner, EdgeSSHServer)
+        self.owner = owner
+
+    async def _call(self, meta: dict[str, Any], data: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        backend = self.owner.backend
+        if backend is None:
+            raise SFTPFailure("not logged in")
+        try:
+            return await backend.request(meta, data)
+        except BackendRefused as exc:
+            raise _sftp_error(exc) from None
+        except BackendGone as exc:
+            raise SFTPFailure(str(exc)) from None
+
+    # -- names ----------------------------------------------------------------------------------
+
+    def format_user(self, uid: int | None) -> str:
+        return self.owner.account or "partner"
+
+    def format_group(self, gid: int | None) -> str:
+        return "ferrylink"
+
+    def realpath(self, path: bytes) -> bytes:
+        normal = posixpath.normpath("/" + _text(path).lstrip("/"))
+        return normal.encode()
+
+    async def stat(self, path: bytes) -> SFTPAttrs:
+        answer, _ = await self._call({"op": "stat", "path": _text(path)})
+        return _attrs(answer["attrs"])
+
+    async def lstat(self, path: bytes) -> SFTPAttrs:
+        return await self.stat(path)
+
+    async def scandir(self, path: bytes) -> AsyncIterator[SFTPName]:
+        answer, _ = await self._call({"op": "list", "path": _text(path)})
+        for entry in answer["entries"]:
+            yield SFTPName(entry["name"].encode(), attrs=_attrs(entry))
+
+    async def setstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._call({"op": "setstat", "path": _text(path)})
+
+    async def lsetstat(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self.setstat(path, attrs)
+
+    def fsetstat(self, file_obj: object, attrs: SFTPAttrs) -> None:
+        return None  # modes and times are the platform's business
+
+    # -- folders and names ----------------------------------------------------------------------
+
+    async def mkdir(self, path: bytes, attrs: SFTPAttrs) -> None:
+        await self._call({"op": "mkdir", "path": _text(path)})
+
+    async def rmdir(self, path: bytes) -> None:
+        await self._call({"op": "rmdir", "path": _text(path)})
+
+    async def remove(self, path: bytes) -> None:
+        await self._call({"op": "remove", "path": _text(path)})
+
+    async def rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._call({"op": "rename", "old": _text(oldpath), "new": _text(newpath)})
+
+    async def posix_rename(self, oldpath: bytes, newpath: bytes) -> None:
+        await self._call(
+            {"op": "rename", "old": _text(oldpath), "new": _text(newpath), "overwrite": True}
+        )
+
+    # -- files ----------------------------------------------------------------------------------
+
+    async def open(self, path: bytes, pflags: int, attrs: SFTPAttrs) -> EdgeFile:
+        name = _text(path)
+        writing = bool(pflags & FXF_WRITE)
+        meta: dict[str, Any] = {"op": "open", "path": name, "mode": "write" if writing else "read"}
+        if writing:
+            # OpenSSH's `reput` opens with APPEND; a write-open without TRUNC keeps the data.
+            meta["append"] = bool(pflags & FXF_APPEND) or not pflags & FXF_TRUNC
+            meta["exclusive"] = bool(pflags & FXF_EXCL)
+        answer, _ = await self._call(meta)
+        return EdgeFile(int(answer["handle"]), name, writing)
+
+    async def read(self, file_obj: object, offset: int, size: int) -> bytes:
+        assert isinstance(file_obj, EdgeFile)
+        _, data = await self._call(
+            {"op": "read", "handle": file_obj.handle, "offset": offset, "size": size}
+        )
+        return data
+
+    async def write(self, file_obj: object, offset: int, data: bytes) -> int:
+        assert isinstance(file_obj, EdgeFile)
+        backend = self.owner.backend
+        if backend is None:
+            raise SFTPFailure("not logged in")
+        try:
+            # Not answered one by one: a failed write is reported by the close.
+            await backend.send({"op": "write", "handle": file_obj.handle, "offset": offset}, data)
+        except BackendGone as exc:
+            raise SFTPFailure(str(exc)) from None
+        return len(data)
+
+    async def fstat(self, file_obj: object) -> SFTPAttrs:
+        assert isinstance(file_obj, EdgeFile)
+        answer, _ = await self._call({"op": "fstat", "handle": file_obj.handle})
+        return _attrs(answer["attrs"])
+
+    async def close(self, file_obj: object) -> None:
+        assert isinstance(file_obj, EdgeFile)
+        if file_obj.writing and self._client_gone():
+            # asyncssh closes the open files when the session ends, too: an upload the
+            # client never closed is incomplete, so the backend keeps it as a partial.
+            await self._call({"op": "abandon", "handle": file_obj.handle})
+            return
+        await self._call({"op": "close", "handle": file_obj.handle})
+
+    def _client_gone(self) -> bool:
+        """True once the client sent EOF or the channel closed: a close now comes from the
+        session's cleanup, not from the client. (asyncssh keeps this state private.)"""
+        return getattr(self.channel, "_recv_state", "open") != "open" or self.channel.is_closing()
+
+    # -- what a virtual file system does not offer ----------------------------------------------
+
+    def readlink(self, path: bytes) -> bytes:
+        raise SFTPOpUnsupported("links are not supported")
+
+    def symlink(self, oldpath: bytes, newpath: bytes) -> None:
+        raise SFTPOpUnsupported("links are not supported")
+
+    def link(self, oldpath: bytes, newpath: bytes) -> None:
+        raise SFTPOpUnsupported("links are not supported")
+
+    def statvfs(self, path: bytes) -> asyncssh.SFTPVFSAttrs:
+        raise SFTPOpUnsupported("statvfs is not supported")
+
+    def fstatvfs(self, file_obj: object) -> asyncssh.SFTPVFSAttrs:
+        raise SFTPOpUnsupported("statvfs is not supported")
+
+
+async def start_sftp(
+    hub: BackendHub, host: str, port: int, host_key: Path, login_timeout: float
+) -> asyncssh.SSHAcceptor:
+    return await asyncssh.create_server(
+        lambda: EdgeSSHServer(hub),
+        host,
+        port,
+        server_host_keys=[str(host_key)],
+        sftp_factory=EdgeSFTPServer,
+        allow_scp=False,
+        login_timeout=login_timeout,
+        keepalive_interval=30,
+        keepalive_count_max=4,
+    )
