@@ -12,7 +12,9 @@ from ferrylink.cluster import (
     WORK_TRANSFER_LOG,
 )
 from ferrylink.consumer_manager import ConsumerSpec
+from ferrylink.messaging import Publisher
 from ferrylink.service import ServiceRuntime, create_app, serve
+from ferrylink.transfer_states import TransferStatePublisher
 from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, router
 from services.transaction_manager.dead_letters import DeadLetterKeeper
@@ -29,8 +31,16 @@ def build(settings: Settings) -> TransactionManager:
     topology = runtime.topology
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # Transfer states on their own connection, whose nacks (a full, bounded queue) are
+    # final: never retried, never slowing the events published on the shared one.
+    states_publisher = Publisher(
+        settings.amqp_urls, declare=topology.declare, name=f"{SERVICE_NAME}-states",
+        nacks_are_final=True,
+    )  # fmt: skip
     transfer_log = TransferLog(
-        runtime.publisher, lambda: runtime.work_queue("transfer-states"), settings.node_id
+        TransferStatePublisher(states_publisher),
+        lambda: runtime.work_queue("transfer-states"),
+        settings.node_id,
     )
     routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id)
     handler = EventHandler(runtime.engine, settings.node_id, routes, data_dir,
@@ -59,7 +69,15 @@ def build(settings: Settings) -> TransactionManager:
 def main() -> None:
     settings = Settings()
     tm = build(settings)
-    app = create_app(tm.runtime, routers=[router], description=__doc__ or "")
+    states_publisher = tm.transfer_log.publisher.publisher
+
+    def start_states_publisher() -> None:
+        states_publisher.start()
+
+    app = create_app(
+        tm.runtime, routers=[router], description=__doc__ or "",
+        on_start=[start_states_publisher], on_stop=[states_publisher.close],
+    )  # fmt: skip
     app.state.tm = tm
     serve(app, settings, SERVICE_NAME)
 

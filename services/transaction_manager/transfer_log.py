@@ -7,7 +7,6 @@ of adding new ones.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -16,8 +15,8 @@ from typing import Any
 
 from sqlmodel import Session, select
 
-from ferrylink.messaging import Publisher
 from ferrylink.models import Transfer, utcnow
+from ferrylink.transfer_states import TransferState, TransferStatePublisher
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,9 @@ FINAL_STATES = {RECEIVED, ROUTED, SENT, FAILED, CANCELED}
 class TransferLog:
     """Writes legs and announces each state change on the transfer-states queue."""
 
-    def __init__(self, publisher: Publisher, states_queue: Callable[[], str], node_id: str) -> None:
+    def __init__(
+        self, publisher: TransferStatePublisher, states_queue: Callable[[], str], node_id: str
+    ) -> None:
         self.publisher = publisher
         self.states_queue = states_queue
         self.node_id = node_id
@@ -68,28 +69,27 @@ class TransferLog:
         session.add(leg)
         return leg
 
-    def publish(self, leg: Transfer) -> Future[None]:
-        """Announce a committed leg state; the future resolves on the broker's confirm."""
-        state = {
-            "leg_key": leg.leg_key,
-            "cycle_id": leg.cycle_id,
-            "event_id": leg.event_id,
-            "leg": leg.leg,
-            "state": leg.status,
-            "account": leg.account,
-            "file_name": leg.file_name,
-            "bytes": leg.bytes,
-            "direction": leg.direction,
-            "protocol": leg.protocol,
-            "partner": leg.partner,
-            "node": self.node_id,
-            "at": utcnow().isoformat(),
-        }
+    def publish(self, leg: Transfer) -> Future[bool]:
+        """Announce a committed leg state. The future resolves on the broker's answer: True
+        stored, False rejected by the full queue (counted and dropped, never waited for)."""
+        state = TransferState(
+            leg_key=leg.leg_key,
+            cycle_id=leg.cycle_id,
+            event_id=leg.event_id,
+            leg=leg.leg,
+            state=leg.status,  # validated by the model: a status outside the vocabulary fails
+            account=leg.account,
+            file_name=leg.file_name,
+            bytes=leg.bytes,
+            direction=leg.direction,
+            protocol=leg.protocol,
+            partner=leg.partner,
+            node=self.node_id,
+            at=utcnow(),
+            detail=leg.detail,
+        )
         # At least once: the sentinel link drops repeats by (leg_key, state).
-        return self.publisher.publish(
-            "", self.states_queue(), json.dumps(state).encode(),
-            message_id=f"{leg.leg_key}:{leg.status}",
-        )  # fmt: skip
+        return self.publisher.publish(self.states_queue(), state)
 
 
 def _aware(moment: datetime) -> datetime:
