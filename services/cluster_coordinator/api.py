@@ -12,7 +12,7 @@ from sqlmodel import Session
 
 from ferrylink.cluster import Assignment
 from ferrylink.messaging import connection_parameters
-from ferrylink.models import ClusterState
+from ferrylink.models import ClusterSetting, ClusterState
 from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.coordinator import Coordinator
 
@@ -71,7 +71,8 @@ class FailoverReport(BaseModel):
     epoch: int
     lost_events: int = Field(description="Events queued on the old primary's own queue.")
     lost_sentinel_records: int = Field(
-        description="Transfer states queued on the old primary's own sentinel-link queue."
+        description="Transfer states queued on the old primary's own transfer-states queue, "
+        "plus records its sentinel link had not yet delivered (node-local link data)."
     )
 
 
@@ -235,4 +236,10 @@ def _stranded_counts(coordinator: Coordinator, node: str | None) -> tuple[int, i
                 counts.append(0)
     finally:
         connection.close()
-    return counts[0], counts[1]
+    # Plus the records the old primary's sentinel link had linked but not yet delivered to
+    # every endpoint: its link data is node-local, so they are lost too. It reports the
+    # number to the shared database about every second.
+    with Session(coordinator.runtime.engine) as session:
+        row = session.get(ClusterSetting, f"sentinel_link.undelivered.{node}")
+        undelivered = int(row.value) if row is not None else 0
+    return counts[0], counts[1] + undelivered
