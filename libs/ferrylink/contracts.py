@@ -76,6 +76,8 @@ class TransferStatus(StrEnum):
     FAILED = "FAILED"
     CANCELED = "CANCELED"
     AVAILABLE = "AVAILABLE"
+    ACKED = "ACKED"
+    FORWARDED = "FORWARDED"
 
 
 FINAL_TRANSFER_STATUSES: frozenset[TransferStatus] = frozenset(
@@ -315,23 +317,23 @@ def parse_event(body: bytes) -> Event:
 
 
 class TransferState(Contract):
-    """A leg of a file's journey entered a state. At least once: a receiver drops repeats
-    by `id` (leg key and state)."""
+    """A leg of a file's journey entered a state (transaction manager -> sentinel link). At
+    least once: a receiver drops repeats by `id` (leg key and state)."""
 
-    leg_key: str = Field(max_length=255)
-    cycle_id: str = Field(max_length=64)
+    leg_key: str = Field(min_length=1, max_length=200)
+    cycle_id: str = Field(min_length=1, max_length=64)
     event_id: str = Field(max_length=64)
     leg: str = Field(max_length=64)
     state: TransferStatus
-    account: str = ""
-    file_name: str = ""
-    bytes: int | None = None
-    direction: str = ""
-    protocol: str = ""
+    account: str = Field(default="", max_length=64)
+    file_name: str = Field(default="", max_length=1024)
+    bytes: int = 0
+    direction: str = Field(default="", max_length=16)
+    protocol: str = Field(default="", max_length=16)
     partner: str | None = None
-    error: str | None = None
-    node: str
-    at: datetime = Field(default_factory=utcnow)
+    node: str = Field(max_length=64)
+    at: datetime = Field(default_factory=utcnow, description="When the state was recorded.")
+    detail: str = Field(default="", max_length=2000)
 
     @property
     def id(self) -> str:

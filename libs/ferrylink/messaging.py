@@ -30,7 +30,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.select_connection import SelectConnection
 from pika.spec import Basic, BasicProperties
 
-from ferrylink.settings import FerrylinkSettings, redact_url
+from ferrylink.settings import (
+    DEFAULT_TRANSFER_STATES_MAX_LENGTH,
+    FerrylinkSettings,
+    redact_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,14 @@ class Topology:
     # With a node id, that node's own queues (used in passive_legacy) are declared too.
     node_id: str | None = None
     node_work_queues: tuple[str, ...] = ("events", "transfer-states")
+    # Work queues with a length bound (shared and node-local alike). Past the bound the
+    # broker rejects new publishes (`x-overflow: reject-publish`): the publisher sees a nack
+    # and decides (the transfer-state publisher counts it and drops the state).
+    # The default equals the setting's default, so a Topology built without settings
+    # declares the same arguments as the services (the broker refuses a mismatch).
+    max_lengths: tuple[tuple[str, int], ...] = (
+        ("transfer-states", DEFAULT_TRANSFER_STATES_MAX_LENGTH),
+    )
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -79,13 +91,18 @@ class Topology:
         """Declare everything; idempotent, so every (re)connect may call it."""
         for name in self.fanout_exchanges:
             channel.exchange_declare(self.exchange(name), exchange_type="fanout", durable=True)
+        bounds = dict(self.max_lengths)
         for name in self.work_queues:
-            self.declare_work_queue(channel, self.queue(name))
+            self.declare_work_queue(channel, self.queue(name), bounds.get(name))
         if self.node_id is not None:
             for name in self.node_work_queues:
-                self.declare_work_queue(channel, self.node_queue(name, self.node_id))
+                self.declare_work_queue(
+                    channel, self.node_queue(name, self.node_id), bounds.get(name)
+                )
 
-    def declare_work_queue(self, channel: BlockingChannel, queue: str) -> None:
+    def declare_work_queue(
+        self, channel: BlockingChannel, queue: str, max_length: int | None = None
+    ) -> None:
         """A durable quorum queue whose poison messages go to its own dead-letter queue.
 
         At-least-once dead-lettering (with reject-publish overflow, which it requires) so a
@@ -93,18 +110,17 @@ class Topology:
         """
         dead = self.dead_letter_queue(queue)
         channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
-        channel.queue_declare(
-            queue,
-            durable=True,
-            arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": self.delivery_limit,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": dead,
-                "x-dead-letter-strategy": "at-least-once",
-                "x-overflow": "reject-publish",
-            },
-        )
+        arguments: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": self.delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": dead,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        if max_length is not None:
+            arguments["x-max-length"] = max_length
+        channel.queue_declare(queue, durable=True, arguments=arguments)
 
     @classmethod
     def from_settings(cls, settings: FerrylinkSettings) -> Topology:
@@ -112,6 +128,7 @@ class Topology:
             prefix=settings.name_prefix,
             delivery_limit=settings.delivery_limit,
             node_id=settings.node_id,
+            max_lengths=(("transfer-states", settings.transfer_states_max_length),),
         )
 
 
@@ -187,6 +204,11 @@ class UnroutableError(Exception):
     """The broker had no queue for a message published as mandatory."""
 
 
+class PublishRejected(Exception):
+    """The broker nacked a message of a publisher whose nacks are final (e.g. the queue is
+    full and rejects publishes). Not re-published."""
+
+
 @dataclass
 class OutgoingMessage:
     exchange: str
@@ -206,13 +228,22 @@ class Publisher:
     quorum queue: once a quorum stored it). A nack or a dropped connection re-publishes the
     message, so a confirmed message is stored and an unconfirmed one is retried until
     `close()`. `declare` runs on every (re)connect, before anything is published.
+
+    With `nacks_are_final`, a nack fails the message's future with `PublishRejected` instead
+    (for a bounded queue with reject-publish, where publishing again would only wait for
+    room). The broker does not say why it nacked, so a nack from a quorum leader change is
+    final too; the connection is still recycled, at most every `NACK_RECYCLE_SECONDS`, to get
+    away from a channel that keeps nacking (see `_on_confirm`).
     """
+
+    NACK_RECYCLE_SECONDS = 5.0
 
     def __init__(
         self,
         urls: Sequence[str],
         declare: Callable[[BlockingChannel], None] | None = None,
         name: str = "publisher",
+        nacks_are_final: bool = False,
     ) -> None:
         self._urls = list(urls)
         self._declare = declare
@@ -228,6 +259,8 @@ class Publisher:
         self._next_tag = 0
         self._url_index = 0
         self._backoff = Backoff()
+        self._nacks_are_final = nacks_are_final
+        self._last_recycle = 0.0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.connections_opened = 0  # grows on every (re)connect; shown in tests and logs
 
@@ -434,7 +467,7 @@ class Publisher:
             else:
                 tags = [method.delivery_tag] if method.delivery_tag in self._unconfirmed else []
             messages = [self._unconfirmed.pop(t) for t in sorted(tags)]
-            if not acked:
+            if not acked and not self._nacks_are_final:
                 # The broker could not store them (e.g. a quorum leader change): publish again.
                 self._pending.extendleft(reversed(messages))
         if acked:
@@ -446,6 +479,16 @@ class Publisher:
                     )
                 else:
                     message.future.set_result(None)
+        elif self._nacks_are_final:
+            for message in messages:
+                message.future.set_exception(
+                    PublishRejected(f"the broker rejected {message.message_id}")
+                )
+            now = time.monotonic()
+            if now - self._last_recycle >= self.NACK_RECYCLE_SECONDS:
+                self._last_recycle = now
+                if self._connection is not None and self._connection.is_open:
+                    self._connection.close()
         else:
             # Seen on RabbitMQ 3.10: after a quorum leader died, a channel that got nacks can
             # keep nacking although a new leader serves fresh channels. So start over on a new

@@ -310,3 +310,92 @@ class ScheduledFile(SQLModel, table=True):
     arrived_event_id: str | None = Field(default=None, max_length=64)
     local_path: str = Field(default="", max_length=2048)  # relative to the data dir
     done_at: datetime = Field(default_factory=utcnow)
+
+
+# --------------------------------------------------------------------------------------------
+# Sentinel link. Endpoints are configuration (always the shared database). The link data
+# (cycles, legs, records, per-endpoint outboxes and delivery status) is shared in
+# active_active and passive, and lives in a node-local SQLite file in passive_legacy.
+# --------------------------------------------------------------------------------------------
+
+
+class SentinelEndpoint(SQLModel, table=True):
+    """A tracking system transfer states are POSTed to."""
+
+    __tablename__ = "sentinel_endpoint"
+    # Ids are never reused, so a new endpoint never inherits an old one's outbox.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, max_length=64)
+    url: str = Field(max_length=2048)
+    paused: bool = Field(default=False)
+    batch_size: int = Field(default=100)
+    # Outbox bounds; past them the oldest records are dropped and counted.
+    max_backlog: int = Field(default=100_000)
+    max_age_seconds: float = Field(default=7 * 86400.0)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SentinelCycle(SQLModel, table=True):
+    """One file's journey: the next sequence number of its records."""
+
+    __tablename__ = "sentinel_cycle"
+
+    cycle_id: str = Field(primary_key=True, max_length=64)
+    next_seq: int = Field(default=1)
+    updated_at: float = Field(index=True)
+
+
+class SentinelLeg(SQLModel, table=True):
+    """The last state linked for each leg of a cycle."""
+
+    __tablename__ = "sentinel_leg"
+
+    leg_key: str = Field(primary_key=True, max_length=200)
+    cycle_id: str = Field(index=True, max_length=64)
+    status: str = Field(max_length=16)
+    seq: int
+    updated_at: float
+
+
+class SentinelRecord(SQLModel, table=True):
+    """A transfer state as linked: its id (`<leg_key>:<status>`, the receivers' idempotency
+    key) makes a redelivered state a no-op."""
+
+    __tablename__ = "sentinel_record"
+
+    id: str = Field(primary_key=True, max_length=220)
+    cycle_id: str = Field(index=True, max_length=64)
+    seq: int
+    body_json: str
+    linked_at: float = Field(index=True)
+
+
+class SentinelOutbox(SQLModel, table=True):
+    """A record waiting for delivery to one endpoint; delivered in `id` order."""
+
+    __tablename__ = "sentinel_outbox"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "record_id", name="uq_sentinel_outbox_record"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    endpoint_id: int = Field(index=True)
+    record_id: str = Field(max_length=220)
+    created_at: float
+
+
+class SentinelDelivery(SQLModel, table=True):
+    """Delivery status of one endpoint (link data: next to its outbox)."""
+
+    __tablename__ = "sentinel_delivery"
+
+    endpoint_id: int = Field(primary_key=True)
+    dropped: int = Field(default=0, sa_type=BigInteger)
+    delivered: int = Field(default=0, sa_type=BigInteger)
+    failures: int = Field(default=0)
+    last_success_at: float | None = Field(default=None)
+    last_error: str = Field(default="", max_length=1000)
+    last_error_at: float | None = Field(default=None)

@@ -49,6 +49,7 @@ from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
+from ferrylink.transfer_states import TransferStatePublisher
 from ferrylink.work import LoopWork, WorkFollower
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class ServiceRuntime:
         )
         self.consumers.on_change = self._on_consumers_changed
         self.follower = WorkFollower(settings.node_id, self.consumers)
+        self._transfer_states: TransferStatePublisher | None = None
         self.config_version = 0
         self._stopping = threading.Event()
         self._heartbeat_thread = threading.Thread(
@@ -186,18 +188,37 @@ class ServiceRuntime:
                 self.topology.exchange(name), "", message.to_bytes(), headers=inject_headers(),
                 message_id=message_id(message), mandatory=False, persistent=not transient,
             )  # fmt: skip
-        queue = (
-            self.topology.node_queue(name, self.settings.node_id)
-            if self.mode == ClusterMode.PASSIVE_LEGACY
-            else self.topology.queue(name)
-        )
         return self.publisher.publish(
-            "", queue, message.to_bytes(), headers=inject_headers(), message_id=message_id(message)
+            "",
+            self._work_queue(name),
+            message.to_bytes(),
+            headers=inject_headers(),
+            message_id=message_id(message),
         )
 
     def publish_all(self, messages: Iterable[Contract], timeout: float = 30.0) -> None:
         """Publish pipelined, then wait for every confirm (raises if one is not confirmed)."""
         wait_all([self.publish(m) for m in messages], timeout)
+
+    def transfer_states(self) -> TransferStatePublisher:
+        """The publisher of transfer states, on its own connection whose nacks are final:
+        the transfer-states queue is bounded, and a full one drops and counts a state
+        (never retried, never waited for) without slowing the events published here."""
+        if self._transfer_states is None:
+            publisher = Publisher(
+                self.settings.amqp_urls, declare=self.topology.declare,
+                name=f"{self.service_name}-states", nacks_are_final=True,
+            )  # fmt: skip
+            self._transfer_states = TransferStatePublisher(
+                publisher, lambda: self._work_queue("transfer-states")
+            )
+        return self._transfer_states
+
+    def _work_queue(self, name: str) -> str:
+        """The shared work queue, or this server's own in passive_legacy."""
+        if self.mode == ClusterMode.PASSIVE_LEGACY:
+            return self.topology.node_queue(name, self.settings.node_id)
+        return self.topology.queue(name)
 
     def republish_raw(self, queue: str, body: bytes, message_id: str) -> Future[None]:
         """Put bytes back on a queue by its full name (a dead letter's replay)."""
@@ -227,6 +248,8 @@ class ServiceRuntime:
         create_tables(self.engine)
         self.config_version = read_config_version(self.engine)
         self.publisher.start()
+        if self._transfer_states is not None:
+            self._transfer_states.publisher.start()
         self.consumers.start()
         self.follower.start()
         self._fetch_assignment()
@@ -237,6 +260,8 @@ class ServiceRuntime:
         self.follower.stop()
         self.consumers.stop()
         self.publisher.close()
+        if self._transfer_states is not None:
+            self._transfer_states.publisher.close()
         self.engine.dispose()
 
     def readiness(self) -> dict[str, bool]:

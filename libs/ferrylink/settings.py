@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from ferrylink.contracts import ClusterMode
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+DEFAULT_TRANSFER_STATES_MAX_LENGTH = 100_000
 
 
 class FerrylinkSettings(BaseSettings):
@@ -40,6 +41,13 @@ class FerrylinkSettings(BaseSettings):
     prefetch: int = Field(10, ge=1, le=1000, description="Unacked messages per consumer.")
     delivery_limit: int = Field(
         5, ge=1, description="Deliveries before a failing message is dead-lettered."
+    )
+    transfer_states_max_length: int = Field(
+        DEFAULT_TRANSFER_STATES_MAX_LENGTH,
+        ge=1,
+        description="Bound of the transfer-states queues; past it a state is rejected by the "
+        "broker, counted (ferrylink_transfer_states_overflow_total) and dropped, so a tracking "
+        "outage never blocks event processing. Changing it needs the queue deleted first.",
     )
     heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between heartbeats.")
     cluster_mode: ClusterMode = Field(

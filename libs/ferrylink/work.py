@@ -179,17 +179,22 @@ class WorkFollower:
                 log.info("started %s (epoch %s)", unit, epoch)
 
     def _switch(self, unit: str, on: bool) -> None:
+        """A unit may be a consumer, a loop, or both (the sentinel link's consumer and its
+        delivery loop): consumers start first and stop first."""
+        if unit in self.consumer_units:
+            self._switch_consumer(unit, on)
         if unit in self.loops:
             loop = self.loops[unit]
             try:
                 (loop.start if on else loop.stop)()
             except Exception:
                 log.exception("could not %s %s", "start" if on else "stop", unit)
-        else:
-            with self._lock:
-                active = {u for u in self._active if u in self.consumer_units}
-            active = active | {unit} if on else active - {unit}
-            self.consumers.set_active(active)
+
+    def _switch_consumer(self, unit: str, on: bool) -> None:
+        with self._lock:
+            active = {u for u in self._active if u in self.consumer_units}
+        active = active | {unit} if on else active - {unit}
+        self.consumers.set_active(active)
 
 
 class PollingLoop:

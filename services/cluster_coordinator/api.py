@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from ferrylink.cluster import Assignment
-from ferrylink.models import ClusterState
+from ferrylink.models import ClusterSetting, ClusterState
 from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.coordinator import Coordinator
 
@@ -69,7 +69,8 @@ class FailoverReport(BaseModel):
     epoch: int
     lost_events: int = Field(description="Events queued on the old primary's own queue.")
     lost_sentinel_records: int = Field(
-        description="Transfer states queued on the old primary's own sentinel-link queue."
+        description="Transfer states queued on the old primary's own transfer-states queue, "
+        "plus records its sentinel link had not yet delivered (node-local link data)."
     )
 
 
@@ -218,4 +219,10 @@ def _stranded_counts(coordinator: Coordinator, node: str | None) -> tuple[int, i
     if node is None:
         return 0, 0
     depths = coordinator.runtime.queue_depths(["events", "transfer-states"], node=node)
-    return depths["events"], depths["transfer-states"]
+    # Plus the records the old primary's sentinel link had linked but not yet delivered to
+    # every endpoint: its link data is node-local, so they are lost too. It reports the
+    # number to the shared database about every second.
+    with Session(coordinator.runtime.engine) as session:
+        row = session.get(ClusterSetting, f"sentinel_link.undelivered.{node}")
+        undelivered = int(row.value) if row is not None else 0
+    return depths["events"], depths["transfer-states"] + undelivered

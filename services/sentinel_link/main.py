@@ -1,28 +1,103 @@
 """Entry point of the sentinel-link service.
 
-Delivers every transfer leg's state to the external tracking system from the primary.
+Delivers every transfer leg's state to the external tracking systems from the primary:
+links each state to its cycle with a sequence number, queues it durably for every endpoint
+and POSTs the queues in order (delivery.py). Endpoints are managed at run time through
+`/endpoints` on any server.
 """
 
-from fastapi import FastAPI
+from __future__ import annotations
 
-from ferrylink.contracts import WORK_SENTINEL_LINK
+import logging
+from dataclasses import dataclass
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from ferrylink.contracts import WORK_SENTINEL_LINK, ClusterMode, TransferState
+from ferrylink.db import create_tables, make_engine
+from ferrylink.models import ClusterSetting
 from ferrylink.runtime import ServiceRuntime, create_app, serve
-from ferrylink.work import FlagWork
+from services.sentinel_link.api import endpoints, link
+from services.sentinel_link.consume import StateHandler
+from services.sentinel_link.delivery import DeliveryLoop
+from services.sentinel_link.link import LinkStore
 from services.sentinel_link.settings import Settings
 
 SERVICE_NAME = "sentinel-link"
+MODE_KEY = "cluster.mode"  # written by the coordinator (cluster_coordinator/store.py)
+UNDELIVERED_KEY = "sentinel_link.undelivered.{node}"  # read by the coordinator's failover
+
+log = logging.getLogger(__name__)
 
 
-def build(settings: Settings) -> ServiceRuntime:
+@dataclass
+class SentinelLink:
+    runtime: ServiceRuntime
+    store: LinkStore
+    mode: str
+    link_db: str
+
+
+def cluster_mode(engine: Engine, default: str) -> str:
+    with Session(engine) as session:
+        row = session.get(ClusterSetting, MODE_KEY)
+        return row.value if row is not None else default
+
+
+def build(settings: Settings) -> SentinelLink:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
-    # Primary-only work, switched by the coordinator's assignment. Delivery is not built
-    # yet (README, "Status"); the switch and its fencing are.
-    runtime.loop(WORK_SENTINEL_LINK, FlagWork())
-    return runtime
+    create_tables(runtime.engine)
+    # Read once at start: a mode change needs the service restarted.
+    mode = cluster_mode(runtime.engine, settings.cluster_mode)
+    legacy = mode == ClusterMode.PASSIVE_LEGACY
+    link_engine, link_db = runtime.engine, "shared"
+    if legacy:
+        # Link data is not synchronized in passive_legacy: it stays on this server and is
+        # lost with it (the coordinator's manual failover reports how much).
+        path = (settings.state_dir / f"sentinel-link-{settings.node_id}.db").resolve()
+        link_engine, link_db = make_engine(f"sqlite:///{path}"), str(path)
+        create_tables(link_engine)
+    store = LinkStore(runtime.engine, link_engine)
+
+    def report_undelivered() -> None:
+        if not legacy:
+            return  # shared link data: a failover loses nothing
+        with Session(runtime.engine) as session:
+            key = UNDELIVERED_KEY.format(node=settings.node_id)
+            row = session.get(ClusterSetting, key) or ClusterSetting(key=key, value="0")
+            row.value = str(store.undelivered_records())
+            session.add(row)
+            session.commit()
+
+    delivery = DeliveryLoop(
+        store,
+        settings.node_id,
+        heartbeat_seconds=settings.sentinel_heartbeat_seconds,
+        timeout=settings.sentinel_timeout_seconds,
+        backoff_initial=settings.sentinel_backoff_initial,
+        backoff_max=settings.sentinel_backoff_max,
+        poll_seconds=settings.sentinel_poll_seconds,
+        on_pass=report_undelivered,
+    )
+    # What it reacts to, on the primary only: the transfer states, one at a time and in
+    # queue order (one worker), and the delivery loop to the endpoints.
+    states = StateHandler(store)
+    runtime.consume(WORK_SENTINEL_LINK, "transfer-states", states.handle, TransferState,
+                    node_local=legacy, prefetch=20, workers=1)  # fmt: skip
+    runtime.loop(WORK_SENTINEL_LINK, delivery)
+    return SentinelLink(runtime, store, mode, link_db)
 
 
 def app(settings: Settings) -> FastAPI:
-    return create_app(build(settings), description=__doc__ or "")
+    sentinel = build(settings)
+    api = create_app(
+        sentinel.runtime, routers=[endpoints.router, link.router], description=__doc__ or ""
+    )
+    api.state.link_store = sentinel.store
+    api.state.link_info = {"mode": sentinel.mode, "link_db": sentinel.link_db}
+    return api
 
 
 def main() -> None:

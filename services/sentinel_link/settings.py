@@ -1,7 +1,23 @@
 """Settings of the sentinel-link service (environment variables `FERRYLINK_*`)."""
 
+from pydantic import Field
+
 from ferrylink.settings import FerrylinkSettings
 
 
 class Settings(FerrylinkSettings):
-    """sentinel-link reads only the shared settings so far."""
+    sentinel_heartbeat_seconds: float = Field(
+        10.0, gt=0, description="A heartbeat record is sent to every endpoint this often."
+    )
+    sentinel_timeout_seconds: float = Field(
+        5.0, gt=0, description="Timeout of one POST to a tracking endpoint."
+    )
+    sentinel_backoff_initial: float = Field(
+        0.5, gt=0, description="First retry delay after a failed delivery (doubles each time)."
+    )
+    sentinel_backoff_max: float = Field(
+        60.0, gt=0, description="Longest retry delay of a failing endpoint."
+    )
+    sentinel_poll_seconds: float = Field(
+        0.2, gt=0, description="How often an idle endpoint's outbox is checked."
+    )

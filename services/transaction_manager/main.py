@@ -31,7 +31,7 @@ def build(settings: Settings) -> tuple[ServiceRuntime, TransactionManager]:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    transfer_log = TransferLog(runtime.publish, settings.node_id)
+    transfer_log = TransferLog(runtime.transfer_states().publish, settings.node_id)
     routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id)
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish)
     dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))

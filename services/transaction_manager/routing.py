@@ -243,7 +243,7 @@ class _States:
         self.log = transfer_log
         self.session = session
         self._staged: list[Transfer] = []
-        self._futures: list[Future[None]] = []
+        self._futures: list[Future[Any]] = []
 
     def stage(self, leg_key: str, status: str, **fields: Any) -> None:
         leg = self.log.stage(self.session, leg_key, status, **fields)

@@ -32,7 +32,7 @@ SENDING, SENT, FAILED = TransferStatus.SENDING, TransferStatus.SENT, TransferSta
 class TransferLog:
     """Writes legs and announces each state change on the transfer-states queue."""
 
-    def __init__(self, publish: Callable[[TransferState], Future[None]], node_id: str) -> None:
+    def __init__(self, publish: Callable[[TransferState], Future[Any]], node_id: str) -> None:
         self._publish = publish
         self.node_id = node_id
 
@@ -68,14 +68,15 @@ class TransferLog:
         session.add(leg)
         return leg
 
-    def publish(self, leg: Transfer) -> Future[None]:
-        """Announce a committed leg state; the future resolves on the broker's confirm."""
+    def publish(self, leg: Transfer) -> Future[Any]:
+        """Announce a committed leg state. The future resolves on the broker's answer (a full
+        transfer-states queue drops and counts the state, never waited for)."""
         # At least once: the sentinel link drops repeats by the state's id (leg key, state).
         return self._publish(
             TransferState(
                 leg_key=leg.leg_key, cycle_id=leg.cycle_id, event_id=leg.event_id, leg=leg.leg,
                 state=TransferStatus(leg.status), account=leg.account, file_name=leg.file_name,
-                bytes=leg.bytes, direction=leg.direction, protocol=leg.protocol,
-                partner=leg.partner, error=leg.detail or None, node=self.node_id,
+                bytes=leg.bytes or 0, direction=leg.direction, protocol=leg.protocol,
+                partner=leg.partner, detail=leg.detail, node=self.node_id,
             )
         )  # fmt: skip

@@ -1,0 +1,146 @@
+"""Delivery: one worker thread per endpoint POSTs its outbox in order, in JSON batches.
+
+An endpoint that fails (connection error, timeout, non-2xx) backs off exponentially with
+jitter and retries the same batch, so the order per endpoint holds; the other endpoints'
+workers are not held up by it. Each endpoint also gets a heartbeat record every
+`heartbeat_seconds`, so a tracking system can tell "no transfers" from "link down".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from ferrylink.models import SentinelEndpoint
+from services.sentinel_link.link import LinkStore, heartbeat_record, retry_delay
+
+log = logging.getLogger(__name__)
+
+
+class EndpointWorker:
+    def __init__(self, loop: DeliveryLoop, endpoint: SentinelEndpoint) -> None:
+        self.loop = loop
+        self.endpoint = endpoint
+        self.stop_event = threading.Event()
+        self.next_heartbeat = 0.0
+        self.thread = threading.Thread(
+            target=self._run, name=f"sentinel-{endpoint.name}", daemon=True
+        )
+
+    def _run(self) -> None:
+        store, endpoint = self.loop.store, self.endpoint
+        assert endpoint.id is not None
+        failures = 0
+        with httpx.Client(timeout=self.loop.timeout, follow_redirects=False) as client:
+            while not self.stop_event.is_set():
+                now = time.time()
+                try:
+                    sent = False
+                    if now >= self.next_heartbeat:
+                        self._post(client, [heartbeat_record(self.loop.node, now)])
+                        self.next_heartbeat = now + self.loop.heartbeat_seconds
+                        sent = True
+                    store.enforce_bounds(endpoint, now)
+                    batch = store.next_batch(endpoint.id, endpoint.batch_size)
+                    if batch:
+                        self._post(client, [record for _, record in batch])
+                    if batch or sent:
+                        store.delivered(endpoint.id, [i for i, _ in batch], time.time())
+                    failures = 0
+                    idle = not batch
+                except Exception as exc:
+                    failures = store.failed(endpoint.id, _describe(exc), time.time())
+                    delay = retry_delay(failures, self.loop.backoff_initial, self.loop.backoff_max)
+                    log.warning("endpoint %s: delivery failed (%d in a row): %s; retry in %.1f s",
+                                endpoint.name, failures, _describe(exc), delay)  # fmt: skip
+                    self.stop_event.wait(delay)
+                    continue
+                if idle:
+                    self.stop_event.wait(self.loop.poll_seconds)
+
+    def _post(self, client: httpx.Client, records: list[dict[str, Any]]) -> None:
+        response = client.post(self.endpoint.url, json={"node": self.loop.node, "records": records})
+        if not response.is_success:
+            raise DeliveryError(f"HTTP {response.status_code}")
+
+
+class DeliveryError(Exception):
+    pass
+
+
+def _describe(exc: Exception) -> str:
+    # Never the URL's query or credentials: only the kind of failure.
+    if isinstance(exc, DeliveryError):
+        return str(exc)
+    return type(exc).__name__
+
+
+class DeliveryLoop:
+    """Primary-only work: keeps one worker per active (not paused) endpoint."""
+
+    def __init__(
+        self,
+        store: LinkStore,
+        node: str,
+        heartbeat_seconds: float,
+        timeout: float,
+        backoff_initial: float,
+        backoff_max: float,
+        poll_seconds: float,
+        on_pass: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.node = node
+        self.heartbeat_seconds = heartbeat_seconds
+        self.timeout = timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.poll_seconds = poll_seconds
+        self.on_pass = on_pass
+        self._workers: dict[int, EndpointWorker] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="sentinel-delivery",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._reconcile([])
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reconcile([e for e in self.store.endpoints() if not e.paused])
+                if self.on_pass is not None:
+                    self.on_pass()
+            except Exception:
+                log.exception("sentinel delivery: cannot read the endpoints")
+            self._stop.wait(1.0)
+
+    def _reconcile(self, wanted: list[SentinelEndpoint]) -> None:
+        by_id = {e.id: e for e in wanted if e.id is not None}
+        for endpoint_id, worker in list(self._workers.items()):
+            current = by_id.get(endpoint_id)
+            if current is None or current.url != worker.endpoint.url:
+                worker.stop_event.set()
+                worker.thread.join()
+                del self._workers[endpoint_id]
+        for endpoint_id, endpoint in by_id.items():
+            if endpoint_id not in self._workers:
+                worker = EndpointWorker(self, endpoint)
+                self._workers[endpoint_id] = worker
+                worker.thread.start()

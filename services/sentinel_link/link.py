@@ -1,0 +1,255 @@
+"""Link data: each transfer state becomes a record with a sequence number per cycle, queued in
+an outbox per endpoint, in one transaction (the broker message is acked after it commits).
+
+Outbox overflow policy: an endpoint's outbox keeps at most `max_backlog` records, none older
+than `max_age_seconds`; past either bound the OLDEST records are dropped, and counted in the
+endpoint's `dropped` (shown by `GET /endpoints`). New endpoints get the records linked after
+they were added (no backfill).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, delete, select
+
+from ferrylink.contracts import TransferState
+from ferrylink.models import (
+    SentinelCycle,
+    SentinelDelivery,
+    SentinelEndpoint,
+    SentinelLeg,
+    SentinelOutbox,
+    SentinelRecord,
+)
+
+log = logging.getLogger(__name__)
+
+RECORD_TYPE = "transfer_state"
+HEARTBEAT_TYPE = "heartbeat"
+
+
+# -- pure rules --------------------------------------------------------------------------------
+
+
+def record_for(state: TransferState, seq: int) -> dict[str, Any]:
+    """What a receiver gets for one state; `id` is its idempotency key."""
+    return {
+        "type": RECORD_TYPE,
+        "id": state.id,
+        "cycle_id": state.cycle_id,
+        "seq": seq,
+        "leg": state.leg,
+        "leg_key": state.leg_key,
+        "status": state.state,
+        "at": state.at.isoformat(),
+        "event_id": state.event_id,
+        "account": state.account,
+        "file_name": state.file_name,
+        "bytes": state.bytes,
+        "direction": state.direction,
+        "protocol": state.protocol,
+        "partner": state.partner,
+        "node": state.node,
+        "detail": state.detail,
+    }
+
+
+def heartbeat_record(node: str, now: float) -> dict[str, Any]:
+    """Tells a tracking system "the link is up" when no transfer happens."""
+    return {"type": HEARTBEAT_TYPE, "id": f"heartbeat:{node}:{now:.3f}", "node": node, "at": now}
+
+
+def retry_delay(
+    failures: int, initial: float, maximum: float, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with full jitter in its upper half: after the n-th consecutive
+    failure wait between half and all of min(maximum, initial * 2**(n-1))."""
+    if failures <= 0:
+        return 0.0
+    ceiling = min(maximum, initial * 2 ** min(failures - 1, 62))
+    return ceiling * (rng or random).uniform(0.5, 1.0)
+
+
+def excess(backlog: int, max_backlog: int) -> int:
+    """How many of the oldest records to drop so the backlog fits its bound."""
+    return max(0, backlog - max_backlog)
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+class LinkStore:
+    """`config` holds the endpoints (shared database); `link` holds the link data (the same
+    database, or a node-local SQLite file in passive_legacy)."""
+
+    def __init__(self, config: Engine, link: Engine) -> None:
+        self.config = config
+        self.link = link
+
+    def endpoints(self) -> list[SentinelEndpoint]:
+        with Session(self.config) as session:
+            return list(session.exec(select(SentinelEndpoint).order_by(col(SentinelEndpoint.id))))
+
+    def link_state(self, state: TransferState, endpoints: Sequence[SentinelEndpoint]) -> int | None:
+        """Record `state` once and queue it for every endpoint; its seq, or None if it was
+        linked before (a redelivered message)."""
+        now = time.time()
+        with Session(self.link) as session:
+            if session.get(SentinelRecord, state.id) is not None:
+                return None
+            cycle = session.get(SentinelCycle, state.cycle_id, with_for_update=True)
+            if cycle is None:
+                cycle = SentinelCycle(cycle_id=state.cycle_id, next_seq=1, updated_at=now)
+            seq = cycle.next_seq
+            cycle.next_seq += 1
+            cycle.updated_at = now
+            leg = session.get(SentinelLeg, state.leg_key) or SentinelLeg(
+                leg_key=state.leg_key, cycle_id=state.cycle_id, status=state.state, seq=seq,
+                updated_at=now,
+            )  # fmt: skip
+            leg.status, leg.seq, leg.updated_at = state.state, seq, now
+            record = record_for(state, seq)
+            session.add(cycle)
+            session.add(leg)
+            session.add(
+                SentinelRecord(
+                    id=state.id,
+                    cycle_id=state.cycle_id,
+                    seq=seq,
+                    body_json=json.dumps(record),
+                    linked_at=now,
+                )  # fmt: skip
+            )
+            for endpoint in endpoints:
+                assert endpoint.id is not None
+                session.add(
+                    SentinelOutbox(
+                        endpoint_id=endpoint.id, record_id=state.id, created_at=now
+                    )  # fmt: skip
+                )
+            try:
+                session.commit()
+            except IntegrityError:
+                # Linked by another instance meanwhile (an overlap around a failover).
+                session.rollback()
+                return None
+        for endpoint in endpoints:
+            self.enforce_bounds(endpoint, now)
+        return seq
+
+    def enforce_bounds(self, endpoint: SentinelEndpoint, now: float) -> int:
+        """Drop the oldest records past the endpoint's bounds; count them. Returns how many."""
+        assert endpoint.id is not None
+        with Session(self.link) as session:
+            outbox = select(SentinelOutbox.id).where(SentinelOutbox.endpoint_id == endpoint.id)
+            backlog = session.exec(select(func.count()).select_from(outbox.subquery())).one()
+            victims: list[int | None] = []
+            over = excess(backlog, endpoint.max_backlog)
+            if over:
+                victims += session.exec(outbox.order_by(col(SentinelOutbox.id)).limit(over)).all()
+            too_old = now - endpoint.max_age_seconds
+            victims += session.exec(
+                outbox.where(SentinelOutbox.created_at < too_old).order_by(col(SentinelOutbox.id))
+            ).all()
+            ids = sorted({v for v in victims if v is not None})
+            if not ids:
+                return 0
+            session.exec(delete(SentinelOutbox).where(col(SentinelOutbox.id).in_(ids)))
+            status = self._status(session, endpoint.id)
+            status.dropped += len(ids)
+            session.add(status)
+            session.commit()
+        log.warning("endpoint %s: backlog over its bound, dropped %d oldest", endpoint.name,
+                    len(ids))  # fmt: skip
+        return len(ids)
+
+    def next_batch(self, endpoint_id: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """The oldest queued records of an endpoint: (outbox id, record)."""
+        with Session(self.link) as session:
+            rows = session.exec(
+                select(SentinelOutbox.id, SentinelRecord.body_json)
+                .join(SentinelRecord, col(SentinelRecord.id) == col(SentinelOutbox.record_id))
+                .where(SentinelOutbox.endpoint_id == endpoint_id)
+                .order_by(col(SentinelOutbox.id))
+                .limit(limit)
+            ).all()
+        return [(int(row_id or 0), json.loads(body)) for row_id, body in rows]
+
+    def delivered(self, endpoint_id: int, outbox_ids: Sequence[int], now: float) -> None:
+        with Session(self.link) as session:
+            if outbox_ids:
+                session.exec(delete(SentinelOutbox).where(col(SentinelOutbox.id).in_(outbox_ids)))
+            status = self._status(session, endpoint_id)
+            status.delivered += len(outbox_ids)
+            status.failures = 0
+            status.last_success_at = now
+            session.add(status)
+            session.commit()
+
+    def failed(self, endpoint_id: int, error: str, now: float) -> int:
+        """Record a failed delivery; the number of consecutive failures."""
+        with Session(self.link) as session:
+            status = self._status(session, endpoint_id)
+            status.failures += 1
+            status.last_error = error[:1000]
+            status.last_error_at = now
+            session.add(status)
+            session.commit()
+            return status.failures
+
+    def status(self) -> dict[int, dict[str, Any]]:
+        """Per endpoint id: backlog and delivery status."""
+        with Session(self.link) as session:
+            backlogs = dict(
+                session.exec(
+                    select(SentinelOutbox.endpoint_id, func.count()).group_by(
+                        col(SentinelOutbox.endpoint_id)
+                    )
+                ).all()
+            )
+            rows = {d.endpoint_id: d for d in session.exec(select(SentinelDelivery))}
+        found: dict[int, dict[str, Any]] = {}
+        for endpoint_id in set(backlogs) | set(rows):
+            row = rows.get(endpoint_id) or SentinelDelivery(endpoint_id=endpoint_id)
+            found[endpoint_id] = {
+                "backlog": int(backlogs.get(endpoint_id, 0)),
+                "delivered": row.delivered,
+                "dropped": row.dropped,
+                "failures": row.failures,
+                "last_success_at": row.last_success_at,
+                "last_error": row.last_error or None,
+                "last_error_at": row.last_error_at,
+            }
+        return found
+
+    def undelivered_records(self) -> int:
+        """Records some endpoint has not received yet (what a passive_legacy failover loses)."""
+        with Session(self.link) as session:
+            return int(
+                session.exec(select(func.count(func.distinct(SentinelOutbox.record_id)))).one()
+            )
+
+    def forget_endpoint(self, endpoint_id: int) -> None:
+        with Session(self.link) as session:
+            session.exec(
+                delete(SentinelOutbox).where(col(SentinelOutbox.endpoint_id) == endpoint_id)
+            )
+            session.exec(
+                delete(SentinelDelivery).where(col(SentinelDelivery.endpoint_id) == endpoint_id)
+            )
+            session.commit()
+
+    @staticmethod
+    def _status(session: Session, endpoint_id: int) -> SentinelDelivery:
+        return session.get(SentinelDelivery, endpoint_id) or SentinelDelivery(
+            endpoint_id=endpoint_id
+        )

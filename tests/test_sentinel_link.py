@@ -1,0 +1,185 @@
+"""The sentinel link on real processes, a real broker and a real HTTP receiver.
+
+- passive, 2 servers: files are uploaded and routed while the primary is SIGKILLed; the
+  receiver gets every leg of every cycle, each id with one seq (repeats dropped), in seq
+  order per cycle.
+- The bound of the transfer-states queue: with nothing consuming it, uploads and routing go
+  on, and every state is either in the queue or counted as overflow on /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pika
+import pytest
+
+from ferrylink.cluster import WORK_EVENTS, WORK_SENTINEL_LINK
+from ferrylink.messaging import Topology
+from tests.cluster_support import Cluster
+from tests.helpers import wait_until
+from tests.tracking_sink import TrackingSink
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(400)]
+
+PASSWORD = "correct horse"
+
+
+def url(cluster: Cluster, server: str, service: str) -> str:
+    return f"http://127.0.0.1:{cluster.port(server, service)}"
+
+
+def set_up_account(tm: str) -> None:
+    assert httpx.post(f"{tm}/accounts", json={"name": "acme", "password": PASSWORD}).status_code
+    route = {"account": "acme", "pattern": "*.csv",
+             "steps": [{"kind": "copy", "folder": "archive"}]}  # fmt: skip
+    assert httpx.post(f"{tm}/routes", json=route).status_code == 201
+
+
+def upload(tm: str, name: str) -> dict[str, Any]:
+    response = httpx.put(
+        f"{tm}/files/acme/in/{name}", content=b"id\n" + name.encode(), auth=("acme", PASSWORD),
+        timeout=30,
+    )  # fmt: skip
+    assert response.status_code == 201, response.text
+    doc: dict[str, Any] = response.json()
+    return doc
+
+
+def expected_ids(event_id: str) -> list[str]:
+    return [f"{event_id}:receive:RECEIVING", f"{event_id}:receive:RECEIVED",
+            f"{event_id}:route:ROUTED"]  # fmt: skip
+
+
+def test_passive_primary_killed_mid_stream_every_leg_once_in_order(
+    make_cluster: Any,
+) -> None:
+    cluster = make_cluster("passive", servers=2)
+    wait_until(lambda: WORK_SENTINEL_LINK in cluster.active("st1", "sentinel-link"), 60,
+               "st1's sentinel link active")  # fmt: skip
+    wait_until(lambda: WORK_EVENTS in cluster.active("st1", "transaction-manager"), 60,
+               "st1's transaction manager consuming")  # fmt: skip
+    sink = TrackingSink()
+    try:
+        # Any server answers: configured on the standby, used by the primary.
+        created = httpx.post(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints",
+                             json={"name": "tracker", "url": sink.url})  # fmt: skip
+        assert created.status_code == 201, created.text
+        # Uploads go to st2's transaction manager (it survives); st1, the primary, routes.
+        tm = url(cluster, "st2", "transaction-manager")
+        set_up_account(tm)
+        uploads: list[dict[str, Any]] = []
+        failures: list[BaseException] = []
+
+        def feed() -> None:
+            try:
+                for n in range(60):
+                    uploads.append(upload(tm, f"f{n:03d}.csv"))
+            except BaseException as exc:
+                failures.append(exc)
+
+        feeder = threading.Thread(target=feed)
+        feeder.start()
+        routed = lambda: sum(1 for r in sink.states() if r["status"] == "ROUTED")  # noqa: E731
+        wait_until(lambda: routed() >= 15, 60, "some files routed and tracked")
+        cluster.run("server", "kill", "st1")
+        feeder.join(120)
+        assert not failures, failures
+        assert len(uploads) == 60
+
+        wanted = [i for u in uploads for i in expected_ids(u["event_id"])]
+        wait_until(lambda: set(wanted) <= set(sink.unique_states()), 120,
+                   "every leg of every cycle at the receiver")  # fmt: skip
+        states = sink.states()
+        # One seq per id: a repeat (resent after the failover) is the same record.
+        seqs: dict[str, set[int]] = {}
+        for record in states:
+            seqs.setdefault(record["id"], set()).add(record["seq"])
+        assert all(len(s) == 1 for s in seqs.values()), "an id arrived with two seqs"
+        # In seq order per cycle (first arrival of each id), seq 1..3, the journey's order.
+        for u in uploads:
+            cycle = sink.by_cycle()[u["cycle_id"]]
+            assert [r["seq"] for r in cycle] == [1, 2, 3]
+            assert [r["id"] for r in cycle] == expected_ids(u["event_id"])
+        # After the failover st2 delivers; the endpoint's status says so.
+        assert WORK_SENTINEL_LINK in cluster.active("st2", "sentinel-link")
+        endpoints = httpx.get(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints").json()
+        wait_until(
+            lambda: (
+                httpx.get(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints").json()[0]["backlog"]
+                == 0
+            ),
+            30,
+            "an empty backlog",
+        )
+        assert endpoints[0]["name"] == "tracker" and endpoints[0]["dropped"] == 0
+        assert sink.heartbeats(), "heartbeat records"
+        print(f"{len(states)} records received, {len(states) - len(seqs)} repeats dropped")
+    finally:
+        sink.stop()
+
+
+def queue_length(amqp_url: str, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    try:
+        count: int = connection.channel().queue_declare(queue, passive=True).method.message_count
+        return count
+    finally:
+        connection.close()
+
+
+def overflow_metric(tm: str) -> float:
+    text = httpx.get(f"{tm}/metrics").text
+    found = re.search(r"^ferrylink_transfer_states_overflow_total (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_full_transfer_states_queue_never_stops_events(
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bound = 10
+    monkeypatch.setenv("FERRYLINK_TRANSFER_STATES_MAX_LENGTH", str(bound))
+    # The server stays up (and keeps its work) without its sentinel link.
+    monkeypatch.setenv(
+        "FERRYLINK_REQUIRED_SERVICES",
+        "transaction-manager,scheduler,folder-monitor,cluster-coordinator",
+    )
+    cluster = make_cluster("active_active", servers=1)
+    wait_until(lambda: WORK_EVENTS in cluster.active("st1", "transaction-manager"), 60,
+               "the transaction manager consuming")  # fmt: skip
+    tm = url(cluster, "st1", "transaction-manager")
+    # Configuration first: a dead service's stale config version would leave the server
+    # unsynchronized (see the coordinator's view).
+    set_up_account(tm)
+
+    def sentinel_synchronized() -> bool:
+        view = cluster.view()
+        heard = view["servers"][0]["services"].get("sentinel-link", {})
+        return bool(heard.get("config_version") == view["config_version"])
+
+    wait_until(sentinel_synchronized, 30, "the sentinel link on the current configuration")
+    # Nothing consumes the transfer states any more (a dead process is not restarted).
+    sentinel_pid = cluster.doc()["servers"][0]["services"]["sentinel-link"]["pid"]
+    os.kill(sentinel_pid, signal.SIGKILL)
+    files = 30
+    for n in range(files):
+        upload(tm, f"g{n:03d}.csv")
+    archive = cluster.state_dir / "data" / "archive"
+    wait_until(lambda: len(list(archive.glob("*.csv"))) == files, 60, "every file routed")
+    page = httpx.get(f"{tm}/transfers", params={"status": "ROUTED", "limit": 100}).json()
+    assert page["total"] == files
+    queue = Topology(prefix=cluster.prefix).queue("transfer-states")
+    stored = queue_length(cluster.amqp_url, queue)
+    overflow = overflow_metric(tm)
+    # A quorum queue learns it is full a little late: concurrent publishers overshoot the
+    # bound by what they had in flight (stored and counted, never lost silently).
+    assert bound <= stored <= bound + 10
+    assert overflow >= 3 * files - bound - 10
+    # Every state is accounted for: in the queue, or counted as dropped.
+    assert stored + overflow == 3 * files

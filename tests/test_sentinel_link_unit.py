@@ -1,0 +1,175 @@
+"""The sentinel link without a broker: pure rules (backoff, bounds, URLs), the link store on a
+real SQLite file (seq per cycle, repeats, outbox bounds), and delivery to real HTTP receivers
+(one of two down, then back)."""
+
+from __future__ import annotations
+
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlmodel import Session
+
+from ferrylink.contracts import TransferState
+from ferrylink.db import create_tables, make_engine
+from ferrylink.models import SentinelEndpoint
+from services.sentinel_link.api.endpoints import check_url
+from services.sentinel_link.delivery import DeliveryLoop
+from services.sentinel_link.link import LinkStore, excess, retry_delay
+from tests.helpers import wait_until
+from tests.tracking_sink import TrackingSink
+
+
+def state(cycle: str, leg: str, status: str) -> TransferState:
+    return TransferState(
+        leg_key=f"{cycle}:{leg}", cycle_id=cycle, event_id=cycle, leg=leg, state=status,
+        account="acme", file_name="in/a.csv", bytes=3, direction="inbound", protocol="sftp",
+        node="st1", at=datetime(2025, 1, 1, tzinfo=UTC),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("failures", "low", "high"),
+    [(0, 0.0, 0.0), (1, 0.25, 0.5), (2, 0.5, 1.0), (3, 1.0, 2.0), (7, 15.0, 30.0),
+     (8, 15.0, 30.0), (1000, 15.0, 30.0)],
+)  # fmt: skip
+def test_retry_delay_doubles_with_jitter_up_to_the_maximum(
+    failures: int, low: float, high: float
+) -> None:
+    rng = random.Random(failures)
+    delays = [retry_delay(failures, 0.5, 30.0, rng) for _ in range(200)]
+    assert all(low <= d <= high for d in delays)
+    if failures:
+        assert len(set(delays)) > 100  # jittered, so endpoints do not retry in lockstep
+
+
+@pytest.mark.parametrize(("backlog", "bound", "drop"), [(0, 5, 0), (5, 5, 0), (6, 5, 1), (9, 1, 8)])
+def test_excess(backlog: int, bound: int, drop: int) -> None:
+    assert excess(backlog, bound) == drop
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["ftp://x/y", "file:///etc/passwd", "javascript:alert(1)", "http://", "http://u:p@host/x",
+     "http://host/a b", "http://host:99999/", "http://host/x\r\nX-Evil: 1", "//host/x",
+     "http://host/x#frag"],
+)  # fmt: skip
+def test_hostile_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        check_url(url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/track", "https://tracking.example/in?k=1"])
+def test_plain_urls_pass(url: str) -> None:
+    assert check_url(url) == url
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LinkStore:
+    engine = make_engine(f"sqlite:///{tmp_path / 'link.db'}")
+    create_tables(engine)
+    return LinkStore(engine, engine)
+
+
+def add_endpoint(store: LinkStore, name: str, url: str, **fields: Any) -> SentinelEndpoint:
+    with Session(store.config) as session:
+        endpoint = SentinelEndpoint(name=name, url=url, **fields)
+        session.add(endpoint)
+        session.commit()
+        session.refresh(endpoint)
+        return endpoint
+
+
+def test_seq_per_cycle_in_consumption_order_and_repeats_dropped(store: LinkStore) -> None:
+    endpoint = add_endpoint(store, "a", "http://127.0.0.1:1/")
+    endpoints = store.endpoints()
+    assert store.link_state(state("c1", "receive", "RECEIVING"), endpoints) == 1
+    assert store.link_state(state("c2", "receive", "RECEIVING"), endpoints) == 1
+    assert store.link_state(state("c1", "receive", "RECEIVED"), endpoints) == 2
+    # A redelivered message: no new seq, nothing queued twice.
+    assert store.link_state(state("c1", "receive", "RECEIVED"), endpoints) is None
+    assert store.link_state(state("c1", "route", "ROUTED"), endpoints) == 3
+    assert endpoint.id is not None
+    batch = store.next_batch(endpoint.id, 10)
+    assert [(r["cycle_id"], r["seq"], r["status"]) for _, r in batch] == [
+        ("c1", 1, "RECEIVING"), ("c2", 1, "RECEIVING"), ("c1", 2, "RECEIVED"),
+        ("c1", 3, "ROUTED"),
+    ]  # fmt: skip
+    assert batch[2][1]["id"] == "c1:receive:RECEIVED"
+    assert store.undelivered_records() == 4
+    store.delivered(endpoint.id, [i for i, _ in batch[:2]], 1.0)
+    assert [r["seq"] for _, r in store.next_batch(endpoint.id, 10)] == [2, 3]
+    assert store.status()[endpoint.id]["backlog"] == 2
+
+
+def test_backlog_bounds_drop_the_oldest_and_count_them(store: LinkStore) -> None:
+    small = add_endpoint(store, "small", "http://127.0.0.1:1/", max_backlog=3)
+    big = add_endpoint(store, "big", "http://127.0.0.1:2/")
+    for n in range(5):
+        store.link_state(state(f"c{n}", "receive", "RECEIVED"), store.endpoints())
+    assert small.id is not None and big.id is not None
+    assert [r["cycle_id"] for _, r in store.next_batch(small.id, 10)] == ["c2", "c3", "c4"]
+    assert store.status()[small.id]["dropped"] == 2
+    assert store.status()[big.id]["backlog"] == 5 and store.status()[big.id]["dropped"] == 0
+    # Age: everything older than max_age_seconds goes, counted.
+    with Session(store.config) as session:
+        row = session.get(SentinelEndpoint, big.id)
+        assert row is not None
+        row.max_age_seconds = 60
+        session.add(row)
+        session.commit()
+        session.refresh(row)
+        aged = row
+    assert store.enforce_bounds(aged, time.time() + 3600) == 5
+    assert store.status()[big.id]["dropped"] == 5 and store.status()[big.id]["backlog"] == 0
+
+
+def test_one_endpoint_down_does_not_hold_the_other_and_gets_its_backlog(
+    store: LinkStore,
+) -> None:
+    up, down = TrackingSink(), TrackingSink()
+    down.stop()
+    add_endpoint(store, "up", up.url, batch_size=7)
+    add_endpoint(store, "down", down.url, batch_size=7)
+    loop = DeliveryLoop(store, "st1", heartbeat_seconds=0.5, timeout=2.0,
+                        backoff_initial=0.05, backoff_max=0.5, poll_seconds=0.05)  # fmt: skip
+    loop.start()
+    try:
+        expected = []
+        for n in range(40):
+            for leg, status in (("receive", "RECEIVED"), ("route", "ROUTED")):
+                store.link_state(state(f"c{n}", leg, status), store.endpoints())
+                expected.append(f"c{n}:{leg}:{status}")
+        wait_until(lambda: len(up.unique_states()) == len(expected), 30, "all at the up one")
+        assert list(up.unique_states()) == expected  # in order
+        assert not down.states()
+        failing = {s["name"]: s for s in _status(store)}["down"]
+        assert failing["backlog"] == len(expected) and failing["failures"] >= 1
+        assert failing["last_error"] and failing["last_success_at"] is None
+        wait_until(lambda: len(up.heartbeats()) >= 2, 10, "heartbeats every 0.5 s")
+
+        down.start()
+        wait_until(lambda: len(down.unique_states()) == len(expected), 30, "the backlog")
+        assert list(down.unique_states()) == expected
+        assert len(down.states()) == len(expected)  # nothing twice here (no crash)
+        for cycle in down.by_cycle().values():
+            assert [r["seq"] for r in cycle] == [1, 2]
+        recovered = {s["name"]: s for s in _status(store)}["down"]
+        wait_until(lambda: _status_of(store, "down")["failures"] == 0, 10, "reset")
+        assert recovered["dropped"] == 0
+    finally:
+        loop.stop()
+        up.stop()
+        down.stop()
+
+
+def _status(store: LinkStore) -> list[dict[str, Any]]:
+    status = store.status()
+    return [{"name": e.name} | status.get(e.id or 0, {}) for e in store.endpoints()]
+
+
+def _status_of(store: LinkStore, name: str) -> dict[str, Any]:
+    return {str(s["name"]): s for s in _status(store)}[name]
