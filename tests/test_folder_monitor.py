@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
+from ferrylink.api_app import build_api
 from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.events import Event
 from ferrylink.models import ProcessedEvent, Transfer, WatchedFile, WatchedFolder
-from services.folder_monitor.api import WatchStore, router
+from services.folder_monitor.api import WatchStore, routers
 from services.folder_monitor.monitor import (
     FolderMonitor,
     Observation,
@@ -248,9 +248,8 @@ def test_a_new_primary_neither_reannounces_nor_misses(
 
 @pytest.fixture
 def client(engine: Engine, data_dir: Path) -> Iterator[TestClient]:
-    app = FastAPI()
-    app.include_router(router)
-    app.state.watches = WatchStore(engine, data_dir)
+    app = build_api(title="folder-monitor", engine=engine, routers=routers,
+                    service=WatchStore(data_dir))  # fmt: skip
     with TestClient(app) as test_client:
         yield test_client
 

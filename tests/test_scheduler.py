@@ -15,15 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from ferrylink.api_app import build_api
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.events import Event
 from ferrylink.models import JobRun, ProcessedEvent, ScheduledFile, ScheduledJob, Transfer
-from services.scheduler.api import JobStore, router
+from services.scheduler.api import JobStore, routers
 from services.scheduler.jobs import (
     JobError,
     check_params,
@@ -361,9 +361,8 @@ def test_stopped_paused_and_deleted_jobs_run_no_more(
 
 @pytest.fixture
 def client(engine: Engine, data_dir: Path) -> Iterator[TestClient]:
-    app = FastAPI()
-    app.include_router(router)
-    app.state.jobs = JobStore(engine, data_dir, default_grace=45.0)
+    app = build_api(title="scheduler", engine=engine, routers=routers,
+                    service=JobStore(data_dir, default_grace=45.0))  # fmt: skip
     with TestClient(app) as test_client:
         yield test_client
 

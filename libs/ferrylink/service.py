@@ -19,6 +19,7 @@ from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy.engine import Engine
 
+from ferrylink.api_app import build_api
 from ferrylink.cluster import Assignment, Heartbeat
 from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
@@ -199,8 +200,12 @@ def create_app(
     description: str = "",
     on_start: Sequence[Callable[[], None]] = (),
     on_stop: Sequence[Callable[[], None]] = (),
+    service: Any = None,
+    public_routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
-    """The service's FastAPI app; the runtime (then `on_start`) starts and stops with it."""
+    """The service's FastAPI app (ferrylink.api_app.build_api) with `/healthz`, `/readyz`,
+    `/metrics` and `/work`; the runtime (then `on_start`) starts and stops with it.
+    `service` is what the routers' service dependency returns."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -214,15 +219,9 @@ def create_app(
                 stop()
             runtime.stop()
 
-    app = FastAPI(
-        title=f"Ferrylink {runtime.service_name}",
-        description=description,
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.runtime = runtime
+    health = APIRouter(tags=["health"])
 
-    @app.get("/healthz", tags=["health"], summary="The process is alive")
+    @health.get("/healthz", summary="The process is alive")
     def healthz() -> dict[str, str]:
         return {
             "status": "ok",
@@ -230,9 +229,8 @@ def create_app(
             "node": runtime.settings.node_id,
         }
 
-    @app.get(
+    @health.get(
         "/readyz",
-        tags=["health"],
         summary="Ready when the broker connections and the database work (503 otherwise)",
     )
     def readyz(response: Response) -> dict[str, Any]:
@@ -242,22 +240,30 @@ def create_app(
             response.status_code = 503
         return {"ready": ready, "checks": checks, "node": runtime.settings.node_id}
 
-    @app.get(
-        "/work",
-        tags=["cluster"],
-        summary="The work this service runs, its assignment epoch and activation history",
+    @health.get("/metrics", summary="Prometheus metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    work_router = APIRouter(tags=["cluster"])
+
+    @work_router.get(
+        "/work", summary="The work this service runs, its assignment epoch and activation history"
     )
     def work() -> dict[str, Any]:
         status = runtime.follower.status()
         status["service"] = runtime.service_name
         return status
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    for router in routers:
-        app.include_router(router)
+    app = build_api(
+        title=f"Ferrylink {runtime.service_name}",
+        description=description,
+        engine=runtime.engine,
+        service=service,
+        routers=[work_router, *routers],
+        public_routers=[health, *public_routers],
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
     return app
 
 

@@ -4,7 +4,7 @@ Designates the primary and publishes which work runs where (the assignment).
 """
 
 from ferrylink.service import ServiceRuntime, create_app, serve
-from services.cluster_coordinator.api import router
+from services.cluster_coordinator.api import routers
 from services.cluster_coordinator.coordinator import Coordinator
 from services.cluster_coordinator.settings import Settings
 
@@ -17,12 +17,12 @@ def main() -> None:
     coordinator = Coordinator(runtime, settings)
     app = create_app(
         runtime,
-        routers=[router],
+        routers=routers,
         description=__doc__ or "",
         on_start=[coordinator.start],
         on_stop=[coordinator.stop],
+        service=coordinator,
     )
-    app.state.coordinator = coordinator
     serve(app, settings, SERVICE_NAME)
 
 

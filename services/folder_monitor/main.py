@@ -9,7 +9,7 @@ from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.events import Event
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.telemetry import inject_headers
-from services.folder_monitor.api import WatchStore, router
+from services.folder_monitor.api import WatchStore, routers
 from services.folder_monitor.monitor import FolderMonitor
 from services.folder_monitor.settings import Settings
 
@@ -44,8 +44,7 @@ def build(settings: Settings) -> tuple[ServiceRuntime, FolderMonitor]:
 def main() -> None:
     settings = Settings()
     runtime, monitor = build(settings)
-    app = create_app(runtime, routers=[router], description=__doc__ or "")
-    app.state.watches = WatchStore(runtime.engine, monitor.data_dir)
+    app = create_app(runtime, routers, __doc__ or "", service=WatchStore(monitor.data_dir))
     serve(app, settings, SERVICE_NAME)
 
 

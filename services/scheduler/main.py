@@ -8,7 +8,7 @@ jobs are managed through `/jobs` (api.py) on any server.
 
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.service import ServiceRuntime, create_app, serve
-from services.scheduler.api import JobStore, router
+from services.scheduler.api import JobStore, routers
 from services.scheduler.runner import JobScheduler
 from services.scheduler.settings import Settings
 
@@ -31,10 +31,8 @@ def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
 def main() -> None:
     settings = Settings()
     runtime, _scheduler = build(settings)
-    app = create_app(runtime, routers=[router], description=__doc__ or "")
-    app.state.jobs = JobStore(
-        runtime.engine, settings.data_dir.resolve(), settings.scheduler_misfire_grace
-    )
+    store = JobStore(settings.data_dir.resolve(), settings.scheduler_misfire_grace)
+    app = create_app(runtime, routers, __doc__ or "", service=store)
     serve(app, settings, SERVICE_NAME)
 
 

@@ -14,7 +14,7 @@ from ferrylink.cluster import (
 from ferrylink.consumer_manager import ConsumerSpec
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.work import FlagWork
-from services.transaction_manager.api import TransactionManager, router
+from services.transaction_manager.api import TransactionManager, public_routers, routers
 from services.transaction_manager.dead_letters import DeadLetterKeeper
 from services.transaction_manager.handlers import EventHandler
 from services.transaction_manager.routing import RouteRunner
@@ -59,8 +59,7 @@ def build(settings: Settings) -> TransactionManager:
 def main() -> None:
     settings = Settings()
     tm = build(settings)
-    app = create_app(tm.runtime, routers=[router], description=__doc__ or "")
-    app.state.tm = tm
+    app = create_app(tm.runtime, routers, __doc__ or "", service=tm, public_routers=public_routers)
     serve(app, settings, SERVICE_NAME)
 
 
