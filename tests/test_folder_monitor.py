@@ -34,6 +34,7 @@ from services.folder_monitor.monitor import (
     plan_poll,
     scan,
 )
+from tests.admin_support import admin_headers
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 from tests.scheduling_support import (
@@ -250,7 +251,7 @@ def test_a_new_primary_neither_reannounces_nor_misses(
 def client(engine: Engine, data_dir: Path) -> Iterator[TestClient]:
     app = build_api(title="folder-monitor", engine=engine, routers=routers,
                     service=WatchStore(data_dir))  # fmt: skip
-    with TestClient(app) as test_client:
+    with TestClient(app, headers=admin_headers(engine)) as test_client:
         yield test_client
 
 
@@ -330,12 +331,12 @@ def test_500_files_across_a_primary_kill_arrive_and_are_delivered_once(
                "st1 running the folder monitor")  # fmt: skip
     data = cluster_data_dir(cluster)
     tm = api(cluster, "st2", "transaction-manager")
-    post(f"{tm}/accounts", {"name": "acme", "password": "a-long-password"})
-    post(f"{tm}/routes", {"account": "acme", "pattern": "*.dat",
+    post(cluster, f"{tm}/accounts", {"name": "acme", "password": "a-long-password"})
+    post(cluster, f"{tm}/routes", {"account": "acme", "pattern": "*.dat",
                           "steps": [{"kind": "move", "folder": "delivered/acme"}]})  # fmt: skip
     inbox = data / "homes" / "acme" / "inbox"
     inbox.mkdir(parents=True)
-    post(f"{api(cluster, 'st3', 'folder-monitor')}/watches",
+    post(cluster, f"{api(cluster, 'st3', 'folder-monitor')}/watches",
          {"account": "acme", "path": "homes/acme/inbox", "settle_seconds": 1.0})  # fmt: skip
 
     names = [f"file-{i:03}.dat" for i in range(500)]

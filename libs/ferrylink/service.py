@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +17,8 @@ import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
 
 from ferrylink.api_app import build_api
 from ferrylink.cluster import Assignment, Heartbeat
@@ -25,7 +26,9 @@ from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
 from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.events import Event
+from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology
+from ferrylink.models import ClusterState
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import inject_headers, setup_logging, setup_tracing
 from ferrylink.work import LoopWork, WorkFollower
@@ -156,16 +159,15 @@ class ServiceRuntime:
         self.config_version = read_config_version(self.engine)
 
     def _fetch_assignment(self) -> None:
-        """Ask the coordinator for the current assignment so work starts without waiting."""
-        if not self.settings.coordinator_url:
-            return
-        url = self.settings.coordinator_url.rstrip("/") + "/cluster/assignment"
-        # The standard library, not httpx: one GET at start is not worth ~4 MB per process.
+        """Read the current assignment from the shared database (where the coordinator
+        leader keeps it) so work starts without waiting for the next broadcast."""
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                self.follower.offer(Assignment.model_validate_json(response.read()))
-        except (OSError, ValueError) as exc:  # URLError is an OSError; 404 before the first
-            log.info("no assignment from the coordinator yet: %s", exc)
+            with Session(self.engine) as session:
+                state = session.get(ClusterState, 1)
+            if state is not None and state.assignment_json:
+                self.follower.offer(Assignment.model_validate_json(state.assignment_json))
+        except (SQLAlchemyError, ValueError) as exc:
+            log.info("no assignment to start from yet: %s", exc)
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(
@@ -262,9 +264,23 @@ def create_app(
         routers=[work_router, *routers],
         public_routers=[health, *public_routers],
         lifespan=lifespan,
+        login_guard=login_guard_from(runtime.settings),
     )
     app.state.runtime = runtime
     return app
+
+
+def login_guard_from(settings: FerrylinkSettings) -> LoginGuard:
+    return LoginGuard(
+        GuardPolicy(
+            delay=settings.login_failure_delay,
+            max_delay=settings.login_max_delay,
+            address_threshold=settings.login_address_threshold,
+            account_threshold=settings.login_account_threshold,
+            window=settings.login_window_seconds,
+            ban_seconds=settings.login_ban_seconds,
+        )
+    )
 
 
 def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:

@@ -64,6 +64,7 @@ import httpx
 
 from ferrylink.services_registry import BACKEND_SERVICES, module_name
 from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
+from ferrylink_ops.admin_setup import auth_headers, ensure_first_admin
 from ferrylink_ops.private_broker import (
     BrokerNode,
     is_broker_reachable,
@@ -388,6 +389,7 @@ class LocalCluster:
         self.ensure_broker()
         self.create_schema()
         self.write_servers_file()
+        ensure_first_admin(self.database_url, self.state_dir)
 
     def ensure_broker(self) -> None:
         """Use the configured broker; if none answers, start a private node if we can."""
@@ -1020,7 +1022,7 @@ def down(state_dir: Path, timeout: float = 60.0) -> str:
 def coordinator_view(doc: dict[str, Any], timeout: float = PROBE_TIMEOUT) -> dict[str, Any] | None:
     """The coordinators' `GET /cluster` (servers with state and role, primary, epoch, mode)
     from the first coordinator that answers with it; None while no coordinator serves it."""
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=auth_headers(doc.get("state_dir"))) as client:
         for server in doc.get("servers", []):
             url = server.get("api_url")
             if not url or server.get("state") == DOWN:
@@ -1166,7 +1168,7 @@ def manual_failover(state_dir: Path, to: str, timeout: float = 30.0) -> str:
     """Ask a live coordinator to promote `to` (passive_legacy) and describe what was lost."""
     doc = read_cluster_json(state_dir)
     refusal = ""
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=auth_headers(state_dir)) as client:
         for server in doc.get("servers", []):
             url = server.get("api_url")
             if not url or server.get("state") == DOWN:

@@ -3,6 +3,8 @@
 Designates the primary and publishes which work runs where (the assignment).
 """
 
+from fastapi import FastAPI
+
 from ferrylink.service import ServiceRuntime, create_app, serve
 from services.cluster_coordinator.api import routers
 from services.cluster_coordinator.coordinator import Coordinator
@@ -11,11 +13,10 @@ from services.cluster_coordinator.settings import Settings
 SERVICE_NAME = "cluster-coordinator"
 
 
-def main() -> None:
-    settings = Settings()
+def app_from(settings: Settings) -> FastAPI:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
     coordinator = Coordinator(runtime, settings)
-    app = create_app(
+    return create_app(
         runtime,
         routers=routers,
         description=__doc__ or "",
@@ -23,7 +24,11 @@ def main() -> None:
         on_stop=[coordinator.stop],
         service=coordinator,
     )
-    serve(app, settings, SERVICE_NAME)
+
+
+def main() -> None:
+    settings = Settings()
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

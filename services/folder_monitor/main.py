@@ -5,6 +5,8 @@ Watches folders on shared storage and emits `file.arrived` events on the primary
 managed through `/watches` (api.py) on any server.
 """
 
+from fastapi import FastAPI
+
 from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.events import Event
 from ferrylink.service import ServiceRuntime, create_app, serve
@@ -41,11 +43,14 @@ def build(settings: Settings) -> tuple[ServiceRuntime, FolderMonitor]:
     return runtime, monitor
 
 
+def app_from(settings: Settings) -> FastAPI:
+    runtime, monitor = build(settings)
+    return create_app(runtime, routers, __doc__ or "", service=WatchStore(monitor.data_dir))
+
+
 def main() -> None:
     settings = Settings()
-    runtime, monitor = build(settings)
-    app = create_app(runtime, routers, __doc__ or "", service=WatchStore(monitor.data_dir))
-    serve(app, settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ as an event to the event queue, which spreads the work over the transaction mana
 jobs are managed through `/jobs` (api.py) on any server.
 """
 
+from fastapi import FastAPI
+
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.service import ServiceRuntime, create_app, serve
 from services.scheduler.api import JobStore, routers
@@ -28,12 +30,15 @@ def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
     return runtime, scheduler
 
 
-def main() -> None:
-    settings = Settings()
+def app_from(settings: Settings) -> FastAPI:
     runtime, _scheduler = build(settings)
     store = JobStore(settings.data_dir.resolve(), settings.scheduler_misfire_grace)
-    app = create_app(runtime, routers, __doc__ or "", service=store)
-    serve(app, settings, SERVICE_NAME)
+    return create_app(runtime, routers, __doc__ or "", service=store)
+
+
+def main() -> None:
+    settings = Settings()
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

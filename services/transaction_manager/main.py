@@ -5,6 +5,8 @@ its route once, keeps the consolidated transfer log (served by the primary) and 
 letters, and takes streamed uploads.
 """
 
+from fastapi import FastAPI
+
 from ferrylink.cluster import (
     WORK_DEAD_LETTERS,
     WORK_EVENTS,
@@ -12,6 +14,7 @@ from ferrylink.cluster import (
     WORK_TRANSFER_LOG,
 )
 from ferrylink.consumer_manager import ConsumerSpec
+from ferrylink.destinations import DestinationPolicy
 from ferrylink.service import ServiceRuntime, create_app, serve
 from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, public_routers, routers
@@ -53,14 +56,18 @@ def build(settings: Settings) -> TransactionManager:
     )
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
     runtime.add_loop_work(WORK_TRANSFER_LOG, serves_transfer_log)
-    return TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log)
+    destinations = DestinationPolicy.from_settings(settings.partner_allow, settings.partner_deny)
+    return TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log, destinations)
+
+
+def app_from(settings: Settings) -> FastAPI:
+    tm = build(settings)
+    return create_app(tm.runtime, routers, __doc__ or "", service=tm, public_routers=public_routers)
 
 
 def main() -> None:
     settings = Settings()
-    tm = build(settings)
-    app = create_app(tm.runtime, routers, __doc__ or "", service=tm, public_routers=public_routers)
-    serve(app, settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

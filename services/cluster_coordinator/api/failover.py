@@ -8,6 +8,7 @@ import pika
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
+from ferrylink.admin_auth import OPERATOR_MAY
 from ferrylink.deps import SessionDep
 from ferrylink.messaging import connection_parameters
 from ferrylink.models import ClusterState
@@ -36,6 +37,7 @@ class FailoverReport(BaseModel):
     "/failover",
     response_model=FailoverReport,
     summary="Manual failover (passive_legacy only): promote a standby by hand",
+    openapi_extra=OPERATOR_MAY,
     responses={
         404: {"description": "Unknown server"},
         409: {"description": "Refused: automatic mode, server down, or already primary"},

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
+from pathlib import PurePosixPath
 
 from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, Field, field_validator
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from ferrylink.deps import SessionDep
 from ferrylink.models import Account, Route
@@ -54,6 +55,23 @@ def account_out(account: Account) -> AccountOut:
     )  # fmt: skip
 
 
+def check_home_is_its_own(session: Session, home: str, exclude: str | None = None) -> None:
+    """Homes never nest nor coincide: an account could otherwise read and write another's
+    files (or every account's, with a home of `homes`)."""
+    wanted = PurePosixPath(home).parts
+    for other in session.exec(select(Account)):
+        if other.name == exclude:
+            continue
+        theirs = PurePosixPath(other.home).parts
+        shorter = min(len(wanted), len(theirs))
+        if wanted[:shorter] == theirs[:shorter]:
+            raise HTTPException(
+                422,
+                f"home: {home!r} overlaps account {other.name!r}'s home {other.home!r}; "
+                "homes may not nest or coincide",
+            )
+
+
 def _get(session: SessionDep, name: str) -> Account:
     account = session.get(Account, name)
     if account is None:
@@ -74,6 +92,7 @@ def create_account(body: AccountIn, tm: TMDep, session: SessionDep) -> AccountOu
         raise HTTPException(422, "home: an account needs its own folder")
     if session.get(Account, body.name) is not None:
         raise HTTPException(409, f"account {body.name!r} exists")
+    check_home_is_its_own(session, relative_to(tm.data_dir, home))
     account = Account(
         name=body.name,
         password_hash=hash_password(body.password) if body.password else None,

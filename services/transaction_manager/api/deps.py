@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +12,7 @@ from sqlmodel import Session
 
 from ferrylink.config import bump_config_version
 from ferrylink.deps import service_dependency
+from ferrylink.destinations import DestinationPolicy
 from ferrylink.service import ServiceRuntime
 from ferrylink.work import FlagWork
 from services.transaction_manager.transfer_log import TransferLog
@@ -27,6 +28,7 @@ class TransactionManager:
     data_dir: Path
     transfer_log: TransferLog
     serves_transfer_log: FlagWork
+    destinations: DestinationPolicy = field(default_factory=DestinationPolicy)
 
 
 get_tm = service_dependency(TransactionManager)

@@ -4,6 +4,7 @@ token check."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -16,9 +17,10 @@ from pydantic import BaseModel
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
+from ferrylink.admin_api import LoginGuardDep, client_address, guarded_refusal
 from ferrylink.events import Event
+from ferrylink.login_guard import LoginGuard, LoginRefused, check_password
 from ferrylink.models import Account
-from ferrylink.passwords import verify_password
 from ferrylink.paths import PathError, confined, relative_to
 from services.transaction_manager.api.deps import TMDep, TransactionManager
 from services.transaction_manager.transfer_log import FAILED, RECEIVED, RECEIVING
@@ -34,24 +36,52 @@ class UploadOut(BaseModel):
     bytes: int
 
 
-def _authenticate(request: Request, session: Session, account_name: str) -> Account:
-    """HTTP Basic auth of the account itself (the same answer for every failure)."""
-    unauthorized = HTTPException(
-        401, "authentication failed", headers={"WWW-Authenticate": 'Basic realm="ferrylink"'}
-    )
+UNAUTHORIZED = HTTPException(
+    401, "authentication failed", headers={"WWW-Authenticate": 'Basic realm="ferrylink"'}
+)
+
+
+def _basic_credentials(request: Request) -> tuple[str, str]:
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("basic "):
-        raise unauthorized
+        raise UNAUTHORIZED
     try:
         user, _, password = base64.b64decode(header[6:]).decode().partition(":")
     except (ValueError, UnicodeDecodeError):
-        raise unauthorized from None
-    account = session.get(Account, account_name)
-    if user != account_name or account is None or not account.enabled:
-        raise unauthorized
-    if not verify_password(password, account.password_hash):
-        raise unauthorized
-    return account
+        raise UNAUTHORIZED from None
+    return user, password
+
+
+def _verify(tm: TransactionManager, account_name: str, user: str, password: str) -> Path | None:
+    """The account's home if the password is right; the same KDF cost for every failure
+    (unknown account, wrong user, disabled account, wrong password)."""
+    with Session(tm.runtime.engine) as session:
+        account = session.get(Account, account_name)
+    stored = account.password_hash if account else None
+    if not check_password(password, stored):
+        return None
+    if account is None or user != account_name or not account.enabled:
+        return None
+    return confined(tm.data_dir, account.home)
+
+
+async def authenticate_account(
+    tm: TransactionManager, guard: LoginGuard, request: Request, account: str
+) -> Path:
+    """HTTP Basic auth of the account itself, behind the failed-login defender: the same
+    answer for every failure, delayed; 429 while the address or the account is banned."""
+    address = client_address(request)
+    user, password = _basic_credentials(request)
+    try:
+        guard.check(address, account)
+    except LoginRefused as exc:
+        raise guarded_refusal(exc) from None
+    home = await run_in_threadpool(_verify, tm, account, user, password)
+    if home is None:
+        await asyncio.sleep(guard.failed(address, account))
+        raise UNAUTHORIZED
+    guard.succeeded(address, account)
+    return home
 
 
 @router.put(
@@ -60,10 +90,13 @@ def _authenticate(request: Request, session: Session, account_name: str) -> Acco
     response_model=UploadOut,
     summary="Upload a file into the account's home (streamed; HTTP Basic auth)",
 )
-async def upload(account: str, path: str, request: Request, tm: TMDep) -> UploadOut:
+async def upload(
+    account: str, path: str, request: Request, tm: TMDep, guard: LoginGuardDep
+) -> UploadOut:
     # Blocking work (the KDF, the database, the broker) runs in the thread pool; only the
     # body streaming runs on the event loop, a chunk at a time, never the whole file.
-    target, relative = await run_in_threadpool(_upload_target, tm, request, account, path)
+    home = await authenticate_account(tm, guard, request, account)
+    target, relative = _upload_target(home, path)
     event = Event(kind="file.arrived", account=account, path=relative,
                   params={"protocol": "http"})  # fmt: skip
     leg_key = f"{event.id}:receive"
@@ -97,11 +130,7 @@ async def upload(account: str, path: str, request: Request, tm: TMDep) -> Upload
                      path=relative, bytes=size)  # fmt: skip
 
 
-def _upload_target(tm: TransactionManager, request: Request, account: str, path: str
-                   ) -> tuple[Path, str]:  # fmt: skip
-    with Session(tm.runtime.engine) as session:
-        found = _authenticate(request, session, account)
-        home = confined(tm.data_dir, found.home)
+def _upload_target(home: Path, path: str) -> tuple[Path, str]:
     try:
         target = confined(home, path)
     except PathError as exc:

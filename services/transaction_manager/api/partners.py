@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlmodel import select
 
 from ferrylink.deps import SessionDep
+from ferrylink.destinations import DestinationPolicy, DestinationRefused
 from ferrylink.models import Partner
 from services.transaction_manager.api.deps import TMDep, check_name, config_changed
 
@@ -18,15 +19,15 @@ router = APIRouter(prefix="/partners", tags=["partners"])
 class PartnerIn(BaseModel):
     name: str = Field(examples=["bank-sftp"])
     protocol: Literal["sftp", "http"]
-    host: str = ""
+    host: str = Field(default="", max_length=255)
     port: int = Field(default=22, ge=1, le=65535)
     username: str = ""
     password: str | None = Field(default=None, max_length=512)
-    private_key: str | None = None
-    remote_folder: str = "/"
-    host_key: str | None = None
+    private_key: str | None = Field(default=None, max_length=16384)
+    remote_folder: str = Field(default="/", max_length=1024)
+    host_key: str | None = Field(default=None, max_length=16384)
     check_host_key: bool = True
-    url: str = ""
+    url: str = Field(default="", max_length=2048)
     verify_tls: bool = True
 
     _name = field_validator("name")(check_name)
@@ -56,7 +57,7 @@ def partner_out(p: Partner) -> PartnerOut:
     )  # fmt: skip
 
 
-def check_partner(body: PartnerIn) -> None:
+def check_partner(body: PartnerIn, destinations: DestinationPolicy) -> None:
     if body.protocol == "sftp":
         if not body.host or not body.username:
             raise HTTPException(422, "an SFTP partner needs host and username")
@@ -68,11 +69,18 @@ def check_partner(body: PartnerIn) -> None:
             )
     elif not body.url.startswith(("http://", "https://")):
         raise HTTPException(422, "an HTTP partner needs a url starting with http:// or https://")
+    try:
+        if body.protocol == "sftp":
+            destinations.check_host(body.host)
+        else:
+            destinations.check_url(body.url)
+    except DestinationRefused as exc:
+        raise HTTPException(422, f"partner refused: {exc}") from exc
 
 
 @router.post("", status_code=201, response_model=PartnerOut)
 def create_partner(body: PartnerIn, tm: TMDep, session: SessionDep) -> PartnerOut:
-    check_partner(body)
+    check_partner(body, tm.destinations)
     if session.get(Partner, body.name) is not None:
         raise HTTPException(409, f"partner {body.name!r} exists")
     partner = Partner(**body.model_dump())
