@@ -226,14 +226,28 @@ def _name_pattern(name: str, value: str) -> str:
     return value
 
 
+# Names a cleanup pattern may never match.
+ORDINARY_FILES = ("anything", "data.csv", "report.pdf", "orders.xml", "archive.tar.gz",
+                  "ferrylink.db", "README", "x.txt", "image.png")  # fmt: skip
+
+
 def _patterns(name: str, value: str) -> str:
     patterns = [p.strip() for p in value.split(",") if p.strip()]
     if not patterns:
         raise JobError(f"parameter {name!r} needs at least one pattern")
     for pattern in patterns:
         _name_pattern(name, pattern)
-    if any(fnmatch.fnmatchcase("anything", p) for p in patterns):
-        raise JobError(f"parameter {name!r} would match every file")
+    for pattern in patterns:
+        # What the pattern requires literally, wildcards and bracket sets left out: a
+        # deleting job must name a kind of file (".part", "~"), not "anything with a dot".
+        literal = re.sub(r"\[[^\]]*\]|[*?]", "", pattern).replace(".", "")
+        ordinary = [f for f in ORDINARY_FILES if fnmatch.fnmatchcase(f, pattern)]
+        if not literal or ordinary:
+            example = f" (it matches {ordinary[0]!r})" if ordinary else ""
+            raise JobError(
+                f"parameter {name!r}: pattern {pattern!r} would match every file, or "
+                f"nearly{example}; name the temporary files, e.g. '*.part'"
+            )
     return ",".join(patterns)
 
 
