@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 
 from ferrylink.settings import DEFAULT_AMQP_URL
+from ferrylink_ops.admin_setup import auth_headers
 from ferrylink_ops.local_cluster import broker_reachable, port_free, service_port
 from ferrylink_ops.private_broker import BrokerNode, start_private_broker
 
@@ -63,6 +64,11 @@ class BenchCluster:
     prefix: str
     amqp_url: str
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The admin token `ferrylink up` wrote to STATE_DIR/admin/."""
+        return auth_headers(self.state_dir)
+
     def doc(self) -> dict[str, Any]:
         doc: dict[str, Any] = json.loads((self.state_dir / "cluster.json").read_text())
         return doc
@@ -78,7 +84,7 @@ class BenchCluster:
                 continue
             try:
                 url = f"http://127.0.0.1:{self.port(entry['id'], 'cluster-coordinator')}/cluster"
-                view: dict[str, Any] = httpx.get(url, timeout=2).json()
+                view: dict[str, Any] = httpx.get(url, timeout=2, headers=self.headers).json()
                 return view
             except httpx.HTTPError:
                 continue
@@ -87,7 +93,7 @@ class BenchCluster:
     def active(self, server: str, service: str) -> set[str]:
         try:
             url = f"http://127.0.0.1:{self.port(server, service)}/work"
-            return set(httpx.get(url, timeout=2).json()["active"])
+            return set(httpx.get(url, timeout=2, headers=self.headers).json()["active"])
         except httpx.HTTPError:
             return set()
 

@@ -81,9 +81,12 @@ def end_to_end_rate(url: str, servers: int, count: int) -> float:
 
             wait_until(consuming, 60, f"{server} consuming")
         base = f"http://127.0.0.1:{cluster.port('st1', 'transaction-manager')}"
-        httpx.post(f"{base}/accounts", json={"name": "bench", "password": "bench-pass"})
+        auth = cluster.headers
+        httpx.post(
+            f"{base}/accounts", json={"name": "bench", "password": "bench-pass"}, headers=auth
+        ).raise_for_status()
         httpx.post(f"{base}/routes", json={"account": "bench", "pattern": "*", "steps": [
-            {"kind": "move", "folder": "done"}]})  # fmt: skip
+            {"kind": "move", "folder": "done"}]}, headers=auth).raise_for_status()  # fmt: skip
         home = cluster.state_dir / "data" / "homes" / "bench"
         events = []
         for i in range(count):

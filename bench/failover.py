@@ -42,7 +42,8 @@ class SteadyPublisher:
         # Real work for the TM: an account whose home receives a file per event (no route:
         # the file is received and stays there).
         tm = f"http://127.0.0.1:{cluster.port('st1', 'transaction-manager')}"
-        created = httpx.post(f"{tm}/accounts", json={"name": "bench", "password": "bench-pass"})
+        created = httpx.post(f"{tm}/accounts", json={"name": "bench", "password": "bench-pass"},
+                             headers=cluster.headers)  # fmt: skip
         created.raise_for_status()
         self.home = cluster.state_dir / "data" / "homes" / "bench"
         self.topology = Topology(prefix=cluster.prefix)

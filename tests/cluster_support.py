@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
@@ -20,6 +21,7 @@ import pika
 from ferrylink.cluster import PRIMARY_ONLY_WORK
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
+from ferrylink_ops.admin_setup import auth_headers
 from ferrylink_ops.local_cluster import edge_ports, pid_alive, port_free, service_port
 from tests.helpers import wait_until
 
@@ -133,6 +135,11 @@ class Cluster:
     prefix: str
     amqp_url: str
 
+    @functools.cached_property
+    def http(self) -> httpx.Client:
+        """An HTTP client carrying the admin token `ferrylink up` wrote to STATE_DIR/admin/."""
+        return httpx.Client(headers=auth_headers(self.state_dir), timeout=10)
+
     def doc(self) -> dict[str, Any]:
         return read_json(self.state_dir / "cluster.json")
 
@@ -145,7 +152,7 @@ class Cluster:
 
     def get(self, server: str, service: str, path: str) -> Any:
         url = f"http://127.0.0.1:{self.port(server, service)}{path}"
-        return httpx.get(url, timeout=3).json()
+        return self.http.get(url, timeout=3).json()
 
     def view(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
         """GET /cluster from the first coordinator that answers."""

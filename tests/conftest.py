@@ -128,5 +128,6 @@ def make_cluster(tmp_path: Path, cluster_prefix: str, cluster_amqp_url: str) -> 
 
     yield make
     for cluster in started:
+        cluster.http.close()
         ferrylink("down", "--state-dir", str(cluster.state_dir))
         kill_leftovers(cluster.state_dir)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pika
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -115,8 +114,8 @@ def api(cluster: Cluster, server: str, service: str) -> str:
     return f"http://127.0.0.1:{cluster.port(server, service)}"
 
 
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    response = httpx.post(url, json=body, timeout=10)
+def post(cluster: Cluster, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    response = cluster.http.post(url, json=body, timeout=10)
     assert response.status_code == 201, response.text
     result: dict[str, Any] = response.json()
     return result

@@ -14,7 +14,6 @@ import signal
 import time
 from typing import Any
 
-import httpx
 import pika
 import pytest
 
@@ -181,22 +180,24 @@ def test_cluster_api_rejects_bad_input(make_cluster: Any) -> None:
     cluster = make_cluster("active_active")
     wait_primary(cluster, "st1", 30)
     base = f"http://127.0.0.1:{cluster.port('st2', 'cluster-coordinator')}/cluster"
-    refused = httpx.post(f"{base}/failover", json={"to": "st2"})
+    refused = cluster.http.post(f"{base}/failover", json={"to": "st2"})
     assert refused.status_code == 409 and "automatic" in refused.json()["detail"]
-    assert httpx.post(f"{base}/failover", json={"to": "st9"}).status_code == 404
-    empty = httpx.put(f"{base}/servers", json={"servers": []})
+    assert cluster.http.post(f"{base}/failover", json={"to": "st9"}).status_code == 404
+    empty = cluster.http.put(f"{base}/servers", json={"servers": []})
     assert empty.status_code == 422 and "at least one" in empty.json()["detail"]
-    twice = httpx.put(f"{base}/servers", json={"servers": [{"id": "st1"}, {"id": "st1"}]})
+    twice = cluster.http.put(f"{base}/servers", json={"servers": [{"id": "st1"}, {"id": "st1"}]})
     assert twice.status_code == 422 and "twice" in twice.json()["detail"]
-    mode = httpx.put(f"{base}/settings", json={"mode": "active_passive"})
+    mode = cluster.http.put(f"{base}/settings", json={"mode": "active_passive"})
     assert mode.status_code == 422 and "unknown cluster mode" in mode.json()["detail"]
-    short = httpx.put(f"{base}/settings", json={"connection_timeout": 1})
+    short = cluster.http.put(f"{base}/settings", json={"connection_timeout": 1})
     assert short.status_code == 422 and "longer than" in short.json()["detail"]
-    assert httpx.put(f"{base}/settings", json={"connection_timeout": -1}).status_code == 422
+    assert cluster.http.put(f"{base}/settings", json={"connection_timeout": -1}).status_code == 422
 
     # A valid change is applied and seen by every server (dynamic synchronization).
     version = cluster.view()["config_version"]
-    changed = httpx.put(f"{base}/settings", json={"mode": "passive", "connection_timeout": 6})
+    changed = cluster.http.put(
+        f"{base}/settings", json={"mode": "passive", "connection_timeout": 6}
+    )
     assert changed.status_code == 200, changed.text
     assert changed.json()["mode"] == "passive"
 

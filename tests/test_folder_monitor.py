@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
+from ferrylink.api_app import build_api
 from ferrylink.cluster import WORK_FOLDER_MONITOR
 from ferrylink.contracts import FileArrived
 from ferrylink.models import ProcessedEvent, Transfer, WatchedFile, WatchedFolder
 from ferrylink.paths import is_temporary
-from services.folder_monitor.api import WatchStore, router
+from services.folder_monitor.api import WatchStore, routers
 from services.folder_monitor.monitor import (
     FolderMonitor,
     Observation,
@@ -34,6 +34,7 @@ from services.folder_monitor.monitor import (
     plan_poll,
     scan,
 )
+from tests.admin_support import admin_headers
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 from tests.scheduling_support import (
@@ -248,10 +249,9 @@ def test_a_new_primary_neither_reannounces_nor_misses(
 
 @pytest.fixture
 def client(engine: Engine, data_dir: Path) -> Iterator[TestClient]:
-    app = FastAPI()
-    app.include_router(router)
-    app.state.watches = WatchStore(engine, data_dir)
-    with TestClient(app) as test_client:
+    app = build_api(title="folder-monitor", engine=engine, routers=routers,
+                    service=WatchStore(data_dir))  # fmt: skip
+    with TestClient(app, headers=admin_headers(engine)) as test_client:
         yield test_client
 
 
@@ -331,12 +331,12 @@ def test_500_files_across_a_primary_kill_arrive_and_are_delivered_once(
                "st1 running the folder monitor")  # fmt: skip
     data = cluster_data_dir(cluster)
     tm = api(cluster, "st2", "transaction-manager")
-    post(f"{tm}/accounts", {"name": "acme", "password": "a-long-password"})
-    post(f"{tm}/routes", {"account": "acme", "pattern": "*.dat",
+    post(cluster, f"{tm}/accounts", {"name": "acme", "password": "a-long-password"})
+    post(cluster, f"{tm}/routes", {"account": "acme", "pattern": "*.dat",
                           "steps": [{"kind": "move", "folder": "delivered/acme"}]})  # fmt: skip
     inbox = data / "homes" / "acme" / "inbox"
     inbox.mkdir(parents=True)
-    post(f"{api(cluster, 'st3', 'folder-monitor')}/watches",
+    post(cluster, f"{api(cluster, 'st3', 'folder-monitor')}/watches",
          {"account": "acme", "path": "homes/acme/inbox", "settle_seconds": 1.0})  # fmt: skip
 
     names = [f"file-{i:03}.dat" for i in range(500)]

@@ -29,12 +29,16 @@ def upload(base: str, account: str, password: str, local: Path, remote: str) -> 
     return dict(httpx.Response(200, content=result.stdout).json())
 
 
-def legs(base: str, cycle_id: str) -> dict[str, dict[str, Any]]:
-    page = httpx.get(f"{base}/transfers", params={"cycle_id": cycle_id}).json()
+def legs(cluster: Cluster, base: str, cycle_id: str) -> dict[str, dict[str, Any]]:
+    page = cluster.http.get(f"{base}/transfers", params={"cycle_id": cycle_id}).json()
     return {item["leg"]: item for item in page["items"]}
 
 
-def test_every_step_kind_against_real_partners(make_cluster: Any, tmp_path: Path) -> None:
+def test_every_step_kind_against_real_partners(
+    make_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The test partners listen on loopback, which partners may not use unless allowed.
+    monkeypatch.setenv("FERRYLINK_PARTNER_ALLOW", "127.0.0.1")
     private_key, public_key = generate_client_key()
     with SftpServer(tmp_path / "sftp", authorized_keys=[public_key]) as sftp, \
             HttpSink(tmp_path / "http") as sink:  # fmt: skip
@@ -48,7 +52,9 @@ def test_every_step_kind_against_real_partners(make_cluster: Any, tmp_path: Path
             "TM working",
         )
         base = f"http://127.0.0.1:{cluster.port('st1', 'transaction-manager')}"
-        created = httpx.post(f"{base}/accounts", json={"name": "acme", "password": "correct horse"})
+        created = cluster.http.post(
+            f"{base}/accounts", json={"name": "acme", "password": "correct horse"}
+        )
         assert created.status_code == 201, created.text
         partners = [
             {"name": "bank", "protocol": "sftp", "host": sftp.host, "port": sftp.port,
@@ -57,7 +63,7 @@ def test_every_step_kind_against_real_partners(make_cluster: Any, tmp_path: Path
             {"name": "tracker", "protocol": "http", "url": sink.url},
         ]  # fmt: skip
         for partner in partners:
-            response = httpx.post(f"{base}/partners", json=partner)
+            response = cluster.http.post(f"{base}/partners", json=partner)
             assert response.status_code == 201, response.text
             assert "private_key" not in response.json() and "password" not in response.json()
         routes = [
@@ -75,7 +81,7 @@ def test_every_step_kind_against_real_partners(make_cluster: Any, tmp_path: Path
             ]},
         ]  # fmt: skip
         for route in routes:
-            response = httpx.post(f"{base}/routes", json=route)
+            response = cluster.http.post(f"{base}/routes", json=route)
             assert response.status_code == 201, response.text
 
         payload = tmp_path / "orders.csv"
@@ -99,7 +105,7 @@ def test_every_step_kind_against_real_partners(make_cluster: Any, tmp_path: Path
         home = cluster.state_dir / "data" / "homes" / "acme"
         wait_until(lambda: not any(home.iterdir()), 30, "the delete step")
 
-        story = wait_until(lambda: (found := legs(base, sent["cycle_id"]))
+        story = wait_until(lambda: (found := legs(cluster, base, sent["cycle_id"]))
                            and found.get("route", {}).get("status") == "ROUTED" and found,
                            30, "the transfer log")  # fmt: skip
         assert story["receive"]["status"] == "RECEIVED"
@@ -117,8 +123,9 @@ def test_every_step_kind_against_real_partners(make_cluster: Any, tmp_path: Path
         bad = tmp_path / "x.bad"
         bad.write_text("tampered")
         failed = upload(base, "acme", "correct horse", bad, "x.bad")
-        route_leg = wait_until(lambda: legs(base, failed["cycle_id"]).get("route", {})
-                               .get("status") == "FAILED" and legs(base, failed["cycle_id"]),
+        cycle = failed["cycle_id"]
+        route_leg = wait_until(lambda: legs(cluster, base, cycle).get("route", {})
+                               .get("status") == "FAILED" and legs(cluster, base, cycle),
                                30, "the failed transfer")  # fmt: skip
         assert "md5 mismatch" in route_leg["route"]["detail"]
         assert "push:1" not in route_leg
@@ -132,10 +139,13 @@ def test_api_rejects_bad_configuration(make_cluster: Any) -> None:
     wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 30)
 
     def refused(method: str, path: str, body: dict[str, Any], status: int, text: str) -> None:
-        response = httpx.request(method, f"{base}{path}", json=body)
+        response = cluster.http.request(method, f"{base}{path}", json=body)
         assert response.status_code == status, response.text
         assert text in response.text, response.text
 
+    # A real process refuses a request without the admin token.
+    anonymous = httpx.post(f"{base}/accounts", json={"name": "a", "password": "longenough"})
+    assert anonymous.status_code == 401 and "administrator token" in anonymous.text
     refused("POST", "/accounts", {"name": "a"}, 422, "password or at least one SSH key")
     refused("POST", "/accounts", {"name": "../x", "password": "longenough"}, 422, "letters")
     refused(
@@ -164,7 +174,9 @@ def test_api_rejects_bad_configuration(make_cluster: Any) -> None:
     )
     refused("POST", "/partners", {"name": "p", "protocol": "gopher"}, 422, "protocol")
     assert (
-        httpx.post(f"{base}/accounts", json={"name": "a", "password": "longenough"}).status_code
+        cluster.http.post(
+            f"{base}/accounts", json={"name": "a", "password": "longenough"}
+        ).status_code
         == 201
     )
     refused("POST", "/accounts", {"name": "a", "password": "longenough"}, 409, "exists")
@@ -205,10 +217,10 @@ def test_api_rejects_bad_configuration(make_cluster: Any) -> None:
         "teleport",
     )
     # Secrets never come back.
-    assert httpx.post(f"{base}/partners", json={
+    assert cluster.http.post(f"{base}/partners", json={
         "name": "p", "protocol": "sftp", "host": "h", "username": "u", "password": "hunter2",
         "check_host_key": False}).status_code == 201  # fmt: skip
-    listed = httpx.get(f"{base}/partners").text
+    listed = cluster.http.get(f"{base}/partners").text
     assert "hunter2" not in listed and '"has_password":true' in listed
     log = (cluster.state_dir / "logs" / "st1-transaction-manager.log").read_text()
     assert "hunter2" not in log and "longenough" not in log

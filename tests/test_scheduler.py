@@ -13,13 +13,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
+from ferrylink.api_app import build_api
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.contracts import (
     DeadLetterPurge,
@@ -28,7 +27,7 @@ from ferrylink.contracts import (
     TransferScheduled,
 )
 from ferrylink.models import JobRun, ProcessedEvent, ScheduledFile, ScheduledJob, Transfer
-from services.scheduler.api import JobStore, router
+from services.scheduler.api import JobStore, routers
 from services.scheduler.jobs import (
     JobError,
     check_params,
@@ -40,6 +39,7 @@ from services.scheduler.jobs import (
     time_zone,
 )
 from services.scheduler.runner import JobScheduler
+from tests.admin_support import admin_headers
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 from tests.scheduling_support import (
@@ -369,10 +369,9 @@ def test_stopped_paused_and_deleted_jobs_run_no_more(
 
 @pytest.fixture
 def client(engine: Engine, data_dir: Path) -> Iterator[TestClient]:
-    app = FastAPI()
-    app.include_router(router)
-    app.state.jobs = JobStore(engine, data_dir, default_grace=45.0)
-    with TestClient(app) as test_client:
+    app = build_api(title="scheduler", engine=engine, routers=routers,
+                    service=JobStore(data_dir, default_grace=45.0))  # fmt: skip
+    with TestClient(app, headers=admin_headers(engine)) as test_client:
         yield test_client
 
 
@@ -465,21 +464,22 @@ def test_api_refuses_bad_jobs_with_the_reason(
 @pytest.mark.fault
 @pytest.mark.timeout(300)
 def test_a_job_every_2s_runs_once_per_fire_time_across_a_kill_and_a_fail_back(
-    make_cluster: Any, tmp_path: Path
+    make_cluster: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("FERRYLINK_PARTNER_ALLOW", "127.0.0.1")  # the test partner's address
     remote = tmp_path / "remote"
     with SftpServer(remote, password="partner-secret") as server:
         cluster: Cluster = make_cluster("passive")
         wait_until(lambda: WORK_SCHEDULER in cluster.active("st1", "scheduler"), 60,
                    "st1 running the scheduler")  # fmt: skip
         tm = api(cluster, "st2", "transaction-manager")
-        post(f"{tm}/accounts", {"name": "acme", "password": "a-long-password"})
-        post(f"{tm}/partners", {
+        post(cluster, f"{tm}/accounts", {"name": "acme", "password": "a-long-password"})
+        post(cluster, f"{tm}/partners", {
             "name": "bank", "protocol": "sftp", "host": server.host, "port": server.port,
             "username": "partner", "password": "partner-secret",
             "host_key": server.host_key_line,
         })  # fmt: skip
-        job = post(f"{api(cluster, 'st3', 'scheduler')}/jobs", {
+        job = post(cluster, f"{api(cluster, 'st3', 'scheduler')}/jobs", {
             "name": "pull-bank", "kind": "pull", "interval_seconds": 2, "coalesce": False,
             "misfire_grace_seconds": 60,
             "params": {"partner": "bank", "account": "acme", "folder": "inbox"},
@@ -518,7 +518,7 @@ def test_a_job_every_2s_runs_once_per_fire_time_across_a_kill_and_a_fail_back(
         st1_before = runs_by("st1")
         drop_and_wait(["c1.csv"])
         wait_until(lambda: runs_by("st1") >= st1_before + 3, 30, "3 more runs on st1")
-        paused = httpx.post(f"{api(cluster, 'st3', 'scheduler')}/jobs/{job['id']}/pause")
+        paused = cluster.http.post(f"{api(cluster, 'st3', 'scheduler')}/jobs/{job['id']}/pause")
         assert paused.status_code == 200
 
         # Exactly once per fire time, none missing: an unbroken 2 s grid, st1 then st2 then

@@ -35,11 +35,12 @@ def url(cluster: Cluster, server: str, service: str) -> str:
     return f"http://127.0.0.1:{cluster.port(server, service)}"
 
 
-def set_up_account(tm: str) -> None:
-    assert httpx.post(f"{tm}/accounts", json={"name": "acme", "password": PASSWORD}).status_code
+def set_up_account(admin: httpx.Client, tm: str) -> None:
+    created = admin.post(f"{tm}/accounts", json={"name": "acme", "password": PASSWORD})
+    assert created.status_code == 201, created.text
     route = {"account": "acme", "pattern": "*.csv",
              "steps": [{"kind": "copy", "folder": "archive"}]}  # fmt: skip
-    assert httpx.post(f"{tm}/routes", json=route).status_code == 201
+    assert admin.post(f"{tm}/routes", json=route).status_code == 201
 
 
 def upload(tm: str, name: str) -> dict[str, Any]:
@@ -68,12 +69,12 @@ def test_passive_primary_killed_mid_stream_every_leg_once_in_order(
     sink = TrackingSink()
     try:
         # Any server answers: configured on the standby, used by the primary.
-        created = httpx.post(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints",
+        created = cluster.http.post(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints",
                              json={"name": "tracker", "url": sink.url})  # fmt: skip
         assert created.status_code == 201, created.text
         # Uploads go to st2's transaction manager (it survives); st1, the primary, routes.
         tm = url(cluster, "st2", "transaction-manager")
-        set_up_account(tm)
+        set_up_account(cluster.http, tm)
         uploads: list[dict[str, Any]] = []
         failures: list[BaseException] = []
 
@@ -109,12 +110,10 @@ def test_passive_primary_killed_mid_stream_every_leg_once_in_order(
             assert [r["id"] for r in cycle] == expected_ids(u["event_id"])
         # After the failover st2 delivers; the endpoint's status says so.
         assert WORK_SENTINEL_LINK in cluster.active("st2", "sentinel-link")
-        endpoints = httpx.get(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints").json()
+        endpoints_url = f"{url(cluster, 'st2', 'sentinel-link')}/endpoints"
+        endpoints = cluster.http.get(endpoints_url).json()
         wait_until(
-            lambda: (
-                httpx.get(f"{url(cluster, 'st2', 'sentinel-link')}/endpoints").json()[0]["backlog"]
-                == 0
-            ),
+            lambda: cluster.http.get(endpoints_url).json()[0]["backlog"] == 0,
             30,
             "an empty backlog",
         )
@@ -156,7 +155,7 @@ def test_full_transfer_states_queue_never_stops_events(
     tm = url(cluster, "st1", "transaction-manager")
     # Configuration first: a dead service's stale config version would leave the server
     # unsynchronized (see the coordinator's view).
-    set_up_account(tm)
+    set_up_account(cluster.http, tm)
 
     def sentinel_synchronized() -> bool:
         view = cluster.view()
@@ -172,7 +171,7 @@ def test_full_transfer_states_queue_never_stops_events(
         upload(tm, f"g{n:03d}.csv")
     archive = cluster.state_dir / "data" / "archive"
     wait_until(lambda: len(list(archive.glob("*.csv"))) == files, 60, "every file routed")
-    page = httpx.get(f"{tm}/transfers", params={"status": "ROUTED", "limit": 100}).json()
+    page = cluster.http.get(f"{tm}/transfers", params={"status": "ROUTED", "limit": 100}).json()
     assert page["total"] == files
     queue = Topology(prefix=cluster.prefix).queue("transfer-states")
     stored = queue_length(cluster.amqp_url, queue)

@@ -49,8 +49,10 @@ def publish_raw(cluster: Cluster, bodies: list[bytes], message_ids: list[str]) -
         connection.close()
 
 
-def create_account(base: str, name: str = "acme", password: str = "correct horse") -> None:
-    response = httpx.post(f"{base}/accounts", json={"name": name, "password": password})
+def create_account(cluster: Cluster, name: str = "acme", password: str = "correct horse") -> None:
+    response = cluster.http.post(
+        f"{tm_url(cluster)}/accounts", json={"name": name, "password": password}
+    )
     assert response.status_code == 201, response.text
 
 
@@ -67,14 +69,14 @@ def test_upload_is_routed_and_logged(make_cluster: Any, tmp_path: Path) -> None:
     cluster = make_cluster("active_active", servers=1)
     wait_tm_ready(cluster, ["st1"])
     base = tm_url(cluster)
-    create_account(base)
+    create_account(cluster)
     route = {"account": "acme", "pattern": "*.csv", "steps": [
         {"kind": "checksum", "algorithm": "sha256"},
         {"kind": "rename", "template": "{stem}_{counter}.{ext}"},
         {"kind": "copy", "folder": "archive"},
         {"kind": "move", "folder": "outbound/acme"},
     ]}  # fmt: skip
-    assert httpx.post(f"{base}/routes", json=route).status_code == 201
+    assert cluster.http.post(f"{base}/routes", json=route).status_code == 201
     payload = tmp_path / "orders.csv"
     payload.write_bytes(b"id,qty\n" + b"1,2\n" * 100_000)
     # A real HTTP client, streaming the file.
@@ -94,7 +96,7 @@ def test_upload_is_routed_and_logged(make_cluster: Any, tmp_path: Path) -> None:
     assert not (data_dir(cluster) / "homes" / "acme" / "in" / "orders.csv").exists()
 
     def legs() -> list[dict[str, Any]]:
-        page = httpx.get(f"{base}/transfers", params={"cycle_id": upload["cycle_id"]}).json()
+        page = cluster.http.get(f"{base}/transfers", params={"cycle_id": upload["cycle_id"]}).json()
         items: list[dict[str, Any]] = page["items"]
         return items if {i["status"] for i in items} == {"RECEIVED", "ROUTED"} else []
 
@@ -105,10 +107,10 @@ def test_upload_is_routed_and_logged(make_cluster: Any, tmp_path: Path) -> None:
     }
     assert all(i["account"] == "acme" and i["bytes"] == payload.stat().st_size for i in found)
     # Filters and paging.
-    assert httpx.get(f"{base}/transfers", params={"account": "nobody"}).json()["total"] == 0
-    page = httpx.get(f"{base}/transfers", params={"direction": "inbound", "limit": 1}).json()
+    assert cluster.http.get(f"{base}/transfers", params={"account": "nobody"}).json()["total"] == 0
+    page = cluster.http.get(f"{base}/transfers", params={"direction": "inbound", "limit": 1}).json()
     assert page["total"] == 1 and len(page["items"]) == 1
-    assert httpx.get(f"{base}/transfers", params={"limit": 0}).status_code == 422
+    assert cluster.http.get(f"{base}/transfers", params={"limit": 0}).status_code == 422
 
     # Wrong password, path escape, no file name: refused, nothing written.
     bad = httpx.put(f"{base}/files/acme/x.csv", content=b"x", auth=("acme", "wrong"))
@@ -124,7 +126,7 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
     cluster = make_cluster("active_active", servers=1)
     wait_tm_ready(cluster, ["st1"])
     base = tm_url(cluster)
-    create_account(base)
+    create_account(cluster)
     home = data_dir(cluster) / "homes" / "acme"
     (home / "ok.txt").write_text("fine")
     unknown = FileArrived(account="ghost", path="a.txt")
@@ -137,7 +139,7 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
                 ["bad-json", "v9", unknown.id, missing.id, good.id])  # fmt: skip
 
     def dead() -> dict[str, str]:
-        items = httpx.get(f"{base}/events/dead").json()
+        items = cluster.http.get(f"{base}/events/dead").json()
         return {i["id"]: i["reason"] for i in items} if len(items) == 4 else {}
 
     reasons = wait_until(dead, 30, "four dead letters")
@@ -150,15 +152,15 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
     wait_until(lambda: _processed(engine, [good.id]) == 1, 30, "the good event")
 
     # Fix the causes, then replay.
-    create_account(base, "ghost")
+    create_account(cluster, "ghost")
     (data_dir(cluster) / "homes" / "ghost" / "a.txt").write_text("late")
     (home / "nope.txt").write_text("restored")
     for event_id in (unknown.id, missing.id):
-        replayed = httpx.post(f"{base}/events/dead/{event_id}/replay")
+        replayed = cluster.http.post(f"{base}/events/dead/{event_id}/replay")
         assert replayed.status_code == 200 and replayed.json()["replayed_at"]
     wait_until(lambda: _processed(engine, [unknown.id, missing.id]) == 2, 30, "the replays")
-    assert {i["id"] for i in httpx.get(f"{base}/events/dead").json()} == {"bad-json", "v9"}
-    assert httpx.post(f"{base}/events/dead/nothing/replay").status_code == 404
+    assert {i["id"] for i in cluster.http.get(f"{base}/events/dead").json()} == {"bad-json", "v9"}
+    assert cluster.http.post(f"{base}/events/dead/nothing/replay").status_code == 404
     engine.dispose()
 
 
@@ -176,12 +178,12 @@ def _route_files(cluster: Cluster, count: int) -> list[FileArrived]:
     """`count` files in acme's home, a route that renames (with a counter) and moves them,
     and one file.arrived event each."""
     base = tm_url(cluster)
-    create_account(base)
+    create_account(cluster)
     route = {"account": "acme", "pattern": "*.dat", "steps": [
         {"kind": "rename", "template": "{counter}-{name}"},
         {"kind": "move", "folder": "delivered"},
     ]}  # fmt: skip
-    assert httpx.post(f"{base}/routes", json=route).status_code == 201
+    assert cluster.http.post(f"{base}/routes", json=route).status_code == 201
     home = data_dir(cluster) / "homes" / "acme"
     events = []
     for i in range(count):
@@ -237,7 +239,7 @@ def test_passive_only_the_primary_processes_events(make_cluster: Any) -> None:
         nodes = set(session.exec(select(ProcessedEvent.node_id)).all())
     assert nodes == {"st1"}
     # The transfer log is served by the primary only.
-    standby = httpx.get(f"{tm_url(cluster, 'st2')}/transfers")
+    standby = cluster.http.get(f"{tm_url(cluster, 'st2')}/transfers")
     assert standby.status_code == 409 and "primary (st1)" in standby.json()["detail"]
     engine.dispose()
 
@@ -255,7 +257,7 @@ def test_scheduled_maintenance_runs_through_the_transaction_manager(make_cluster
                                  started_at=age))  # fmt: skip
         session.commit()
     scheduler = f"http://127.0.0.1:{cluster.port('st1', 'scheduler')}"
-    created = httpx.post(f"{scheduler}/jobs", json={
+    created = cluster.http.post(f"{scheduler}/jobs", json={
         "name": "purge", "kind": "transfer_log_purge", "interval_seconds": 1,
         "params": {"days": 30}})  # fmt: skip
     assert created.status_code == 201, created.text
@@ -273,5 +275,5 @@ def test_scheduled_maintenance_runs_through_the_transaction_manager(make_cluster
     with Session(engine) as session:
         left = set(session.exec(select(Transfer.leg_key)).all())
     assert "old" not in left and "new" in left
-    assert httpx.get(f"{tm_url(cluster)}/events/dead").json() == []
+    assert cluster.http.get(f"{tm_url(cluster)}/events/dead").json() == []
     engine.dispose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -211,6 +212,11 @@ class DeadLetterPurge(_JobParams):
     days: int = Field(default=30, gt=0)
 
 
+# Names a cleanup pattern may never match.
+ORDINARY_FILES = ("anything", "data.csv", "report.pdf", "orders.xml", "archive.tar.gz",
+                  "ferrylink.db", "README", "x.txt", "image.png")  # fmt: skip
+
+
 class TempFileCleanup(_JobParams):
     kind: Literal["temp_file_cleanup"] = "temp_file_cleanup"
     folder: str = Field(default="", max_length=4096)  # in the data dir
@@ -229,8 +235,16 @@ class TempFileCleanup(_JobParams):
     def _safe(cls, patterns: list[str]) -> list[str]:
         for pattern in patterns:
             _check_name_pattern(pattern)
-        if any(fnmatch.fnmatchcase("anything", p) for p in patterns):
-            raise ValueError("these patterns would match every file")
+            # What the pattern requires literally, wildcards and bracket sets left out: a
+            # deleting job must name a kind of file (".part", "~"), not "anything with a dot".
+            literal = re.sub(r"\[[^\]]*\]|[*?]", "", pattern).replace(".", "")
+            ordinary = [f for f in ORDINARY_FILES if fnmatch.fnmatchcase(f, pattern)]
+            if not literal or ordinary:
+                example = f" (it matches {ordinary[0]!r})" if ordinary else ""
+                raise ValueError(
+                    f"pattern {pattern!r} would match every file, or nearly{example}; name "
+                    "the temporary files, e.g. '*.part'"
+                )
         return patterns
 
 

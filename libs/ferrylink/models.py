@@ -399,3 +399,52 @@ class SentinelDelivery(SQLModel, table=True):
     last_success_at: float | None = Field(default=None)
     last_error: str = Field(default="", max_length=1000)
     last_error_at: float | None = Field(default=None)
+
+
+# --------------------------------------------------------------------------------------------
+# The administration plane: administrators, their API tokens, the audit log
+# --------------------------------------------------------------------------------------------
+
+
+class AdminUser(SQLModel, table=True):
+    """Someone who manages the cluster through the API: `admin` (everything) or `operator`
+    (read everything, fail over by hand)."""
+
+    __tablename__ = "admin_user"
+
+    name: str = Field(primary_key=True, max_length=64)
+    password_hash: str = Field(max_length=512)
+    role: str = Field(max_length=16)
+    enabled: bool = Field(default=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer token: only its SHA-256 is stored, in the shared database, so any server
+    accepts it and it survives restarts; the role is the admin's current one."""
+
+    __tablename__ = "api_token"
+
+    id: str = Field(primary_key=True, max_length=32)  # the public part of the token
+    secret_sha256: str = Field(max_length=64)
+    admin: str = Field(index=True, max_length=64)
+    description: str = Field(default="", max_length=255)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime = Field(index=True)
+    revoked_at: datetime | None = Field(default=None)
+
+
+class AuditRecord(SQLModel, table=True):
+    """One administrative change: who, what, when, from where, before and after (secrets
+    masked)."""
+
+    __tablename__ = "audit_record"
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(index=True, max_length=64)
+    address: str = Field(default="", max_length=64)
+    action: str = Field(index=True, max_length=64)  # e.g. "account.update"
+    target: str = Field(default="", index=True, max_length=255)
+    before_json: str | None = Field(default=None)
+    after_json: str | None = Field(default=None)

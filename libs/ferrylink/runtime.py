@@ -20,7 +20,6 @@ import logging
 import os
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
@@ -32,7 +31,10 @@ from opentelemetry import context as otel_context
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlmodel import Session
 
+from ferrylink.api_app import build_api
 from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
 from ferrylink.contracts import (
@@ -46,7 +48,9 @@ from ferrylink.contracts import (
     parse,
 )
 from ferrylink.db import create_tables, database_works, make_engine
+from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
+from ferrylink.models import ClusterState
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
 from ferrylink.transfer_states import TransferStatePublisher
@@ -102,6 +106,8 @@ class ServiceRuntime:
         self.consumers.on_change = self._on_consumers_changed
         self.follower = WorkFollower(settings.node_id, self.consumers)
         self._transfer_states: TransferStatePublisher | None = None
+        # One failed-login defender a process: uploads and edge sessions share its counts.
+        self.login_guard = login_guard_from(settings)
         self.config_version = 0
         self._stopping = threading.Event()
         self._heartbeat_thread = threading.Thread(
@@ -284,16 +290,15 @@ class ServiceRuntime:
         self.config_version = read_config_version(self.engine)
 
     def _fetch_assignment(self) -> None:
-        """Ask the coordinator for the current assignment so work starts without waiting."""
-        if not self.settings.coordinator_url:
-            return
-        url = self.settings.coordinator_url.rstrip("/") + "/cluster/assignment"
-        # The standard library, not httpx: one GET at start is not worth ~4 MB per process.
+        """Read the current assignment from the shared database (where the coordinator
+        leader keeps it) so work starts without waiting for the next broadcast."""
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                self.follower.offer(Assignment.model_validate_json(response.read()))
-        except (OSError, ValueError) as exc:  # URLError is an OSError; 404 before the first
-            log.info("no assignment from the coordinator yet: %s", exc)
+            with Session(self.engine) as session:
+                state = session.get(ClusterState, 1)
+            if state is not None and state.assignment_json:
+                self.follower.offer(Assignment.model_validate_json(state.assignment_json))
+        except (SQLAlchemyError, ValueError) as exc:
+            log.info("no assignment to start from yet: %s", exc)
 
     def heartbeat(self) -> Heartbeat:
         return Heartbeat(
@@ -326,8 +331,12 @@ def create_app(
     description: str = "",
     on_start: Sequence[Callable[[], None]] = (),
     on_stop: Sequence[Callable[[], None]] = (),
+    service: Any = None,
+    public_routers: Sequence[APIRouter] = (),
 ) -> FastAPI:
-    """The service's FastAPI app; the runtime (then `on_start`) starts and stops with it."""
+    """The service's FastAPI app (ferrylink.api_app.build_api) with `/healthz`, `/readyz`,
+    `/metrics` and `/work`; the runtime (then `on_start`) starts and stops with it.
+    `service` is what the routers' service dependency returns."""
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -341,15 +350,9 @@ def create_app(
                 stop()
             runtime.stop()
 
-    app = FastAPI(
-        title=f"Ferrylink {runtime.service_name}",
-        description=description,
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.runtime = runtime
+    health = APIRouter(tags=["health"])
 
-    @app.get("/healthz", tags=["health"], summary="The process is alive")
+    @health.get("/healthz", summary="The process is alive")
     def healthz() -> dict[str, str]:
         return {
             "status": "ok",
@@ -357,9 +360,8 @@ def create_app(
             "node": runtime.settings.node_id,
         }
 
-    @app.get(
+    @health.get(
         "/readyz",
-        tags=["health"],
         summary="Ready when the broker connections and the database work (503 otherwise)",
     )
     def readyz(response: Response) -> dict[str, Any]:
@@ -369,23 +371,45 @@ def create_app(
             response.status_code = 503
         return {"ready": ready, "checks": checks, "node": runtime.settings.node_id}
 
-    @app.get(
-        "/work",
-        tags=["cluster"],
-        summary="The work this service runs, its assignment epoch and activation history",
+    @health.get("/metrics", summary="Prometheus metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    work_router = APIRouter(tags=["cluster"])
+
+    @work_router.get(
+        "/work", summary="The work this service runs, its assignment epoch and activation history"
     )
     def work() -> dict[str, Any]:
         status = runtime.follower.status()
         status["service"] = runtime.service_name
         return status
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-    for router in routers:
-        app.include_router(router)
+    app = build_api(
+        title=f"Ferrylink {runtime.service_name}",
+        description=description,
+        engine=runtime.engine,
+        service=service,
+        routers=[work_router, *routers],
+        public_routers=[health, *public_routers],
+        lifespan=lifespan,
+        login_guard=runtime.login_guard,
+    )
+    app.state.runtime = runtime
     return app
+
+
+def login_guard_from(settings: FerrylinkSettings) -> LoginGuard:
+    return LoginGuard(
+        GuardPolicy(
+            delay=settings.login_failure_delay,
+            max_delay=settings.login_max_delay,
+            address_threshold=settings.login_address_threshold,
+            account_threshold=settings.login_account_threshold,
+            window=settings.login_window_seconds,
+            ban_seconds=settings.login_ban_seconds,
+        )
+    )
 
 
 def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:

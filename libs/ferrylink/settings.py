@@ -56,10 +56,24 @@ class FerrylinkSettings(BaseSettings):
     )
     coordinator_url: str = Field(
         "",
-        description="This server's coordinator API, asked for the current assignment at start.",
+        description="This server's coordinator API (informational: services read the current "
+        "assignment from the shared database at start).",
     )
     otlp_endpoint: str = Field("", description="OTLP/HTTP traces endpoint; empty disables export.")
     log_level: str = Field("INFO", description="Python log level.")
+    # The failed-login defender (ferrylink.login_guard) of account and admin logins.
+    login_failure_delay: float = Field(
+        0.5, ge=0, le=10, description="Seconds added to a failed login, doubling per failure."
+    )
+    login_max_delay: float = Field(4.0, ge=0, le=60, description="Cap of that delay.")
+    login_address_threshold: int = Field(
+        10, ge=1, description="Failed logins within the window that ban the client address."
+    )
+    login_account_threshold: int = Field(
+        30, ge=1, description="Failed logins on one account (any address) that ban it."
+    )
+    login_window_seconds: float = Field(600, gt=0, description="Window failures count in.")
+    login_ban_seconds: float = Field(900, gt=0, description="How long a ban lasts.")
 
     @field_validator("amqp_url")
     @classmethod

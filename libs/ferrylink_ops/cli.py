@@ -6,6 +6,8 @@
     ferrylink down [--state-dir DIR]
     ferrylink server {stop,start,kill} ID [--state-dir DIR]
     ferrylink status [--state-dir DIR] [--json]
+    ferrylink admin create NAME --role {admin,operator} [--database-url URL]
+    ferrylink admin token NAME [--ttl-hours H] [--database-url URL]
 
 The work is done by `ferrylink_ops.local_cluster` (its docstring explains the supervisor and
 how `server stop|start|kill` reach it); this module only parses arguments.
@@ -141,6 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     failover.add_argument("--to", required=True, metavar="ID", help="server to promote")
     _state_dir_option(failover)
+
+    admin = commands.add_parser("admin", help="administrators: create one, issue a token")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    create = admin_commands.add_parser(
+        "create", help="add an administrator (password read from stdin, or asked for)"
+    )
+    create.add_argument("name", metavar="NAME")
+    create.add_argument("--role", choices=["admin", "operator"], required=True)
+    token = admin_commands.add_parser("token", help="print a new API token for an administrator")
+    token.add_argument("name", metavar="NAME")
+    token.add_argument("--ttl-hours", type=float, default=8.0, help="token life (default 8)")
+    token.add_argument("--description", default="ferrylink admin token")
+    for sub in (create, token):
+        sub.add_argument(
+            "--database-url",
+            default=None,
+            help="the cluster's database (default: FERRYLINK_DATABASE_URL or the state dir's)",
+        )
     return parser
 
 
@@ -235,6 +255,35 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    import getpass
+    from datetime import timedelta
+
+    from ferrylink.admin_auth import AdminError
+    from ferrylink.settings import FerrylinkSettings
+    from ferrylink_ops.admin_setup import create_admin_cli, issue_token_cli
+
+    database_url = args.database_url or FerrylinkSettings().effective_database_url
+    try:
+        if args.admin_command == "create":
+            if sys.stdin.isatty():
+                password = getpass.getpass(f"password for {args.name}: ")
+                if getpass.getpass("again: ") != password:
+                    _say("error: the passwords differ")
+                    return 1
+            else:
+                password = sys.stdin.readline().rstrip("\n")
+            create_admin_cli(database_url, args.name, args.role, password)
+            _say(f"administrator {args.name} ({args.role}) created")
+        else:
+            ttl = timedelta(hours=args.ttl_hours)
+            _say(issue_token_cli(database_url, args.name, ttl, args.description))
+    except AdminError as exc:
+        _say(f"error: {exc}")
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -252,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_server(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "admin":
+            return cmd_admin(args)
         if args.command == "failover":
             return cmd_failover(args)
     except ClusterError as exc:

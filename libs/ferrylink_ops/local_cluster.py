@@ -66,6 +66,7 @@ import httpx
 from ferrylink.contracts import CLUSTER_MODES
 from ferrylink.services_registry import BACKEND_SERVICES, EDGE_SERVICE, module_name
 from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
+from ferrylink_ops.admin_setup import auth_headers, ensure_first_admin
 from ferrylink_ops.private_broker import (
     BrokerNode,
     is_broker_reachable,
@@ -446,6 +447,7 @@ class LocalCluster:
         self.ensure_broker()
         self.create_schema()
         self.write_servers_file()
+        ensure_first_admin(self.database_url, self.state_dir)
 
     def ensure_broker(self) -> None:
         """Use the configured broker; if none answers, start a private node if we can."""
@@ -1118,7 +1120,7 @@ def down(state_dir: Path, timeout: float = 60.0) -> str:
 def coordinator_view(doc: dict[str, Any], timeout: float = PROBE_TIMEOUT) -> dict[str, Any] | None:
     """The coordinators' `GET /cluster` (servers with state and role, primary, epoch, mode)
     from the first coordinator that answers with it; None while no coordinator serves it."""
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=auth_headers(doc.get("state_dir"))) as client:
         for server in doc.get("servers", []):
             url = server.get("api_url")
             if not url or server.get("state") == DOWN:
@@ -1275,7 +1277,7 @@ def manual_failover(state_dir: Path, to: str, timeout: float = 30.0) -> str:
     """Ask a live coordinator to promote `to` (passive_legacy) and describe what was lost."""
     doc = read_cluster_json(state_dir)
     refusal = ""
-    with httpx.Client(timeout=timeout) as client:
+    with httpx.Client(timeout=timeout, headers=auth_headers(state_dir)) as client:
         for server in doc.get("servers", []):
             url = server.get("api_url")
             if not url or server.get("state") == DOWN:
@@ -1331,7 +1333,8 @@ def create_demo(cluster: LocalCluster) -> dict[str, Any]:
         s.services["transaction-manager"] for s in cluster.servers
         if s.services["transaction-manager"].running
     )  # fmt: skip
-    with httpx.Client(base_url=tm.url, timeout=30) as client:
+    headers = auth_headers(cluster.state_dir)
+    with httpx.Client(base_url=tm.url, timeout=30, headers=headers) as client:
         created = client.post("/accounts", json={
             "name": DEMO_ACCOUNT, "password": password_file.read_text().strip(),
             "ssh_public_keys": [public_key],
@@ -1361,6 +1364,7 @@ def create_demo(cluster: LocalCluster) -> dict[str, Any]:
         "sftp_port": edge.sftp_port,
         "https_port": edge.https_port,
         "transfers_url": f"{tm.url}/transfers?account={DEMO_ACCOUNT}",
+        "token_file": str(cluster.state_dir / "admin" / "token"),
         "archive": str(cluster.data_dir / "archive"),
     }
 
@@ -1375,5 +1379,6 @@ def demo_lines(demo: dict[str, Any]) -> list[str]:
         f"-P {demo['sftp_port']} {demo['account']}@{HTTP_HOST}",
         f"  curl --cacert {demo['ca_file']} -u {demo['account']}:$(cat {demo['password_file']}) "
         f"-T FILE https://{HTTP_HOST}:{demo['https_port']}/files/",
-        f"  see it: curl -s '{demo['transfers_url']}'   and   ls {demo['archive']}",
+        f'  see it: curl -s -H "Authorization: Bearer $(cat {demo["token_file"]})" '
+        f"'{demo['transfers_url']}'   and   ls {demo['archive']}",
     ]

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 
 from ferrylink.contracts import Heartbeat
 from ferrylink.runtime import ServiceRuntime, create_app, serve
-from services.cluster_coordinator.api import router
+from services.cluster_coordinator.api import routers
 from services.cluster_coordinator.coordinator import Coordinator
 from services.cluster_coordinator.settings import Settings
 
@@ -22,22 +22,15 @@ def build(settings: Settings) -> tuple[ServiceRuntime, Coordinator]:
     return runtime, coordinator
 
 
-def app(settings: Settings) -> FastAPI:
+def app_from(settings: Settings) -> FastAPI:
     runtime, coordinator = build(settings)
-    api = create_app(
-        runtime,
-        routers=[router],
-        description=__doc__ or "",
-        on_start=[coordinator.start],
-        on_stop=[coordinator.stop],
-    )
-    api.state.coordinator = coordinator
-    return api
+    return create_app(runtime, routers, __doc__ or "", service=coordinator,
+                      on_start=[coordinator.start], on_stop=[coordinator.stop])  # fmt: skip
 
 
 def main() -> None:
     settings = Settings()
-    serve(app(settings), settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

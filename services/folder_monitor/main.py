@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from ferrylink.contracts import WORK_FOLDER_MONITOR
 from ferrylink.runtime import ServiceRuntime, create_app, serve
-from services.folder_monitor.api import WatchStore, router
+from services.folder_monitor.api import WatchStore, routers
 from services.folder_monitor.monitor import FolderMonitor
 from services.folder_monitor.settings import Settings
 
@@ -32,16 +32,14 @@ def build(settings: Settings) -> tuple[ServiceRuntime, FolderMonitor]:
     return runtime, monitor
 
 
-def app(settings: Settings) -> FastAPI:
+def app_from(settings: Settings) -> FastAPI:
     runtime, monitor = build(settings)
-    api = create_app(runtime, routers=[router], description=__doc__ or "")
-    api.state.watches = WatchStore(runtime.engine, monitor.data_dir)
-    return api
+    return create_app(runtime, routers, __doc__ or "", service=WatchStore(monitor.data_dir))
 
 
 def main() -> None:
     settings = Settings()
-    serve(app(settings), settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

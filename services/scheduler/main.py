@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from ferrylink.contracts import WORK_SCHEDULER
 from ferrylink.runtime import ServiceRuntime, create_app, serve
-from services.scheduler.api import JobStore, router
+from services.scheduler.api import JobStore, routers
 from services.scheduler.runner import JobScheduler
 from services.scheduler.settings import Settings
 
@@ -31,18 +31,15 @@ def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
     return runtime, scheduler
 
 
-def app(settings: Settings) -> FastAPI:
+def app_from(settings: Settings) -> FastAPI:
     runtime, _scheduler = build(settings)
-    api = create_app(runtime, routers=[router], description=__doc__ or "")
-    api.state.jobs = JobStore(
-        runtime.engine, settings.data_dir.resolve(), settings.scheduler_misfire_grace
-    )
-    return api
+    store = JobStore(settings.data_dir.resolve(), settings.scheduler_misfire_grace)
+    return create_app(runtime, routers, __doc__ or "", service=store)
 
 
 def main() -> None:
     settings = Settings()
-    serve(app(settings), settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

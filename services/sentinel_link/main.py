@@ -90,7 +90,7 @@ def build(settings: Settings) -> SentinelLink:
     return SentinelLink(runtime, store, mode, link_db)
 
 
-def app(settings: Settings) -> FastAPI:
+def app_from(settings: Settings) -> FastAPI:
     sentinel = build(settings)
     api = create_app(
         sentinel.runtime, routers=[endpoints.router, link.router], description=__doc__ or ""
@@ -102,7 +102,7 @@ def app(settings: Settings) -> FastAPI:
 
 def main() -> None:
     settings = Settings()
-    serve(app(settings), settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

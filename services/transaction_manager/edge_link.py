@@ -35,6 +35,7 @@ import shutil
 import socket
 import stat as stat_module
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from ferrylink.edge_wire import (
     WireError,
     set_keepalive,
 )
+from ferrylink.login_guard import LoginRefused
 from ferrylink.models import Account
 from ferrylink.paths import PathError, confined, relative_to
 from services.transaction_manager.api import TransactionManager
@@ -165,14 +167,7 @@ class EdgeSession:
                 if found is not None and not found.enabled:
                     found = None
             else:
-                found = verify_login(
-                    session,
-                    name,
-                    self.client_address,
-                    self.protocol,
-                    password=meta.get("password"),
-                    public_key=meta.get("public_key"),
-                )
+                found = self._verify(session, name, meta)
             if found is None:
                 raise SessionError(AUTH_FAILED, "authentication failed")
             home = confined(self.tm.data_dir, found.home)
@@ -180,6 +175,26 @@ class EdgeSession:
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
         return {"account": self.account}, b""
+
+    def _verify(self, session: Session, name: str, meta: dict[str, Any]) -> Account | None:
+        """A password or key login behind this process's failed-login defender, keyed by the
+        partner's own address (the edge passes it; its own address would ban everyone)."""
+        guard = self.tm.runtime.login_guard
+        try:
+            guard.check(self.client_address, name)
+        except LoginRefused as exc:
+            raise SessionError(
+                AUTH_FAILED, f"too many failed logins; try again in {exc.retry_after:.0f} s"
+            ) from None
+        password = meta.get("password")
+        found = verify_login(session, name, self.client_address, self.protocol,
+                             password=password, public_key=meta.get("public_key"))  # fmt: skip
+        if found is None and password is not None:
+            # Only password failures count: an SSH client asks about each of its keys first.
+            time.sleep(guard.failed(self.client_address, name))
+        elif found is not None:
+            guard.succeeded(self.client_address, name)
+        return found
 
     def op_issue_token(self, _meta: dict[str, Any], _data: bytes) -> tuple[dict[str, Any], bytes]:
         assert self.account is not None

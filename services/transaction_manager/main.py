@@ -2,7 +2,7 @@
 
 Consumes the event queue where the coordinator assigns it, runs each arrived file through
 its route once, keeps the consolidated transfer log (served by the primary) and the dead
-letters, and takes streamed uploads.
+letters, takes streamed uploads, and serves partner sessions through the edges.
 """
 
 from fastapi import FastAPI
@@ -14,9 +14,10 @@ from ferrylink.contracts import (
     WORK_EVENTS_LOCAL,
     WORK_TRANSFER_LOG,
 )
+from ferrylink.destinations import DestinationPolicy
 from ferrylink.runtime import ServiceRuntime, create_app, serve
 from ferrylink.work import FlagWork
-from services.transaction_manager.api import TransactionManager, router
+from services.transaction_manager.api import TransactionManager, public_routers, routers
 from services.transaction_manager.dead_letters import DeadLetterKeeper
 from services.transaction_manager.edge_link import EdgeLink, offers_sessions
 from services.transaction_manager.handlers import EventHandler
@@ -27,7 +28,7 @@ from services.transaction_manager.transfer_log import TransferLog
 SERVICE_NAME = "transaction-manager"
 
 
-def build(settings: Settings) -> tuple[ServiceRuntime, TransactionManager]:
+def build(settings: Settings) -> TransactionManager:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -45,29 +46,29 @@ def build(settings: Settings) -> tuple[ServiceRuntime, TransactionManager]:
                     prefetch=prefetch, workers=workers)  # fmt: skip
     runtime.consume_raw(WORK_DEAD_LETTERS, "events.dead", dead_letters)
     runtime.loop(WORK_TRANSFER_LOG, serves_transfer_log)
-    return runtime, TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log)
+    destinations = DestinationPolicy.from_settings(settings.partner_allow, settings.partner_deny)
+    return TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log, destinations)
 
 
-def app(settings: Settings) -> FastAPI:
-    runtime, tm = build(settings)
+def app_from(settings: Settings) -> FastAPI:
+    tm = build(settings)
     # Partner sessions through the edges: this TM dials out to them (edge_link.py) while it
     # runs the event queue.
-    follower = runtime.follower
+    follower = tm.runtime.follower
     edge_link = EdgeLink(
         tm, [e for e in settings.edges.split(",") if e.strip()], settings.edge_secret,
         lambda: offers_sessions(follower.status(), set(follower.active()), follower.mode,
                                 settings.node_id),
         settings.edge_idle_connections, settings.edge_token_lifetime,
     )  # fmt: skip
-    api = create_app(runtime, routers=[router], description=__doc__ or "",
-                     on_start=[edge_link.start], on_stop=[edge_link.stop])  # fmt: skip
-    api.state.tm = tm
-    return api
+    return create_app(tm.runtime, routers, __doc__ or "", service=tm,
+                      public_routers=public_routers, on_start=[edge_link.start],
+                      on_stop=[edge_link.stop])  # fmt: skip
 
 
 def main() -> None:
     settings = Settings()
-    serve(app(settings), settings, SERVICE_NAME)
+    serve(app_from(settings), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

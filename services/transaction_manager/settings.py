@@ -23,3 +23,11 @@ class Settings(FerrylinkSettings):
     edge_token_lifetime: float = Field(
         default=3600.0, gt=0, description="Seconds an HTTPS session token stays valid."
     )
+    partner_allow: str = Field(
+        default="",
+        description="Partner hosts or networks allowed although denied by default (loopback, "
+        "link-local), comma separated: e.g. 127.0.0.1,10.1.0.0/16,sftp.bank.example.",
+    )
+    partner_deny: str = Field(
+        default="", description="More partner hosts or networks to refuse, comma separated."
+    )

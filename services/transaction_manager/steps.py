@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import string
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -35,18 +35,76 @@ def _check_folder(value: str) -> str:
     return value
 
 
+MAX_TEMPLATE_WIDTH = 64
+MAX_NAME_LENGTH = 255
+# A standard format spec without nested fields: fill/align, sign, #, 0, width, grouping,
+# precision, type.
+_FORMAT_SPEC = re.compile(
+    r"^(?:.?[<>=^])?[+\- ]?#?0?(?P<width>\d*)[,_]?(?:\.(?P<prec>\d+))?[a-zA-Z%]?$"
+)
+_SAMPLE = {"name": "orders.csv", "stem": "orders", "ext": "csv",
+           "date": datetime(2024, 1, 31), "time": "235959", "counter": 12345,
+           "event_id": "e" * 32, "cycle_id": "c" * 32}  # fmt: skip
+
+
+class TemplateError(ValueError):
+    pass
+
+
+class NameFormatter(string.Formatter):
+    """str.format for hostile templates: only the known fields by plain name (no attribute
+    or index access, no conversions, no nested fields in a spec), widths and precisions
+    capped, and the result's length capped."""
+
+    def parse(self, format_string: str) -> Any:
+        for literal, field, spec, conversion in super().parse(format_string):
+            if field is not None:
+                if field not in TEMPLATE_FIELDS:
+                    if field.split(".")[0].split("[")[0] in TEMPLATE_FIELDS:
+                        raise TemplateError(f"no attribute or index access in {{{field}}}")
+                    raise TemplateError(
+                        f"unknown template field(s) [{field!r}]; use {sorted(TEMPLATE_FIELDS)}"
+                    )
+                if conversion:
+                    raise TemplateError(f"no conversions (!{conversion}) in {{{field}}}")
+                if spec and ("{" in spec or "}" in spec):
+                    raise TemplateError(f"no nested fields in {{{field}:{spec}}}")
+                if spec and field == "date":
+                    if len(spec) > 32 or re.search(r"\d{3,}", spec):
+                        raise TemplateError(f"date format {spec!r} is too long")
+                elif spec:
+                    match = _FORMAT_SPEC.match(spec)
+                    if match is None:
+                        raise TemplateError(f"bad format {spec!r} in {{{field}}}")
+                    for part in ("width", "prec"):
+                        if match[part] and int(match[part]) > MAX_TEMPLATE_WIDTH:
+                            raise TemplateError(
+                                f"width {match[part]} in {{{field}:{spec}}} is over "
+                                f"{MAX_TEMPLATE_WIDTH}"
+                            )
+            yield literal, field, spec, conversion
+
+    def render(self, template: str, **values: Any) -> str:
+        name = self.vformat(template, (), values)
+        if len(name) > MAX_NAME_LENGTH:
+            raise TemplateError(f"template {template!r} gives a name over {MAX_NAME_LENGTH} chars")
+        return name
+
+
+FORMATTER = NameFormatter()
+
+
 def _check_template(value: str) -> str:
-    try:
-        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
-    except ValueError as exc:
-        raise ValueError(f"bad template: {exc}") from exc
-    unknown = fields - TEMPLATE_FIELDS
-    if unknown:
-        raise ValueError(
-            f"unknown template field(s) {sorted(unknown)}; use {sorted(TEMPLATE_FIELDS)}"
-        )
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"a name template has at most {MAX_NAME_LENGTH} characters")
     if "/" in value or "\\" in value:
         raise ValueError("a name template may not contain a path separator")
+    try:
+        FORMATTER.render(value, **_SAMPLE)
+    except TemplateError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise ValueError(f"bad template: {exc}") from exc
     return value
 
 
@@ -115,8 +173,8 @@ def render(
     stem, dot, ext = file_name.rpartition(".")
     if not dot:
         stem, ext = file_name, ""
-    name = template.format(
-        name=file_name, stem=stem, ext=ext, date=when, time=when.strftime("%H%M%S"),
+    name = FORMATTER.render(
+        template, name=file_name, stem=stem, ext=ext, date=when, time=when.strftime("%H%M%S"),
         counter=counter, event_id=event_id, cycle_id=cycle_id,
     )  # fmt: skip
     if not name or name in {".", ".."} or "/" in name or "\x00" in name:

@@ -1,5 +1,5 @@
-"""HTTP API of the scheduler: list, create, pause, resume and delete jobs, with each job's
-last and next run and its run history.
+"""Jobs: list, create, pause, resume and delete scheduled jobs, with each job's last and
+next run and its run history.
 
 Any server answers (the jobs live in the shared database); only the primary runs them.
 """
@@ -7,18 +7,17 @@ Any server answers (the jobs live in the shared database); only the primary runs
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Response
 from pydantic import BaseModel, Field
-from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
+from ferrylink.deps import SessionDep
 from ferrylink.models import JobRun, ScheduledJob
+from services.scheduler.api.deps import StoreDep
 from services.scheduler.jobs import (
     JobError,
     as_utc,
@@ -34,23 +33,6 @@ JobKind = Literal[
     "pull", "push", "transfer_log_purge", "transfer_log_archive", "dead_letter_purge",
     "temp_file_cleanup",
 ]  # fmt: skip
-
-
-@dataclass
-class JobStore:
-    """What the API needs; main.py puts one on `app.state.jobs`."""
-
-    engine: Engine
-    data_dir: Path
-    default_grace: float
-
-
-def get_store(request: Request) -> JobStore:
-    store: JobStore = request.app.state.jobs
-    return store
-
-
-StoreDep = Annotated[JobStore, Depends(get_store)]
 
 
 class JobIn(BaseModel):
@@ -147,95 +129,89 @@ def _get(session: Session, job_id: int) -> ScheduledJob:
 
 
 @router.get("", summary="Every job, with its last and next run")
-def list_jobs(store: StoreDep) -> list[JobOut]:
-    with Session(store.engine) as session:
-        jobs = session.exec(select(ScheduledJob).order_by(col(ScheduledJob.id))).all()
-        return [_job_out(session, job) for job in jobs]
+def list_jobs(session: SessionDep) -> list[JobOut]:
+    jobs = session.exec(select(ScheduledJob).order_by(col(ScheduledJob.id))).all()
+    return [_job_out(session, job) for job in jobs]
 
 
 @router.post("", status_code=201, summary="Create a job (422 with the reason if refused)")
-def create_job(body: JobIn, store: StoreDep) -> JobOut:
+def create_job(body: JobIn, store: StoreDep, session: SessionDep) -> JobOut:
     now = datetime.now(UTC).replace(microsecond=0)
     # Whole seconds, so interval fire times (and the run keys) are whole seconds too.
     start_at = as_utc(body.start_at or now).replace(microsecond=0)
-    with Session(store.engine) as session:
-        try:
-            make_trigger(body.cron, body.interval_seconds, body.timezone, start_at)
-            params = check_params(body.kind, dict(body.params), session, store.data_dir)
-        except JobError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        job = ScheduledJob(
-            name=body.name, kind=body.kind, cron=body.cron.strip() if body.cron else None,
-            interval_seconds=body.interval_seconds, timezone=body.timezone,
-            start_at=as_utc(start_at), params_json=json.dumps(params),
-            misfire_grace_seconds=(
-                store.default_grace if body.misfire_grace_seconds is None
-                else body.misfire_grace_seconds
-            ),
-            coalesce=body.coalesce, enabled=body.enabled,
-            created_at=as_utc(now), updated_at=as_utc(now),
-        )  # fmt: skip
-        session.add(job)
-        try:
-            session.commit()
-        except IntegrityError as exc:
-            raise HTTPException(409, f"a job named {body.name!r} exists already") from exc
-        session.refresh(job)
-        return _job_out(session, job)
+    try:
+        make_trigger(body.cron, body.interval_seconds, body.timezone, start_at)
+        params = check_params(body.kind, dict(body.params), session, store.data_dir)
+    except JobError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    job = ScheduledJob(
+        name=body.name, kind=body.kind, cron=body.cron.strip() if body.cron else None,
+        interval_seconds=body.interval_seconds, timezone=body.timezone,
+        start_at=as_utc(start_at), params_json=json.dumps(params),
+        misfire_grace_seconds=(
+            store.default_grace if body.misfire_grace_seconds is None
+            else body.misfire_grace_seconds
+        ),
+        coalesce=body.coalesce, enabled=body.enabled,
+        created_at=as_utc(now), updated_at=as_utc(now),
+    )  # fmt: skip
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        raise HTTPException(409, f"a job named {body.name!r} exists already") from exc
+    session.refresh(job)
+    return _job_out(session, job)
 
 
 @router.get("/{job_id}", summary="One job, with its last and next run")
-def get_job(job_id: int, store: StoreDep) -> JobOut:
-    with Session(store.engine) as session:
-        return _job_out(session, _get(session, job_id))
+def get_job(job_id: int, session: SessionDep) -> JobOut:
+    return _job_out(session, _get(session, job_id))
 
 
 @router.get("/{job_id}/runs", summary="The job's runs, newest first")
 def list_runs(
-    job_id: int, store: StoreDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+    job_id: int, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[RunOut]:
-    with Session(store.engine) as session:
-        _get(session, job_id)
-        runs = session.exec(
-            select(JobRun)
-            .where(JobRun.job_id == job_id)
-            .order_by(col(JobRun.fire_time).desc())
-            .limit(limit)
-        ).all()
-        return [_run_out(run) for run in runs]
+    _get(session, job_id)
+    runs = session.exec(
+        select(JobRun)
+        .where(JobRun.job_id == job_id)
+        .order_by(col(JobRun.fire_time).desc())
+        .limit(limit)
+    ).all()
+    return [_run_out(run) for run in runs]
 
 
-def _set_enabled(job_id: int, store: JobStore, enabled: bool) -> JobOut:
-    with Session(store.engine) as session:
-        job = _get(session, job_id)
-        if job.enabled != enabled:
-            job.enabled = enabled
-            job.version += 1
-            # Resumed: fire times that passed while paused do not run.
-            job.updated_at = as_utc(datetime.now(UTC).replace(microsecond=0))
-            session.add(job)
-            session.commit()
-            session.refresh(job)
-        return _job_out(session, job)
+def _set_enabled(session: Session, job_id: int, enabled: bool) -> JobOut:
+    job = _get(session, job_id)
+    if job.enabled != enabled:
+        job.enabled = enabled
+        job.version += 1
+        # Resumed: fire times that passed while paused do not run.
+        job.updated_at = as_utc(datetime.now(UTC).replace(microsecond=0))
+        session.add(job)
+        session.commit()
+        session.refresh(job)
+    return _job_out(session, job)
 
 
 @router.post("/{job_id}/pause", summary="Stop running the job (its history is kept)")
-def pause_job(job_id: int, store: StoreDep) -> JobOut:
-    return _set_enabled(job_id, store, False)
+def pause_job(job_id: int, session: SessionDep) -> JobOut:
+    return _set_enabled(session, job_id, False)
 
 
 @router.post(
     "/{job_id}/resume",
     summary="Run the job again from its next fire time (missed ones while paused do not run)",
 )
-def resume_job(job_id: int, store: StoreDep) -> JobOut:
-    return _set_enabled(job_id, store, True)
+def resume_job(job_id: int, session: SessionDep) -> JobOut:
+    return _set_enabled(session, job_id, True)
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete the job and its run history")
-def delete_job(job_id: int, store: StoreDep) -> Response:
-    with Session(store.engine) as session:
-        session.delete(_get(session, job_id))
-        session.exec(delete(JobRun).where(col(JobRun.job_id) == job_id))
-        session.commit()
+def delete_job(job_id: int, session: SessionDep) -> Response:
+    session.delete(_get(session, job_id))
+    session.exec(delete(JobRun).where(col(JobRun.job_id) == job_id))
+    session.commit()
     return Response(status_code=204)

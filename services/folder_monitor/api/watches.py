@@ -1,42 +1,24 @@
-"""HTTP API of the folder monitor: list, create, pause, resume and delete watched folders.
+"""Watched folders: list, create, pause, resume and delete them.
 
 Any server answers (the watches live in the shared database); only the primary polls them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Response
 from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func
-from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, delete, select
 
+from ferrylink.deps import SessionDep
 from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, relative_to
+from services.folder_monitor.api.deps import StoreDep
 from services.folder_monitor.monitor import watch_paths
 
 router = APIRouter(prefix="/watches", tags=["watches"])
-
-
-@dataclass
-class WatchStore:
-    """What the API needs; main.py puts one on `app.state.watches`."""
-
-    engine: Engine
-    data_dir: Path
-
-
-def get_store(request: Request) -> WatchStore:
-    store: WatchStore = request.app.state.watches
-    return store
-
-
-StoreDep = Annotated[WatchStore, Depends(get_store)]
 
 
 class WatchIn(BaseModel):
@@ -102,69 +84,64 @@ def _get(session: Session, watch_id: int) -> WatchedFolder:
 
 
 @router.get("", summary="Every watched folder")
-def list_watches(store: StoreDep) -> list[WatchOut]:
-    with Session(store.engine) as session:
-        counts = _counts(session)
-        watches = session.exec(select(WatchedFolder).order_by(col(WatchedFolder.id))).all()
-        return [_out(w, counts) for w in watches]
+def list_watches(session: SessionDep) -> list[WatchOut]:
+    counts = _counts(session)
+    watches = session.exec(select(WatchedFolder).order_by(col(WatchedFolder.id))).all()
+    return [_out(w, counts) for w in watches]
 
 
 @router.post("", status_code=201, summary="Watch a folder (422 with the reason if refused)")
-def create_watch(body: WatchIn, store: StoreDep) -> WatchOut:
-    with Session(store.engine) as session:
-        account = session.get(Account, body.account)
-        if account is None:
-            raise HTTPException(422, f"unknown account {body.account!r}")
-        try:
-            _home, folder = watch_paths(store.data_dir, account.home, body.path)
-        except PathError as exc:
-            raise HTTPException(422, str(exc)) from exc
-        if not folder.is_dir():
-            raise HTTPException(422, f"folder {body.path!r} does not exist")
-        watch = WatchedFolder(
-            account=body.account, folder=relative_to(store.data_dir, folder) or ".",
-            pattern=body.pattern, recursive=body.recursive, settle_seconds=body.settle_seconds,
-            enabled=body.enabled,
-        )  # fmt: skip
-        session.add(watch)
-        session.commit()
-        session.refresh(watch)
-        return _out(watch, {})
+def create_watch(body: WatchIn, store: StoreDep, session: SessionDep) -> WatchOut:
+    account = session.get(Account, body.account)
+    if account is None:
+        raise HTTPException(422, f"unknown account {body.account!r}")
+    try:
+        _home, folder = watch_paths(store.data_dir, account.home, body.path)
+    except PathError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    if not folder.is_dir():
+        raise HTTPException(422, f"folder {body.path!r} does not exist")
+    watch = WatchedFolder(
+        account=body.account, folder=relative_to(store.data_dir, folder) or ".",
+        pattern=body.pattern, recursive=body.recursive, settle_seconds=body.settle_seconds,
+        enabled=body.enabled,
+    )  # fmt: skip
+    session.add(watch)
+    session.commit()
+    session.refresh(watch)
+    return _out(watch, {})
 
 
 @router.get("/{watch_id}", summary="One watched folder")
-def get_watch(watch_id: int, store: StoreDep) -> WatchOut:
-    with Session(store.engine) as session:
-        return _out(_get(session, watch_id), _counts(session, watch_id))
+def get_watch(watch_id: int, session: SessionDep) -> WatchOut:
+    return _out(_get(session, watch_id), _counts(session, watch_id))
 
 
-def _set_enabled(watch_id: int, store: WatchStore, enabled: bool) -> WatchOut:
-    with Session(store.engine) as session:
-        watch = _get(session, watch_id)
-        watch.enabled = enabled
-        session.add(watch)
-        session.commit()
-        session.refresh(watch)
-        return _out(watch, _counts(session, watch_id))
+def _set_enabled(session: Session, watch_id: int, enabled: bool) -> WatchOut:
+    watch = _get(session, watch_id)
+    watch.enabled = enabled
+    session.add(watch)
+    session.commit()
+    session.refresh(watch)
+    return _out(watch, _counts(session, watch_id))
 
 
 @router.post("/{watch_id}/pause", summary="Stop polling the folder (its state is kept)")
-def pause_watch(watch_id: int, store: StoreDep) -> WatchOut:
-    return _set_enabled(watch_id, store, False)
+def pause_watch(watch_id: int, session: SessionDep) -> WatchOut:
+    return _set_enabled(session, watch_id, False)
 
 
 @router.post(
     "/{watch_id}/resume",
     summary="Poll the folder again; files added or changed meanwhile are picked up then",
 )
-def resume_watch(watch_id: int, store: StoreDep) -> WatchOut:
-    return _set_enabled(watch_id, store, True)
+def resume_watch(watch_id: int, session: SessionDep) -> WatchOut:
+    return _set_enabled(session, watch_id, True)
 
 
 @router.delete("/{watch_id}", status_code=204, summary="Stop watching and forget its state")
-def delete_watch(watch_id: int, store: StoreDep) -> Response:
-    with Session(store.engine) as session:
-        session.delete(_get(session, watch_id))
-        session.exec(delete(WatchedFile).where(col(WatchedFile.watch_id) == watch_id))
-        session.commit()
+def delete_watch(watch_id: int, session: SessionDep) -> Response:
+    session.delete(_get(session, watch_id))
+    session.exec(delete(WatchedFile).where(col(WatchedFile.watch_id) == watch_id))
+    session.commit()
     return Response(status_code=204)

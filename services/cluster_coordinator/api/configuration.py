@@ -1,0 +1,61 @@
+"""The cluster's configuration: the ordered servers list, the mode and the timeout."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from ferrylink.deps import SessionDep
+from services.cluster_coordinator import store
+from services.cluster_coordinator.api.deps import CoordinatorDep
+from services.cluster_coordinator.api.status import ClusterStatus, cluster_status
+
+router = APIRouter(prefix="/cluster", tags=["cluster"])
+
+
+class ServerIn(BaseModel):
+    id: str = Field(min_length=1, max_length=64, examples=["st1"])
+    api_url: str = Field(default="", max_length=512, examples=["http://st1:8100"])
+
+
+class ServersIn(BaseModel):
+    servers: list[ServerIn] = Field(description="Ordered: the order decides promotion.")
+
+
+class SettingsIn(BaseModel):
+    mode: str | None = Field(default=None, examples=["passive"])
+    connection_timeout: float | None = Field(default=None, gt=0, examples=[5.0])
+
+
+@router.put("/servers", response_model=ClusterStatus, summary="Replace the ordered servers list")
+def put_servers(body: ServersIn, coordinator: CoordinatorDep, session: SessionDep) -> ClusterStatus:
+    entries = [store.ServerEntry(s.id, s.api_url) for s in body.servers]
+    try:
+        store.write_servers(session, entries)
+    except store.ConfigError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    session.commit()
+    coordinator.runtime.announce_config_change()
+    return cluster_status(coordinator, session)
+
+
+@router.put("/settings", response_model=ClusterStatus, summary="Change mode or timeout")
+def put_settings(
+    body: SettingsIn, coordinator: CoordinatorDep, session: SessionDep
+) -> ClusterStatus:
+    current = store.read_settings(session, coordinator.defaults)
+    wanted = store.ClusterSettings(
+        mode=body.mode if body.mode is not None else current.mode,
+        connection_timeout=(
+            body.connection_timeout
+            if body.connection_timeout is not None
+            else current.connection_timeout
+        ),
+    )
+    try:
+        store.write_settings(session, wanted, coordinator.settings.lease_seconds)
+    except store.ConfigError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    session.commit()
+    coordinator.runtime.announce_config_change()
+    return cluster_status(coordinator, session)

@@ -1,0 +1,105 @@
+"""Manual failover (passive_legacy): promote a standby by hand and report what was lost."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, Field
+
+from ferrylink.admin_auth import OPERATOR_MAY
+from ferrylink.deps import SessionDep
+from ferrylink.messaging import connection_parameters
+from ferrylink.models import ClusterState
+from services.cluster_coordinator import store
+from services.cluster_coordinator.api.deps import CoordinatorDep
+from services.cluster_coordinator.coordinator import Coordinator
+
+router = APIRouter(prefix="/cluster", tags=["cluster"])
+
+
+class FailoverIn(BaseModel):
+    to: str = Field(min_length=1, description="The server to promote.")
+
+
+class FailoverReport(BaseModel):
+    previous_primary: str | None
+    primary: str
+    epoch: int
+    lost_events: int = Field(description="Events queued on the old primary's own queue.")
+    lost_sentinel_records: int = Field(
+        description="Transfer states queued on the old primary's own sentinel-link queue."
+    )
+
+
+@router.post(
+    "/failover",
+    response_model=FailoverReport,
+    summary="Manual failover (passive_legacy only): promote a standby by hand",
+    openapi_extra=OPERATOR_MAY,
+    responses={
+        404: {"description": "Unknown server"},
+        409: {"description": "Refused: automatic mode, server down, or already primary"},
+    },
+)
+def post_failover(
+    body: FailoverIn, coordinator: CoordinatorDep, session: SessionDep
+) -> FailoverReport:
+    now = time.time()
+    view = coordinator.view(session, now)
+    state = session.get(ClusterState, 1) or ClusterState(id=1)
+    if body.to not in {s.id for s in view.servers}:
+        raise HTTPException(404, f"unknown server {body.to!r}")
+    if view.mode != "passive_legacy":
+        raise HTTPException(
+            409,
+            f"manual failover is refused in {view.mode} mode: promotion is automatic "
+            "(only passive_legacy fails over by hand)",
+        )
+    if body.to == state.primary:
+        raise HTTPException(409, f"{body.to} is already the primary")
+    if body.to not in view.live:
+        raise HTTPException(409, f"{body.to} is down; promote a server that is up")
+    previous = state.primary
+    store.put_setting(session, store.FAILOVER_REQUEST_KEY, body.to)
+    session.commit()
+    # The leader applies the request on its next step; wait for it (bounded).
+    deadline = time.monotonic() + 10 * coordinator.settings.heartbeat_interval + 5
+    while time.monotonic() < deadline:
+        session.rollback()  # end the transaction, so the next read sees the leader's commit
+        state = session.get(ClusterState, 1, populate_existing=True) or ClusterState(id=1)
+        if state.primary == body.to:
+            lost_events, lost_records = _stranded_counts(coordinator, previous)
+            return FailoverReport(
+                previous_primary=previous,
+                primary=body.to,
+                epoch=state.epoch,
+                lost_events=lost_events,
+                lost_sentinel_records=lost_records,
+            )
+        time.sleep(0.1)
+    raise HTTPException(503, "no coordinator leader applied the failover; is the cluster up?")
+
+
+def _stranded_counts(coordinator: Coordinator, node: str | None) -> tuple[int, int]:
+    """Messages left on the old primary's node-local queues (passive_legacy loses them)."""
+    if node is None:
+        return 0, 0
+    topology = coordinator.runtime.topology
+    counts = []
+    connection = pika.BlockingConnection(connection_parameters(coordinator.settings.amqp_urls))
+    try:
+        for name in (
+            topology.node_queue("events", node),
+            topology.node_queue("transfer-states", node),
+        ):
+            channel = connection.channel()
+            try:
+                counts.append(channel.queue_declare(name, passive=True).method.message_count)
+                channel.close()
+            except pika.exceptions.ChannelClosedByBroker:  # never declared: nothing queued
+                counts.append(0)
+    finally:
+        connection.close()
+    return counts[0], counts[1]

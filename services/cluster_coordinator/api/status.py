@@ -1,0 +1,100 @@
+"""The cluster view (servers, roles, primary, leader) and the current assignment."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel
+from sqlmodel import Session
+
+from ferrylink.cluster import Assignment
+from ferrylink.deps import SessionDep
+from ferrylink.models import ClusterState
+from services.cluster_coordinator import leadership
+from services.cluster_coordinator.api.deps import CoordinatorDep
+from services.cluster_coordinator.coordinator import Coordinator
+
+router = APIRouter(prefix="/cluster", tags=["cluster"])
+
+
+class ServerStatus(BaseModel):
+    id: str
+    api_url: str
+    state: Literal["up", "down"]
+    role: Literal["primary", "secondary", "standby"]
+    synchronized: bool
+    work: list[str]
+    services: dict[str, dict[str, Any]]
+
+
+class ClusterStatus(BaseModel):
+    mode: str
+    epoch: int
+    primary: str | None
+    leader: str | None
+    connection_timeout: float
+    config_version: int
+    servers: list[ServerStatus]
+
+
+def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
+    now = time.time()
+    view = coordinator.view(session, now)
+    state = session.get(ClusterState, 1) or ClusterState(id=1)
+    lease = leadership.current_lease(session)
+    assignment = _assignment_from(state)
+    servers = []
+    for entry in view.servers:
+        if entry.id == state.primary:
+            role: Literal["primary", "secondary", "standby"] = "primary"
+        elif view.mode == "active_active":
+            role = "secondary"
+        else:
+            role = "standby"
+        servers.append(
+            ServerStatus(
+                id=entry.id,
+                api_url=entry.api_url,
+                state="up" if entry.id in view.live else "down",
+                role=role,
+                synchronized=entry.id in view.synchronized,
+                work=assignment.work.get(entry.id, []) if assignment else [],
+                services=view.services.get(entry.id, {}),
+            )
+        )
+    return ClusterStatus(
+        mode=view.mode,
+        epoch=state.epoch,
+        primary=state.primary,
+        leader=lease.holder if lease and lease.expires_at > now else None,
+        connection_timeout=view.connection_timeout,
+        config_version=view.config_version,
+        servers=servers,
+    )
+
+
+def _assignment_from(state: ClusterState) -> Assignment | None:
+    if not state.assignment_json:
+        return None
+    return Assignment.model_validate_json(state.assignment_json)
+
+
+@router.get("", response_model=ClusterStatus, summary="Mode, epoch, primary, leader, servers")
+def get_cluster(coordinator: CoordinatorDep, session: SessionDep) -> ClusterStatus:
+    return cluster_status(coordinator, session)
+
+
+@router.get(
+    "/assignment",
+    response_model=Assignment,
+    summary="The current assignment (what runs where, at which epoch)",
+    responses={404: {"description": "No assignment issued yet"}},
+)
+def get_assignment(session: SessionDep) -> Assignment:
+    state = session.get(ClusterState, 1)
+    assignment = _assignment_from(state) if state else None
+    if assignment is None:
+        raise HTTPException(404, "no assignment has been issued yet")
+    return assignment

@@ -1,0 +1,51 @@
+"""Dead letters: parked events with their reason, replayed on request."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel
+from sqlmodel import col, select
+
+from ferrylink.deps import SessionDep
+from ferrylink.models import DeadEvent
+from services.transaction_manager.api.deps import TMDep
+from services.transaction_manager.dead_letters import replay
+
+router = APIRouter(prefix="/events/dead", tags=["events"])
+
+
+class DeadOut(BaseModel):
+    id: str
+    queue: str
+    reason: str
+    body: str
+    dead_at: datetime
+    replayed_at: datetime | None
+
+
+def dead_out(dead: DeadEvent) -> DeadOut:
+    return DeadOut(id=dead.id, queue=dead.queue, reason=dead.reason,
+                   body=dead.body.decode(errors="replace"), dead_at=dead.dead_at,
+                   replayed_at=dead.replayed_at)  # fmt: skip
+
+
+@router.get("", response_model=list[DeadOut])
+def list_dead(
+    session: SessionDep,
+    include_replayed: bool = False,
+    limit: int = Query(default=100, ge=1, le=1000),
+) -> list[DeadOut]:
+    query = select(DeadEvent).order_by(col(DeadEvent.dead_at).desc()).limit(limit)
+    if not include_replayed:
+        query = query.where(col(DeadEvent.replayed_at).is_(None))
+    return [dead_out(d) for d in session.exec(query)]
+
+
+@router.post("/{dead_id}/replay", response_model=DeadOut)
+def replay_dead(dead_id: str, tm: TMDep) -> DeadOut:
+    dead = replay(tm.runtime.engine, tm.runtime.republish_raw, dead_id)
+    if dead is None:
+        raise HTTPException(404, f"no dead letter {dead_id!r}")
+    return dead_out(dead)

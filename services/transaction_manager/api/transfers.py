@@ -1,0 +1,90 @@
+"""The consolidated transfer log (served by the primary)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Query
+from pydantic import BaseModel
+from sqlalchemy import func
+from sqlmodel import col, select
+
+from ferrylink.deps import SessionDep
+from ferrylink.models import Transfer
+from services.transaction_manager.api.deps import TMDep
+
+router = APIRouter(prefix="/transfers", tags=["transfers"])
+
+
+class TransferOut(BaseModel):
+    id: int
+    cycle_id: str
+    event_id: str
+    leg: str
+    status: str
+    account: str
+    direction: str
+    file_name: str
+    bytes: int
+    protocol: str
+    partner: str | None
+    node_id: str
+    started_at: datetime
+    duration_ms: int | None
+    detail: str
+
+
+class TransferPage(BaseModel):
+    total: int
+    items: list[TransferOut]
+
+
+@router.get(
+    "",
+    response_model=TransferPage,
+    responses={409: {"description": "Not the primary: ask the primary's TM"}},
+)
+def list_transfers(
+    tm: TMDep,
+    session: SessionDep,
+    account: str | None = None,
+    status: str | None = None,
+    file_name: str | None = Query(default=None, description="Substring of the file name."),
+    direction: Literal["inbound", "outbound", "internal"] | None = None,
+    cycle_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int = Query(default=100, ge=1, le=1000),
+    offset: int = Query(default=0, ge=0),
+) -> TransferPage:
+    if not tm.serves_transfer_log.is_set:
+        assignment = tm.runtime.follower.status()
+        raise HTTPException(
+            409, f"the consolidated transfer log is served by the primary "
+                 f"({assignment['primary'] or 'none yet'})",
+        )  # fmt: skip
+    filters: list[Any] = []
+    if account:
+        filters.append(Transfer.account == account)
+    if status:
+        filters.append(Transfer.status == status.upper())
+    if file_name:
+        filters.append(col(Transfer.file_name).contains(file_name))
+    if direction:
+        filters.append(Transfer.direction == direction)
+    if cycle_id:
+        filters.append(Transfer.cycle_id == cycle_id)
+    if since:
+        filters.append(col(Transfer.started_at) >= since)
+    if until:
+        filters.append(col(Transfer.started_at) < until)
+    total = session.exec(select(func.count()).select_from(Transfer).where(*filters)).one()
+    rows = session.exec(
+        select(Transfer).where(*filters)
+        .order_by(col(Transfer.started_at).desc(), col(Transfer.id).desc())
+        .offset(offset).limit(limit)
+    ).all()  # fmt: skip
+    return TransferPage(total=total,
+                        items=[TransferOut.model_validate(r, from_attributes=True)
+                               for r in rows])  # fmt: skip

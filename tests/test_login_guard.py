@@ -1,0 +1,183 @@
+"""The failed-login defender: table-driven rules on a fake clock, and a real
+transaction-manager process taking 50 wrong upload passwords from one address."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlmodel import Session
+
+from ferrylink import login_guard
+from ferrylink.db import create_tables, make_engine
+from ferrylink.login_guard import GuardPolicy, LoginGuard, LoginRefused, check_password
+from ferrylink.models import Account
+from ferrylink.passwords import hash_password
+from ferrylink_ops.local_cluster import port_free
+from tests.helpers import wait_until
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+POLICY = GuardPolicy(delay=0.1, max_delay=0.8, address_threshold=5, account_threshold=8,
+                     window=60, ban_seconds=300)  # fmt: skip
+
+
+def banned(guard: LoginGuard, address: str, account: str) -> str | None:
+    try:
+        guard.check(address, account)
+    except LoginRefused as exc:
+        return exc.reason
+    return None
+
+
+def test_delays_double_then_the_address_is_banned_for_a_while() -> None:
+    clock = Clock()
+    guard = LoginGuard(POLICY, clock)
+    delays = [guard.failed("10.0.0.1", "acme") for _ in range(4)]
+    assert delays == [0.1, 0.2, 0.4, 0.8]
+    assert banned(guard, "10.0.0.1", "acme") is None
+    guard.failed("10.0.0.1", "acme")  # the 5th: banned
+    assert "from this address" in (banned(guard, "10.0.0.1", "acme") or "")
+    assert "from this address" in (banned(guard, "10.0.0.1", "other") or "")
+    assert banned(guard, "10.0.0.2", "acme") is None  # another address is not
+    clock.now += 301
+    assert banned(guard, "10.0.0.1", "acme") is None  # the ban lapses
+
+
+def test_failures_outside_the_window_do_not_count_and_success_forgives() -> None:
+    clock = Clock()
+    guard = LoginGuard(POLICY, clock)
+    for _ in range(4):
+        guard.failed("10.0.0.1", "acme")
+    clock.now += 61
+    assert guard.failed("10.0.0.1", "acme") == 0.1  # the old ones left the window
+    guard.succeeded("10.0.0.1", "acme")
+    assert guard.failed("10.0.0.1", "acme") == 0.1
+
+
+def test_an_account_guessed_from_many_addresses_is_banned() -> None:
+    guard = LoginGuard(POLICY, Clock())
+    for i in range(8):
+        guard.failed(f"10.0.1.{i}", "acme")
+    assert "from this account" in (banned(guard, "10.0.9.9", "acme") or "")
+    assert banned(guard, "10.0.9.9", "other") is None
+
+
+def test_an_unknown_account_runs_the_same_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked: list[str] = []
+    real = login_guard.verify_password
+
+    def counting(password: str, stored: str | None) -> bool:
+        checked.append(stored or "")
+        return real(password, stored)
+
+    monkeypatch.setattr(login_guard, "verify_password", counting)
+    known = hash_password("right password")
+    assert check_password("right password", known)
+    assert not check_password("wrong", None)
+    assert len(checked) == 2 and checked[1].startswith("scrypt$")
+    # The same cost parameters as a real account's hash.
+    assert checked[1].split("$")[1:4] == known.split("$")[1:4]
+
+
+# --------------------------------------------------------------------------------------------
+# A real process: 50 wrong passwords from 127.0.0.2
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    for port in range(23000, 24000, 7):
+        if port_free(port):
+            return port
+    raise RuntimeError("no free port")
+
+
+@pytest.fixture
+def tm_process(tmp_path: Path, amqp_url: str, prefix: str) -> Iterator[tuple[str, Path]]:
+    database = f"sqlite:///{tmp_path / 'ferrylink.db'}"
+    engine = make_engine(database)
+    create_tables(engine)
+    with Session(engine) as session:
+        session.add(Account(name="acme", password_hash=hash_password("correct horse"),
+                            home="homes/acme"))  # fmt: skip
+        session.commit()
+    engine.dispose()
+    port = free_port()
+    log_path = tmp_path / "tm.log"
+    env = dict(os.environ, FERRYLINK_DATABASE_URL=database, FERRYLINK_AMQP_URL=amqp_url,
+               FERRYLINK_NAME_PREFIX=prefix, FERRYLINK_HTTP_PORT=str(port),
+               FERRYLINK_STATE_DIR=str(tmp_path), FERRYLINK_DATA_DIR=str(tmp_path / "data"),
+               FERRYLINK_LOGIN_FAILURE_DELAY="0.05", FERRYLINK_LOGIN_MAX_DELAY="0.4",
+               FERRYLINK_LOGIN_ADDRESS_THRESHOLD="10",
+               FERRYLINK_LOGIN_BAN_SECONDS="120")  # fmt: skip
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ferrylink_ops.cli", "service", "transaction-manager"],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            try:
+                return httpx.get(f"{base}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, 60, "the transaction manager ready")
+        yield base, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def client_from(address: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=address), timeout=30)
+
+
+def test_50_wrong_passwords_are_slowed_then_banned_while_another_address_logs_in(
+    tm_process: tuple[str, Path],
+) -> None:
+    base, log_path = tm_process
+    url = f"{base}/files/acme/report.csv"
+    answers: list[tuple[int, float]] = []
+    with client_from("127.0.0.2") as attacker:
+        for i in range(50):
+            started = time.monotonic()
+            response = attacker.put(url, content=b"x", auth=("acme", f"guess-{i}"))
+            answers.append((response.status_code, time.monotonic() - started))
+        still_banned = attacker.put(url, content=b"x", auth=("acme", "correct horse"))
+    statuses = [status for status, _ in answers]
+    # Ten failures answered 401, each held back at least its (doubling, capped) delay...
+    assert statuses[:10] == [401] * 10
+    for n, (_, elapsed) in enumerate(answers[:10], start=1):
+        assert elapsed >= min(0.4, 0.05 * 2 ** (n - 1)), (n, elapsed)
+    # ...then the address is banned: every further attempt, even the right password, is 429.
+    assert statuses[10:] == [429] * 40
+    assert still_banned.status_code == 429 and "try again later" in still_banned.text
+    assert int(still_banned.headers["retry-after"]) > 0
+    # Another address logs in with the right password: the account itself is not locked.
+    with client_from("127.0.0.3") as partner:
+        ok = partner.put(url, content=b"a,b\n", auth=("acme", "correct horse"))
+    assert ok.status_code == 201, ok.text
+    log = log_path.read_text()
+    assert log.count("login failed for account 'acme' from 127.0.0.2") == 10
+    assert "banned address 127.0.0.2" in log
+    assert "guess-" not in log and "correct horse" not in log  # no password in the log
