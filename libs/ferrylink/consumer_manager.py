@@ -31,10 +31,12 @@ from ferrylink.messaging import (
     CONNECTION_ERRORS,
     DEAD_LETTERED_AT_HEADER,
     REASON_HEADER,
+    RETRIES_HEADER,
     SOURCE_QUEUE_HEADER,
     Backoff,
     Publisher,
     connect_blocking,
+    delay_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,19 @@ class RejectMessage(Exception):
 
     The message goes to the dead-letter queue at once, with this exception's text as reason.
     """
+
+
+class RetryLater(Exception):
+    """Raised by a handler for a message to try again in about `delay` seconds (another copy
+    holds its claim, the database or a partner is unreachable, a step must wait).
+
+    The message is parked in its queue's delay queue (confirmed, then acked), so no worker
+    sleeps and the broker's delivery count does not grow.
+    """
+
+    def __init__(self, reason: str, delay: float) -> None:
+        super().__init__(reason)
+        self.delay = delay
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class Delivery:
     redelivered: bool
     # How many times the broker handed this message out before (quorum queues count it).
     delivery_count: int
+    # How many times it came back from a delay queue (RetryLater).
+    retries: int = 0
 
     def json(self) -> Any:
         try:
@@ -344,6 +361,7 @@ class ConsumerManager:
             routing_key=method.routing_key,
             redelivered=bool(method.redelivered),
             delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+            retries=int(headers.get(RETRIES_HEADER, 0) or 0),
         )
         tag = method.delivery_tag
         channel = running.channel
@@ -359,6 +377,10 @@ class ConsumerManager:
             running.spec.handler(delivery)
         except RejectMessage as exc:
             reason = str(exc)
+        except RetryLater as exc:
+            if self._delay(delivery, props, exc):
+                return lambda: channel.basic_ack(tag)
+            return lambda: channel.basic_nack(tag, requeue=True)
         except Exception as exc:  # a handler bug or a passing fault: retry, up to the limit
             attempts = delivery.delivery_count + 1
             reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"
@@ -371,6 +393,22 @@ class ConsumerManager:
             return lambda: channel.basic_ack(tag)
         # Could not park it: leave it to the broker (its delivery limit dead-letters it).
         return lambda: channel.basic_nack(tag, requeue=True)
+
+    def _delay(self, delivery: Delivery, props: BasicProperties, retry: RetryLater) -> bool:
+        """Park the message in its delay queue; False if that could not be confirmed."""
+        target = delay_queue(delivery.queue, retry.delay)
+        log.info("%s: %s retried via %s: %s", self._name, delivery.message_id, target, retry)
+        headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
+        headers[RETRIES_HEADER] = delivery.retries + 1
+        try:
+            self._publisher.publish(
+                "", target, delivery.body, headers=headers,
+                message_id=delivery.message_id or None,
+            ).result(timeout=30)  # fmt: skip
+            return True
+        except Exception as exc:
+            log.warning("%s: could not delay %s: %s", self._name, delivery.message_id, exc)
+            return False
 
     def _dead_letter(self, delivery: Delivery, props: BasicProperties, reason: str) -> bool:
         log.error(

@@ -46,6 +46,19 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 REASON_HEADER = "x-ferrylink-reason"
 SOURCE_QUEUE_HEADER = "x-ferrylink-source-queue"
 DEAD_LETTERED_AT_HEADER = "x-ferrylink-dead-lettered-at"
+# How many times a message went through a delay queue (drives the backoff, not a limit).
+RETRIES_HEADER = "x-ferrylink-retries"
+
+# Delay queues (seconds): a message to retry later is parked in the tier nearest its delay;
+# the broker dead-letters it back to its work queue when the TTL runs out. Nothing sleeps.
+DELAY_TIERS: tuple[int, ...] = (1, 5, 30)
+
+
+def delay_queue(queue: str, seconds: float) -> str:
+    """The delay queue of `queue` for a wait of about `seconds` (the smallest tier that is
+    not shorter, else the longest)."""
+    tier = next((t for t in DELAY_TIERS if t >= seconds), DELAY_TIERS[-1])
+    return f"{queue}.delay.{tier}s"
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +78,8 @@ class Topology:
     # With a node id, that node's own queues (used in passive_legacy) are declared too.
     node_id: str | None = None
     node_work_queues: tuple[str, ...] = ("events", "transfer-states")
+    # Work queues whose consumers may retry a message later through delay queues.
+    delayed_queues: tuple[str, ...] = ("events",)
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -84,17 +99,39 @@ class Topology:
         for name in self.fanout_exchanges:
             channel.exchange_declare(self.exchange(name), exchange_type="fanout", durable=True)
         for name in self.work_queues:
-            self.declare_work_queue(channel, self.queue(name))
+            self.declare_work_queue(channel, self.queue(name), name in self.delayed_queues)
         if self.node_id is not None:
             for name in self.node_work_queues:
-                self.declare_work_queue(channel, self.node_queue(name, self.node_id))
+                self.declare_work_queue(
+                    channel, self.node_queue(name, self.node_id), name in self.delayed_queues
+                )
 
-    def declare_work_queue(self, channel: BlockingChannel, queue: str) -> None:
+    def delay_queues(self, queue: str) -> list[str]:
+        return [delay_queue(queue, tier) for tier in DELAY_TIERS]
+
+    def declare_work_queue(self, channel: BlockingChannel, queue: str, delayed: bool = False
+                           ) -> None:  # fmt: skip
         """A durable quorum queue whose poison messages go to its own dead-letter queue.
 
         At-least-once dead-lettering (with reject-publish overflow, which it requires) so a
-        message is never dropped between the work queue and its dead-letter queue.
+        message is never dropped between the work queue and its dead-letter queue. With
+        `delayed`, also its delay queues: consumer-less quorum queues whose messages return
+        to `queue` when their TTL ends (the same at-least-once dead-lettering).
         """
+        if delayed:
+            for tier in DELAY_TIERS:
+                channel.queue_declare(
+                    delay_queue(queue, tier),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-message-ttl": tier * 1000,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": queue,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    },
+                )
         dead = self.dead_letter_queue(queue)
         channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
         channel.queue_declare(

@@ -1,8 +1,16 @@
-"""Event handlers of the transaction manager: validate, then dispatch by kind.
+"""Event handlers of the transaction manager: validate, claim, then dispatch by kind.
 
-Idempotent by event id: a completed event has a `processed_event` row, and the work of a
-half-done one is resumed step by step (see routing.py), so a redelivered event (after a
-crash, a cancel or a failover) completes the work once.
+Exactly once, even when copies of an event run at the same time (a re-published unconfirmed
+message, a scheduler re-publishing a run, an overlap around a failover):
+- the event is claimed (claims.py) before any side effect; a copy that finds the claim held
+  is parked in a delay queue (RetryLater) and comes back later, by when the work is done;
+- a completed event has a `processed_event` row (committed with the claim's release), and
+  the work of a half-done one is resumed step by step (routing.py).
+
+Failures: attempts are counted here, per event, only when the handler ran and failed for a
+reason of the event's own; after `event_attempts` the event is dead-lettered with its
+reason. Infrastructure trouble (database locked or unreachable, broker) is retried with
+exponential backoff through the delay queues and never counted, so an outage parks nothing.
 """
 
 from __future__ import annotations
@@ -13,19 +21,39 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pika.exceptions
 from opentelemetry import trace
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from ferrylink.consumer_manager import Delivery, RejectMessage
+from ferrylink.consumer_manager import Delivery, RejectMessage, RetryLater
 from ferrylink.events import Event, parse_event
+from ferrylink.faults import fault_point
 from ferrylink.models import ProcessedEvent
 from ferrylink.telemetry import extract_context
+from services.transaction_manager import claims
 from services.transaction_manager.routing import RouteRunner
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ferrylink.transaction-manager")
+
+# Errors of the infrastructure, not of the event: retried without counting.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,  # locked, unreachable, connection lost
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the connection pool
+    pika.exceptions.AMQPError,
+    TimeoutError,  # a publish not confirmed in time
+    claims.ClaimLost,
+)
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def backoff(retries: int) -> float:
+    """1, 2, 4, ... seconds, at most MAX_BACKOFF_SECONDS."""
+    return float(min(2 ** min(retries, 16), MAX_BACKOFF_SECONDS))
 
 
 class EventHandler:
@@ -36,12 +64,16 @@ class EventHandler:
         routes: RouteRunner,
         data_dir: Path,
         publish: Callable[[Event], None],
+        claim_seconds: float = 60.0,
+        max_attempts: int = 5,
     ) -> None:
         self.engine = engine
         self.node_id = node_id
         self.routes = routes
         self.data_dir = data_dir
         self.publish = publish
+        self.claim_seconds = claim_seconds
+        self.max_attempts = max_attempts
 
     def __call__(self, delivery: Delivery) -> None:
         with tracer.start_as_current_span(
@@ -51,25 +83,70 @@ class EventHandler:
             span.set_attribute("ferrylink.event_id", event.id)
             span.set_attribute("ferrylink.event_kind", event.kind)
             span.set_attribute("ferrylink.cycle_id", event.cycle_id)
-            self.process(event)
+            self.handle(event, delivery.retries)
+            fault_point("after-commit-before-ack")
 
-    def process(self, event: Event) -> bool:
-        """Complete `event` once; False if it had been completed before."""
+    def handle(self, event: Event, retries: int = 0) -> bool:
+        """Claim and complete `event` once; False if it had been completed before. Raises
+        RetryLater (another copy holds it, or the infrastructure failed) or RejectMessage
+        (it can never succeed, or it failed `max_attempts` times)."""
+        owner = claims.new_owner(self.node_id)
+        try:
+            if not claims.take(self.engine, event.id, owner, self.claim_seconds):
+                if self._processed(event.id):
+                    return False
+                raise RetryLater("another copy of the event holds its claim", backoff(retries))
+        except INFRASTRUCTURE_ERRORS as exc:
+            raise RetryLater(f"cannot claim: {_short(exc)}", backoff(retries)) from exc
+        fault_point("after-claim")
+        try:
+            return self.process(event, owner)
+        except (RejectMessage, RetryLater):
+            self._release(event.id, owner)
+            raise
+        except INFRASTRUCTURE_ERRORS as exc:
+            if not isinstance(exc, claims.ClaimLost):
+                self._release(event.id, owner)
+            log.warning("event %s: %s; retrying", event.id, _short(exc))
+            raise RetryLater(f"infrastructure: {_short(exc)}", backoff(retries)) from exc
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {_short(exc)}"
+            try:
+                attempts = claims.count_failure(self.engine, event.id, owner, reason)
+            except INFRASTRUCTURE_ERRORS:
+                raise RetryLater(f"{reason} (attempt not counted)", backoff(retries)) from exc
+            if attempts >= self.max_attempts:
+                raise RejectMessage(f"failed {attempts} time(s): {reason}") from exc
+            log.warning("event %s failed (attempt %d): %s", event.id, attempts, reason)
+            raise RetryLater(f"attempt {attempts} failed: {reason}", backoff(attempts)) from exc
+
+    def process(self, event: Event, owner: str) -> bool:
+        """Complete a claimed `event`; False if it had been completed before."""
         if event.kind == "file.arrived":
-            return self.routes.process(event)
+            return self.routes.process(event, owner)
         if event.kind == "transfer.scheduled":
             scheduled = importlib.import_module("services.transaction_manager.scheduled")
             scheduled.run_scheduled_transfer(
                 event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
             )
-            return self._complete(event)
+            return self._complete(event, owner)
         if event.kind == "maintenance.run":
             scheduled = importlib.import_module("services.transaction_manager.scheduled")
             scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
-            return self._complete(event)
+            return self._complete(event, owner)
         raise RejectMessage(f"the transaction manager does not handle {event.kind!r} events")
 
-    def _complete(self, event: Event) -> bool:
+    def _processed(self, event_id: str) -> bool:
+        with Session(self.engine) as session:
+            return session.get(ProcessedEvent, event_id) is not None
+
+    def _release(self, event_id: str, owner: str) -> None:
+        try:
+            claims.release(self.engine, event_id, owner)
+        except INFRASTRUCTURE_ERRORS as exc:  # it expires by itself
+            log.warning("could not release the claim of %s: %s", event_id, _short(exc))
+
+    def _complete(self, event: Event, owner: str) -> bool:
         with Session(self.engine) as session:
             if session.get(ProcessedEvent, event.id) is not None:
                 return False
@@ -81,9 +158,10 @@ class EventHandler:
                     processed_at=time.time(),
                 )
             )
-            try:
-                session.commit()
-            except IntegrityError:  # another server completed it in the meantime
-                session.rollback()
-                return False
+            claims.finish(session, event.id, owner)
+            session.commit()
         return True
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__

@@ -32,9 +32,11 @@ def build(settings: Settings) -> TransactionManager:
     transfer_log = TransferLog(
         runtime.publisher, lambda: runtime.work_queue("transfer-states"), settings.node_id
     )
-    routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id)
+    routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id,
+                         settings.claim_seconds)  # fmt: skip
     handler = EventHandler(runtime.engine, settings.node_id, routes, data_dir,
-                           runtime.publish_event)  # fmt: skip
+                           runtime.publish_event, settings.claim_seconds,
+                           settings.event_attempts)  # fmt: skip
     for unit, queue in (
         (WORK_EVENTS, topology.queue("events")),
         (WORK_EVENTS_LOCAL, topology.node_queue("events", settings.node_id)),
