@@ -137,6 +137,7 @@ class Site:
         """Publish each event `copies` times back to back (confirmed)."""
         queue = self.topology.queue("events")
         with _channel(self.amqp_url) as channel:
+            self.topology.declare(channel)  # a TM may not have connected yet
             channel.confirm_delivery()
             for event in events:
                 for _ in range(copies):

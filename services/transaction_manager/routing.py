@@ -315,7 +315,7 @@ class RouteRunner:
                 fault_point("after-plan")
             elif partners.remote_size(partner, plan["remote_name"]) == plan["size"]:
                 # Pushed before a crash (or a lost confirm): recognised, not sent again.
-                states.stage(leg_key, SENT, bytes=plan["size"], **leg)
+                states.stage(leg_key, SENT, **{**leg, "bytes": plan["size"]})
                 return
             sent = partners.push_file(partner, current, plan["remote_name"])
         except partners.PartnerError as exc:
@@ -324,7 +324,8 @@ class RouteRunner:
             states.stage(leg_key, FAILED, detail=str(exc)[:2000], **leg)
             raise StepFailed(f"push to {step.partner} failed: {exc}") from exc
         fault_point("after-push-before-record")
-        states.stage(leg_key, SENT, bytes=sent, **leg)
+        fault_point(f"after-push-before-record:{partner.protocol}")
+        states.stage(leg_key, SENT, **{**leg, "bytes": sent})
 
     def _folder(self, folder: str) -> Path:
         try:
