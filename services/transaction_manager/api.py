@@ -21,10 +21,12 @@ from starlette.concurrency import run_in_threadpool
 
 from ferrylink.config import bump_config_version
 from ferrylink.events import Event
+from ferrylink.faults import fault_point
 from ferrylink.models import Account, DeadEvent, Partner, Route, Transfer
 from ferrylink.passwords import hash_password, verify_password
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.service import ServiceRuntime
+from ferrylink.telemetry import inject_headers
 from ferrylink.work import FlagWork
 from services.transaction_manager.steps import STEPS, PushStep, Step
 from services.transaction_manager.transfer_log import (
@@ -389,8 +391,7 @@ async def upload(account: str, path: str, request: Request, tm: TM) -> UploadOut
         raise
     event.size = size
     event.checksum = digest.hexdigest()
-    await run_in_threadpool(_record, tm, leg_key, RECEIVED, bytes=size)
-    await run_in_threadpool(tm.runtime.publish_event, event)
+    await run_in_threadpool(_received, tm, leg_key, event)
     return UploadOut(event_id=event.id, cycle_id=event.cycle_id, account=account,
                      path=relative, bytes=size)  # fmt: skip
 
@@ -407,6 +408,22 @@ def _upload_target(tm: TransactionManager, request: Request, account: str, path:
     if target == home or path.endswith("/"):
         raise HTTPException(400, "give a file name")
     return target, relative_to(home, target)
+
+
+def _received(tm: TransactionManager, leg_key: str, event: Event) -> None:
+    """RECEIVED and the file's event in one transaction (the event in the outbox), then
+    published: a crash or a failed publish after the commit delays routing, never skips it."""
+    from services.transaction_manager import outbox
+
+    with Session(tm.runtime.engine, expire_on_commit=False) as session:
+        leg = tm.transfer_log.stage(session, leg_key, RECEIVED, bytes=event.size or 0)
+        row = outbox.stage(session, tm.runtime.work_queue("events"), event.to_bytes(),
+                           event.id, inject_headers())  # fmt: skip
+        session.commit()
+    fault_point("after-received-before-publish")
+    if leg is not None:
+        tm.transfer_log.publish(leg)  # the relay of states is not yet an outbox (see README)
+    outbox.send(tm.runtime.engine, tm.runtime.publisher, [row])
 
 
 def _record(tm: TransactionManager, leg_key: str, status: str, **fields: Any) -> None:

@@ -17,6 +17,7 @@ from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, router
 from services.transaction_manager.dead_letters import DeadLetterKeeper
 from services.transaction_manager.handlers import EventHandler
+from services.transaction_manager.outbox import OutboxRelay
 from services.transaction_manager.routing import RouteRunner
 from services.transaction_manager.settings import Settings
 from services.transaction_manager.transfer_log import TransferLog
@@ -61,7 +62,9 @@ def build(settings: Settings) -> TransactionManager:
 def main() -> None:
     settings = Settings()
     tm = build(settings)
-    app = create_app(tm.runtime, routers=[router], description=__doc__ or "")
+    relay = OutboxRelay(tm.runtime.engine, tm.runtime.publisher)
+    app = create_app(tm.runtime, routers=[router], description=__doc__ or "",
+                     on_start=[relay.start], on_stop=[relay.stop])  # fmt: skip
     app.state.tm = tm
     serve(app, settings, SERVICE_NAME)
 
