@@ -28,7 +28,7 @@ import pika
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from ferrylink.cluster import WORK_EVENTS, WORK_TRANSFER_LOG, Assignment
+from ferrylink.cluster import WORK_DEAD_LETTERS, WORK_EVENTS, WORK_TRANSFER_LOG, Assignment
 from ferrylink.db import create_tables, make_engine
 from ferrylink.events import Event
 from ferrylink.messaging import Topology
@@ -52,10 +52,10 @@ class StaticCoordinator:
 
     def __init__(self, nodes: list[str]) -> None:
         now = time.time()
+        primary_work = [WORK_TRANSFER_LOG, WORK_DEAD_LETTERS]
         assignment = Assignment(
             epoch=1, mode="active_active", leader=nodes[0], primary=nodes[0],
-            work={n: [WORK_EVENTS] + ([WORK_TRANSFER_LOG] if n == nodes[0] else [])
-                  for n in nodes},
+            work={n: [WORK_EVENTS] + (primary_work if n == nodes[0] else []) for n in nodes},
             issued_at=now, not_before=0, expires_at=now + 86400,
         )  # fmt: skip
         body = assignment.model_dump_json().encode()

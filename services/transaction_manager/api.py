@@ -515,19 +515,23 @@ def list_transfers(
 # --------------------------------------------------------------------------------------------
 
 
+DEAD_PREVIEW_BYTES = 512
+
+
 class DeadOut(BaseModel):
     id: str
     queue: str
     reason: str
-    body: str
+    size: int
+    preview: str = Field(description=f"The first {DEAD_PREVIEW_BYTES} bytes of the body.")
     dead_at: datetime
     replayed_at: datetime | None
 
 
 def _dead_out(dead: DeadEvent) -> DeadOut:
-    return DeadOut(id=dead.id, queue=dead.queue, reason=dead.reason,
-                   body=dead.body.decode(errors="replace"), dead_at=dead.dead_at,
-                   replayed_at=dead.replayed_at)  # fmt: skip
+    return DeadOut(id=dead.id, queue=dead.queue, reason=dead.reason, size=len(dead.body),
+                   preview=dead.body[:DEAD_PREVIEW_BYTES].decode(errors="replace"),
+                   dead_at=dead.dead_at, replayed_at=dead.replayed_at)  # fmt: skip
 
 
 @router.get("/events/dead", response_model=list[DeadOut], tags=["events"])
@@ -539,6 +543,16 @@ def list_dead(
         if not include_replayed:
             query = query.where(col(DeadEvent.replayed_at).is_(None))
         return [_dead_out(d) for d in session.exec(query)]
+
+
+@router.get("/events/dead/{dead_id}/body", tags=["events"], response_class=Response)
+def dead_body(dead_id: str, tm: TM) -> Response:
+    """The whole body of a dead letter, as it was published."""
+    with Session(tm.runtime.engine) as session:
+        dead = session.get(DeadEvent, dead_id)
+        if dead is None:
+            raise HTTPException(404, f"no dead letter {dead_id!r}")
+        return Response(dead.body, media_type="application/octet-stream")
 
 
 @router.post("/events/dead/{dead_id}/replay", response_model=DeadOut, tags=["events"])
