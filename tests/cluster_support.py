@@ -38,7 +38,13 @@ def delete_broker_objects(prefix: str, amqp_url: str, servers: int = 5) -> None:
         for name in topology.node_work_queues
         for i in range(1, servers + 1)
     ]
-    queues += [topology.dead_letter_queue(q) for q in queues]
+    queues += [topology.dead_letter_queue(q) for q in queues] + [
+        delayed
+        for name in topology.delayed_queues
+        for q in [topology.queue(name)]
+        + [topology.node_queue(name, f"st{i}") for i in range(1, servers + 1)]
+        for delayed in topology.delay_queues(q)
+    ]
     exchanges = [topology.exchange(name) for name in topology.fanout_exchanges]
     connection = pika.BlockingConnection(pika.URLParameters(amqp_url.split(",")[0].strip()))
     try:

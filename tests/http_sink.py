@@ -113,6 +113,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
 
+    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+        """200 with the stored size, so a pusher can recognise a completed push."""
+        state = self.server.state
+        with state.lock:
+            state.seen.append(SeenRequest("HEAD", self.path, dict(self.headers.items()), 0))
+        raw = unquote(self.path.split("?", 1)[0].lstrip("/"))
+        target = state.root / raw if raw and "/" not in raw and raw not in (".", "..") else None
+        if target is not None and target.is_file():
+            self.send_response(200)
+            self.send_header("Content-Length", str(target.stat().st_size))
+        else:
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
     def _decide(self, state: _State) -> tuple[int, Path | None]:
         """The status to answer and, for a success, where the body goes."""
         with state.lock:

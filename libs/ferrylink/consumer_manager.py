@@ -27,12 +27,14 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
-from ferrylink.contracts import DeadLetterInfo, RejectMessage
+from ferrylink.contracts import RETRIES_HEADER, DeadLetterInfo, RejectMessage, RetryLater
 from ferrylink.messaging import (
     CONNECTION_ERRORS,
     Backoff,
     Publisher,
+    backoff,
     connect_blocking,
+    delay_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class Delivery:
     redelivered: bool
     # How many times the broker handed this message out before (quorum queues count it).
     delivery_count: int
+    # How many times it came back from a delay queue (RetryLater).
+    retries: int = 0
 
     def json(self) -> Any:
         try:
@@ -335,6 +339,7 @@ class ConsumerManager:
             routing_key=method.routing_key,
             redelivered=bool(method.redelivered),
             delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+            retries=int(headers.get(RETRIES_HEADER, 0) or 0),
         )
         tag = method.delivery_tag
         channel = running.channel
@@ -350,6 +355,10 @@ class ConsumerManager:
             running.spec.handler(delivery)
         except RejectMessage as exc:
             reason = str(exc)
+        except RetryLater as exc:
+            if self._delay(delivery, props, exc):
+                return lambda: channel.basic_ack(tag)
+            return lambda: channel.basic_nack(tag, requeue=True)
         except Exception as exc:  # a handler bug or a passing fault: retry, up to the limit
             attempts = delivery.delivery_count + 1
             reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"
@@ -362,6 +371,23 @@ class ConsumerManager:
             return lambda: channel.basic_ack(tag)
         # Could not park it: leave it to the broker (its delivery limit dead-letters it).
         return lambda: channel.basic_nack(tag, requeue=True)
+
+    def _delay(self, delivery: Delivery, props: BasicProperties, retry: RetryLater) -> bool:
+        """Park the message in its delay queue; False if that could not be confirmed."""
+        delay = retry.delay if retry.delay is not None else backoff(delivery.retries)
+        target = delay_queue(delivery.queue, delay)
+        log.info("%s: %s retried via %s: %s", self._name, delivery.message_id, target, retry)
+        headers = {k: v for k, v in delivery.headers.items() if k != "x-delivery-count"}
+        headers[RETRIES_HEADER] = delivery.retries + 1
+        try:
+            self._publisher.publish(
+                "", target, delivery.body, headers=headers,
+                message_id=delivery.message_id or None,
+            ).result(timeout=30)  # fmt: skip
+            return True
+        except Exception as exc:
+            log.warning("%s: could not delay %s: %s", self._name, delivery.message_id, exc)
+            return False
 
     def _dead_letter(self, delivery: Delivery, props: BasicProperties, reason: str) -> bool:
         log.error(

@@ -32,6 +32,18 @@ class RejectMessage(Exception):
     dead-letter queue at once, with this exception's text as the reason."""
 
 
+class RetryLater(Exception):
+    """A message to try again later (another copy holds its claim, the database or a partner
+    is unreachable, a step must wait): in `delay` seconds, or None for the consumer's
+    backoff by how often the message came back already. The consumer parks it in its
+    queue's delay queue (confirmed, then acked): no worker sleeps, and the broker's delivery
+    count does not grow."""
+
+    def __init__(self, reason: str, delay: float | None = None) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
 # --------------------------------------------------------------------------------------------
 # Cluster vocabulary
 # --------------------------------------------------------------------------------------------
@@ -440,6 +452,8 @@ def message_id(message: Contract) -> str:
 REASON_HEADER = "x-ferrylink-reason"
 SOURCE_QUEUE_HEADER = "x-ferrylink-source-queue"
 DEAD_LETTERED_AT_HEADER = "x-ferrylink-dead-lettered-at"
+# How many times a message came back from a delay queue (drives the backoff, not a limit).
+RETRIES_HEADER = "x-ferrylink-retries"
 
 
 class DeadLetterInfo(BaseModel):

@@ -47,6 +47,26 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
 )
 
+# Delay queues (seconds): a message to retry later is parked in the tier nearest its delay;
+# the broker dead-letters it back to its work queue when the TTL runs out. Nothing sleeps.
+DELAY_TIERS: tuple[int, ...] = (1, 5, 30)
+
+
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def backoff(retries: int) -> float:
+    """How long to wait before try `retries + 1`: 1, 2, 4, ... seconds, at most
+    MAX_BACKOFF_SECONDS (the delay tiers round it to 1, 5 or 30 s)."""
+    return float(min(2 ** min(retries, 16), MAX_BACKOFF_SECONDS))
+
+
+def delay_queue(queue: str, seconds: float) -> str:
+    """The delay queue of `queue` for a wait of about `seconds` (the smallest tier that is
+    not shorter, else the longest)."""
+    tier = next((t for t in DELAY_TIERS if t >= seconds), DELAY_TIERS[-1])
+    return f"{queue}.delay.{tier}s"
+
 
 # --------------------------------------------------------------------------------------------
 # Names and topology
@@ -73,6 +93,8 @@ class Topology:
     max_lengths: tuple[tuple[str, int], ...] = (
         ("transfer-states", DEFAULT_TRANSFER_STATES_MAX_LENGTH),
     )
+    # Work queues whose consumers may retry a message later through delay queues.
+    delayed_queues: tuple[str, ...] = ("events",)
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
@@ -93,21 +115,49 @@ class Topology:
             channel.exchange_declare(self.exchange(name), exchange_type="fanout", durable=True)
         bounds = dict(self.max_lengths)
         for name in self.work_queues:
-            self.declare_work_queue(channel, self.queue(name), bounds.get(name))
+            self.declare_work_queue(
+                channel, self.queue(name), bounds.get(name), name in self.delayed_queues
+            )
         if self.node_id is not None:
             for name in self.node_work_queues:
                 self.declare_work_queue(
-                    channel, self.node_queue(name, self.node_id), bounds.get(name)
+                    channel,
+                    self.node_queue(name, self.node_id),
+                    bounds.get(name),
+                    name in self.delayed_queues,
                 )
 
+    def delay_queues(self, queue: str) -> list[str]:
+        return [delay_queue(queue, tier) for tier in DELAY_TIERS]
+
     def declare_work_queue(
-        self, channel: BlockingChannel, queue: str, max_length: int | None = None
+        self,
+        channel: BlockingChannel,
+        queue: str,
+        max_length: int | None = None,
+        delayed: bool = False,
     ) -> None:
         """A durable quorum queue whose poison messages go to its own dead-letter queue.
 
         At-least-once dead-lettering (with reject-publish overflow, which it requires) so a
-        message is never dropped between the work queue and its dead-letter queue.
+        message is never dropped between the work queue and its dead-letter queue. With
+        `delayed`, also its delay queues: consumer-less quorum queues whose messages return
+        to `queue` when their TTL ends (the same at-least-once dead-lettering).
         """
+        if delayed:
+            for tier in DELAY_TIERS:
+                channel.queue_declare(
+                    delay_queue(queue, tier),
+                    durable=True,
+                    arguments={
+                        "x-queue-type": "quorum",
+                        "x-message-ttl": tier * 1000,
+                        "x-dead-letter-exchange": "",
+                        "x-dead-letter-routing-key": queue,
+                        "x-dead-letter-strategy": "at-least-once",
+                        "x-overflow": "reject-publish",
+                    },
+                )
         dead = self.dead_letter_queue(queue)
         channel.queue_declare(dead, durable=True, arguments={"x-queue-type": "quorum"})
         arguments: dict[str, Any] = {

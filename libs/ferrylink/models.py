@@ -174,6 +174,50 @@ class StepRun(SQLModel, table=True):
     finished_at: datetime = Field(default_factory=utcnow)
 
 
+class RouteCounter(SQLModel, table=True):
+    """The `{counter}` of a route: incremented by one statement inside the write transaction
+    that records the step's plan (INSERT .. ON CONFLICT DO UPDATE .. RETURNING), so two
+    events never get the same value, on SQLite and PostgreSQL alike."""
+
+    __tablename__ = "route_counter"
+
+    route_id: int = Field(primary_key=True)
+    value: int = Field(default=0, sa_type=BigInteger)
+
+
+class EventClaim(SQLModel, table=True):
+    """Who is working on an event now: taken before any side effect, so two copies of one
+    event (a re-published message, an overlap around a failover) never act at once.
+
+    `expires_at` is on the database clock and renewed at every step; a claim whose owner
+    died is taken over once expired. `attempts` counts the handler's own failures (not
+    redeliveries after a cancel, a reconnect or an infrastructure error)."""
+
+    __tablename__ = "event_claim"
+
+    event_id: str = Field(primary_key=True, max_length=64)
+    owner: str = Field(default="", max_length=128)
+    expires_at: float = Field(default=0.0)
+    attempts: int = Field(default=0)
+    last_error: str = Field(default="", max_length=2000)
+
+
+class OutboxMessage(SQLModel, table=True):
+    """A message written in the transaction that records its cause (an upload's event with
+    its RECEIVED leg) and published from here until the broker confirmed it: a crash or a
+    failed publish after the commit delays the message, never loses it."""
+
+    __tablename__ = "outbox"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, primary_key=True)
+    routing_key: str = Field(max_length=255)
+    body: bytes
+    message_id: str = Field(max_length=200)
+    headers_json: str = Field(default="{}")
+    created_at: float = Field(index=True)
+
+
 class DeadEvent(SQLModel, table=True):
     """A message parked on a dead-letter queue, kept for `GET /events/dead` and replay."""
 

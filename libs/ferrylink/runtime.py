@@ -34,6 +34,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
+from ferrylink import outbox
 from ferrylink.api_app import build_api
 from ferrylink.config import read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
@@ -50,7 +51,7 @@ from ferrylink.contracts import (
 from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
-from ferrylink.models import ClusterState
+from ferrylink.models import ClusterState, OutboxMessage
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
 from ferrylink.transfer_states import TransferStatePublisher
@@ -106,6 +107,7 @@ class ServiceRuntime:
         self.consumers.on_change = self._on_consumers_changed
         self.follower = WorkFollower(settings.node_id, self.consumers)
         self._transfer_states: TransferStatePublisher | None = None
+        self._outbox_relay: outbox.OutboxRelay | None = None
         # One failed-login defender a process: uploads and edge sessions share its counts.
         self.login_guard = login_guard_from(settings)
         self.config_version = 0
@@ -206,6 +208,21 @@ class ServiceRuntime:
         """Publish pipelined, then wait for every confirm (raises if one is not confirmed)."""
         wait_all([self.publish(m) for m in messages], timeout)
 
+    def stage(self, session: Session, message: Contract) -> OutboxMessage:
+        """Add `message` to the caller's transaction (the outbox): committed with its cause,
+        then `send` it; if the process dies first, the relay publishes it."""
+        _kind, name = destination(message)
+        return outbox.stage(session, self._work_queue(name), message.to_bytes(),
+                            message_id(message), inject_headers())  # fmt: skip
+
+    def send(self, rows: Sequence[OutboxMessage], timeout: float = 30.0) -> None:
+        """Publish committed outbox rows, wait for the confirms, delete the rows."""
+        outbox.send(self.engine, self.publisher, rows, timeout)
+
+    def relay_outbox(self) -> None:
+        """Run the outbox relay in this process (a service that stages messages)."""
+        self._outbox_relay = outbox.OutboxRelay(self.engine, self.publisher)
+
     def transfer_states(self) -> TransferStatePublisher:
         """The publisher of transfer states, on its own connection whose nacks are final:
         the transfer-states queue is bounded, and a full one drops and counts a state
@@ -258,11 +275,15 @@ class ServiceRuntime:
             self._transfer_states.publisher.start()
         self.consumers.start()
         self.follower.start()
+        if self._outbox_relay is not None:
+            self._outbox_relay.start()
         self._fetch_assignment()
         self._heartbeat_thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        if self._outbox_relay is not None:
+            self._outbox_relay.stop()
         self.follower.stop()
         self.consumers.stop()
         self.publisher.close()

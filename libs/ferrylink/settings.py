@@ -40,7 +40,19 @@ class FerrylinkSettings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="Port of the service's HTTP API.")
     prefetch: int = Field(10, ge=1, le=1000, description="Unacked messages per consumer.")
     delivery_limit: int = Field(
-        5, ge=1, description="Deliveries before a failing message is dead-lettered."
+        100,
+        ge=1,
+        description="The broker's backstop: deliveries before a message is dead-lettered "
+        "(cancels and reconnects count too; handlers count their own attempts).",
+    )
+    event_attempts: int = Field(
+        5, ge=1, description="Failures of an event's own before it is dead-lettered."
+    )
+    claim_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="How long an event claim holds without renewal (renewed at every step); "
+        "a copy of an event whose handler died waits this long.",
     )
     transfer_states_max_length: int = Field(
         DEFAULT_TRANSFER_STATES_MAX_LENGTH,

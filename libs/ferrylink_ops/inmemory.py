@@ -5,7 +5,8 @@ It offers what services use - `publish`, `publish_all`, `consume` - and keeps ea
 published message as bytes on its destination. `deliver()` hands queued messages to the
 consumers through the same parse-and-dispatch path the real runtime uses
 (`ferrylink.runtime.typed_handler`), so a message crosses its JSON form exactly as it does
-on the broker; a message its handler rejects is parked on `<queue>.dead` with the reason.
+on the broker; a message its handler rejects is parked on `<queue>.dead` with the reason, and one it asks to retry later goes to the back of
+its queue.
 What needs a real broker (failover, redelivery, confirms) is tested against RabbitMQ.
 """
 
@@ -20,7 +21,14 @@ from typing import TypeVar
 from pydantic import TypeAdapter
 
 from ferrylink.consumer_manager import Delivery
-from ferrylink.contracts import Contract, RejectMessage, destination, message_id, parse
+from ferrylink.contracts import (
+    Contract,
+    RejectMessage,
+    RetryLater,
+    destination,
+    message_id,
+    parse,
+)
 from ferrylink.runtime import typed_handler
 
 M = TypeVar("M")
@@ -91,6 +99,9 @@ class InMemoryBus:
                     self._consumers[queue](delivery)
                 except RejectMessage as exc:
                     self.dead[f"{queue}.dead"].append(DeadLetter(body, str(exc)))
+                except RetryLater:
+                    # A delay queue, without the wait: to the back of the queue.
+                    self.queues[queue].append((ident, body))
                 self.queues[queue].popleft()
                 handled += 1
         raise RuntimeError(f"still delivering after {limit} messages: a publish loop?")

@@ -80,14 +80,23 @@ class DeadLetterKeeper:
 def replay(
     engine: Engine, republish: Callable[[str, bytes, str], Future[None]], dead_id: str
 ) -> DeadEvent | None:
-    """Publish a kept dead letter to its queue again (fresh delivery count); None if unknown."""
-    with Session(engine) as session:
+    """Publish a kept dead letter to its queue again (fresh delivery count); None if unknown.
+
+    Marked replayed before it is published: a replayed message that dies again at once is
+    then kept as a new dead letter, not dropped as a repeat of the old one. If the publish
+    fails the mark is taken back and the error raised."""
+    with Session(engine, expire_on_commit=False) as session:
         dead = session.get(DeadEvent, dead_id)
         if dead is None:
             return None
-        republish(dead.queue, dead.body, dead.id).result(timeout=30)
         dead.replayed_at = utcnow()
         session.add(dead)
         session.commit()
-        session.refresh(dead)
+        try:
+            republish(dead.queue, dead.body, dead.id).result(timeout=30)
+        except Exception:
+            dead.replayed_at = None
+            session.add(dead)
+            session.commit()
+            raise
         return dead

@@ -1,8 +1,16 @@
-"""Event handlers of the transaction manager: validate, then dispatch by kind.
+"""Event handlers of the transaction manager: validate, claim, then dispatch by kind.
 
-Idempotent by event id: a completed event has a `processed_event` row, and the work of a
-half-done one is resumed step by step (see routing.py), so a redelivered event (after a
-crash, a cancel or a failover) completes the work once.
+Exactly once, even when copies of an event run at the same time (a re-published unconfirmed
+message, a scheduler re-publishing a run, an overlap around a failover):
+- the event is claimed (claims.py) before any side effect; a copy that finds the claim held
+  is parked in a delay queue (RetryLater) and comes back later, by when the work is done;
+- a completed event has a `processed_event` row (committed with the claim's release), and
+  the work of a half-done one is resumed step by step (routing.py).
+
+Failures: attempts are counted here, per event, only when the handler ran and failed for a
+reason of the event's own; after `event_attempts` the event is dead-lettered with its
+reason. Infrastructure trouble (database locked or unreachable, broker) is retried with
+exponential backoff through the delay queues and never counted, so an outage parks nothing.
 """
 
 from __future__ import annotations
@@ -14,18 +22,39 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import assert_never
 
+import pika.exceptions
 from opentelemetry import trace
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from ferrylink.contracts import Event, FileArrived, MaintenanceRun, TransferScheduled
+from ferrylink.contracts import (
+    Event,
+    FileArrived,
+    MaintenanceRun,
+    RejectMessage,
+    RetryLater,
+    TransferScheduled,
+)
+from ferrylink.faults import fault_point
+from ferrylink.messaging import backoff
 from ferrylink.models import ProcessedEvent
-from services.transaction_manager import scheduled
+from services.transaction_manager import claims, scheduled
 from services.transaction_manager.routing import RouteRunner
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ferrylink.transaction-manager")
+
+# Errors of the infrastructure, not of the event: retried without counting.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,  # locked, unreachable, connection lost
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the connection pool
+    pika.exceptions.AMQPError,
+    TimeoutError,  # a publish not confirmed in time
+    claims.ClaimLost,
+)
 
 
 class EventHandler:
@@ -38,37 +67,87 @@ class EventHandler:
         routes: RouteRunner,
         data_dir: Path,
         publish: Callable[[FileArrived], Future[None]],
+        claim_seconds: float = 60.0,
+        max_attempts: int = 5,
     ) -> None:
         self.engine = engine
         self.node_id = node_id
         self.routes = routes
         self.data_dir = data_dir
         self.publish = publish
+        self.claim_seconds = claim_seconds
+        self.max_attempts = max_attempts
 
-    def handle(self, event: Event) -> None:
+    def handle(self, event: Event) -> bool:
+        """Claim and complete `event` once; False if it had been completed before. Raises
+        RetryLater (another copy holds it, or the infrastructure failed: the consumer backs
+        off) or RejectMessage (it can never succeed, or it failed `max_attempts` times)."""
         with tracer.start_as_current_span("handle event") as span:
             span.set_attribute("ferrylink.event_id", event.id)
             span.set_attribute("ferrylink.event_kind", event.kind)
             span.set_attribute("ferrylink.cycle_id", event.cycle_id)
-            self.process(event)
+            done = self._claimed(event)
+        fault_point("after-commit-before-ack")
+        return done
 
-    def process(self, event: Event) -> bool:
-        """Complete `event` once; False if it had been completed before."""
+    def _claimed(self, event: Event) -> bool:
+        owner = claims.new_owner(self.node_id)
+        try:
+            if not claims.take(self.engine, event.id, owner, self.claim_seconds):
+                if self._processed(event.id):
+                    return False
+                raise RetryLater("another copy of the event holds its claim", None)
+        except INFRASTRUCTURE_ERRORS as exc:
+            raise RetryLater(f"cannot claim: {_short(exc)}", None) from exc
+        fault_point("after-claim")
+        try:
+            return self.process(event, owner)
+        except (RejectMessage, RetryLater):
+            self._release(event.id, owner)
+            raise
+        except INFRASTRUCTURE_ERRORS as exc:
+            if not isinstance(exc, claims.ClaimLost):
+                self._release(event.id, owner)
+            log.warning("event %s: %s; retrying", event.id, _short(exc))
+            raise RetryLater(f"infrastructure: {_short(exc)}", None) from exc
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {_short(exc)}"
+            try:
+                attempts = claims.count_failure(self.engine, event.id, owner, reason)
+            except INFRASTRUCTURE_ERRORS:
+                raise RetryLater(f"{reason} (attempt not counted)", None) from exc
+            if attempts >= self.max_attempts:
+                raise RejectMessage(f"failed {attempts} time(s): {reason}") from exc
+            log.warning("event %s failed (attempt %d): %s", event.id, attempts, reason)
+            raise RetryLater(f"attempt {attempts} failed: {reason}", backoff(attempts)) from exc
+
+    def process(self, event: Event, owner: str) -> bool:
+        """Complete a claimed `event`; False if it had been completed before."""
         match event:
             case FileArrived():
-                return self.routes.process(event)
+                return self.routes.process(event, owner)
             case TransferScheduled():
                 scheduled.run_scheduled_transfer(
                     event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
                 )
-                return self._complete(event)
+                return self._complete(event, owner)
             case MaintenanceRun():
                 scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
-                return self._complete(event)
+                return self._complete(event, owner)
             case _:
                 assert_never(event)
 
-    def _complete(self, event: Event) -> bool:
+    def _processed(self, event_id: str) -> bool:
+        with Session(self.engine) as session:
+            return session.get(ProcessedEvent, event_id) is not None
+
+    def _release(self, event_id: str, owner: str) -> None:
+        try:
+            claims.release(self.engine, event_id, owner)
+        except INFRASTRUCTURE_ERRORS as exc:  # it expires by itself
+            log.warning("could not release the claim of %s: %s", event_id, _short(exc))
+
+    def _complete(self, event: Event, owner: str) -> bool:
         with Session(self.engine) as session:
             if session.get(ProcessedEvent, event.id) is not None:
                 return False
@@ -80,9 +159,10 @@ class EventHandler:
                     processed_at=time.time(),
                 )
             )
-            try:
-                session.commit()
-            except IntegrityError:  # another server completed it in the meantime
-                session.rollback()
-                return False
+            claims.finish(session, event.id, owner)
+            session.commit()
         return True
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:500] if str(exc) else type(exc).__name__

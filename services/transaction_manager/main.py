@@ -33,8 +33,10 @@ def build(settings: Settings) -> TransactionManager:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     transfer_log = TransferLog(runtime.transfer_states().publish, settings.node_id)
-    routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id)
-    events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish)
+    routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id,
+                         settings.claim_seconds)  # fmt: skip
+    events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,
+                          settings.claim_seconds, settings.event_attempts)  # fmt: skip
     dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
 
@@ -46,6 +48,7 @@ def build(settings: Settings) -> TransactionManager:
                     prefetch=prefetch, workers=workers)  # fmt: skip
     runtime.consume_raw(WORK_DEAD_LETTERS, "events.dead", dead_letters)
     runtime.loop(WORK_TRANSFER_LOG, serves_transfer_log)
+    runtime.relay_outbox()  # uploads stage their event with RECEIVED (on every server)
     destinations = DestinationPolicy.from_settings(settings.partner_allow, settings.partner_deny)
     return TransactionManager(runtime, data_dir, transfer_log, serves_transfer_log, destinations)
 

@@ -161,6 +161,18 @@ def pull_file(partner: Partner, remote_name: str, local_path: Path, timeout: flo
     return received
 
 
+def remote_size(partner: Partner, remote_name: str, timeout: float = 30) -> int | None:
+    """The size of `remote_name` at the partner, None if it is not there: how a redelivered
+    event recognises a push that completed before a crash (pushes land under their final name
+    only once complete). HTTP asks with HEAD; a server without HEAD counts as "not there"."""
+    _check_name(partner, remote_name)
+    if partner.protocol == "http":
+        return _size_http(partner, remote_name, timeout)
+    options = _ssh_options(partner)
+    return _run(partner, f"stat of {remote_name!r}",
+                _size_sftp(partner, options, remote_name, timeout))  # fmt: skip
+
+
 def remove_remote(
     partner: Partner, remote_name: str, timeout: float = 30, missing_ok: bool = True
 ) -> None:
@@ -559,6 +571,35 @@ async def _remove_sftp(
             error, only_file_missing = await _missing(partner, sftp, name, timeout)
             if not (missing_ok and only_file_missing):
                 raise error from None
+
+
+async def _size_sftp(
+    partner: Partner, options: dict[str, Any], name: str, timeout: float
+) -> int | None:
+    path = posixpath.join(_folder(partner), name)
+    async with _sftp_session(partner, options, timeout) as sftp:
+        try:
+            attrs = await _op(partner, sftp.stat(path), timeout, "checking a pushed file")
+        except (asyncssh.SFTPNoSuchFile, asyncssh.SFTPNoSuchPath):
+            return None
+        return int(attrs.size) if attrs.size is not None and _is_regular(attrs) else None
+
+
+def _size_http(partner: Partner, name: str, timeout: float) -> int | None:
+    target = f"{partner.url.strip().rstrip('/')}/{quote(name, safe='')}"
+    auth = (
+        httpx.BasicAuth(partner.username, partner.password)
+        if partner.username and partner.password
+        else None
+    )
+    try:
+        with httpx.Client(auth=auth, verify=partner.verify_tls, timeout=timeout) as client:
+            response = client.head(target)
+    except httpx.TransportError as exc:
+        raise _fail(partner, f"HEAD {_safe_url(target)} failed: {_short(exc)}", True) from exc
+    if response.status_code == 200 and "content-length" in response.headers:
+        return int(response.headers["content-length"])
+    return None
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -113,11 +113,19 @@ Folder = Annotated[str, Field(min_length=1), AfterValidator(_check_folder)]
 NameTemplate = Annotated[str, Field(min_length=1), AfterValidator(_check_template)]
 
 
+# What a step that places a file does when its target name is taken: fail the transfer,
+# take the next free versioned name (`report_1.csv`, `report_2.csv`, ...), or replace it.
+# Whatever happens shows in the transfer log; nothing is overwritten unless the route says so.
+IfExists = Literal["fail", "version", "overwrite"]
+IF_EXISTS_DESCRIPTION = "When the target name is taken: fail, version the name, or overwrite."
+
+
 class CopyStep(_Step):
     """Copy the file to a folder of the data directory (the file itself stays)."""
 
     kind: Literal["copy"]
     folder: Folder
+    if_exists: IfExists = Field(default="fail", description=IF_EXISTS_DESCRIPTION)
 
 
 class MoveStep(_Step):
@@ -125,6 +133,7 @@ class MoveStep(_Step):
 
     kind: Literal["move"]
     folder: Folder
+    if_exists: IfExists = Field(default="fail", description=IF_EXISTS_DESCRIPTION)
 
 
 class RenameStep(_Step):
@@ -133,6 +142,7 @@ class RenameStep(_Step):
 
     kind: Literal["rename"]
     template: NameTemplate = Field(examples=["{date:%Y%m%d}_{counter}_{name}"])
+    if_exists: IfExists = Field(default="fail", description=IF_EXISTS_DESCRIPTION)
 
 
 class ChecksumStep(_Step):
@@ -180,3 +190,11 @@ def render(
     if not name or name in {".", ".."} or "/" in name or "\x00" in name:
         raise ValueError(f"template {template!r} gives an unusable file name {name!r}")
     return name
+
+
+def versioned(file_name: str, version: int) -> str:
+    """`report.csv` -> `report_1.csv` (version 1), `README` -> `README_1`."""
+    stem, dot, ext = file_name.rpartition(".")
+    if not dot or not stem:
+        return f"{file_name}_{version}"
+    return f"{stem}_{version}.{ext}"

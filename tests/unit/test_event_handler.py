@@ -104,7 +104,7 @@ def test_the_same_event_twice_is_done_once(worker: Worker) -> None:
     assert worker.legs() == [("receive", "RECEIVED"), ("route", "ROUTED")]
     with Session(worker.engine) as session:
         assert len(session.exec(select(ProcessedEvent)).all()) == 1
-    assert worker.handler.process(event) is False
+    assert worker.handler.handle(event) is False
 
 
 def test_a_file_without_a_route_stays_in_the_home(worker: Worker) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel
+from fastapi import APIRouter, HTTPException, Query, Response
+from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
 from ferrylink.deps import SessionDep
@@ -14,21 +14,23 @@ from services.transaction_manager.api.deps import TMDep
 from services.transaction_manager.dead_letters import replay
 
 router = APIRouter(prefix="/events/dead", tags=["events"])
+DEAD_PREVIEW_BYTES = 512
 
 
 class DeadOut(BaseModel):
     id: str
     queue: str
     reason: str
-    body: str
+    size: int
+    preview: str = Field(description=f"The first {DEAD_PREVIEW_BYTES} bytes of the body.")
     dead_at: datetime
     replayed_at: datetime | None
 
 
 def dead_out(dead: DeadEvent) -> DeadOut:
-    return DeadOut(id=dead.id, queue=dead.queue, reason=dead.reason,
-                   body=dead.body.decode(errors="replace"), dead_at=dead.dead_at,
-                   replayed_at=dead.replayed_at)  # fmt: skip
+    return DeadOut(id=dead.id, queue=dead.queue, reason=dead.reason, size=len(dead.body),
+                   preview=dead.body[:DEAD_PREVIEW_BYTES].decode(errors="replace"),
+                   dead_at=dead.dead_at, replayed_at=dead.replayed_at)  # fmt: skip
 
 
 @router.get("", response_model=list[DeadOut])
@@ -41,6 +43,15 @@ def list_dead(
     if not include_replayed:
         query = query.where(col(DeadEvent.replayed_at).is_(None))
     return [dead_out(d) for d in session.exec(query)]
+
+
+@router.get("/{dead_id}/body", response_class=Response)
+def dead_body(dead_id: str, session: SessionDep) -> Response:
+    """The whole body of a dead letter, as it was published."""
+    dead = session.get(DeadEvent, dead_id)
+    if dead is None:
+        raise HTTPException(404, f"no dead letter {dead_id!r}")
+    return Response(dead.body, media_type="application/octet-stream")
 
 
 @router.post("/{dead_id}/replay", response_model=DeadOut)

@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ferrylink.admin_api import LoginGuardDep, client_address, guarded_refusal
 from ferrylink.contracts import FileArrived
+from ferrylink.faults import fault_point
 from ferrylink.login_guard import LoginGuard, LoginRefused
 from ferrylink.paths import PathError, confined, relative_to
 from services.transaction_manager.api.deps import TMDep, TransactionManager
@@ -121,8 +122,7 @@ async def upload(
         raise
     event.size = size
     event.checksum = digest.hexdigest()
-    await run_in_threadpool(_record, tm, leg_key, RECEIVED, bytes=size)
-    await run_in_threadpool(lambda: tm.runtime.publish(event).result(30))
+    await run_in_threadpool(_received, tm, leg_key, event)
     return UploadOut(event_id=event.id, cycle_id=event.cycle_id, account=account,
                      path=relative, bytes=size)  # fmt: skip
 
@@ -135,6 +135,19 @@ def _upload_target(home: Path, path: str) -> tuple[Path, str]:
     if target == home or path.endswith("/"):
         raise HTTPException(400, "give a file name")
     return target, relative_to(home, target)
+
+
+def _received(tm: TransactionManager, leg_key: str, event: FileArrived) -> None:
+    """RECEIVED and the file's event in one transaction (the event in the outbox), then
+    published: a crash or a failed publish after the commit delays routing, never skips it."""
+    with Session(tm.runtime.engine, expire_on_commit=False) as session:
+        leg = tm.transfer_log.stage(session, leg_key, RECEIVED, bytes=event.size or 0)
+        row = tm.runtime.stage(session, event)
+        session.commit()
+    fault_point("after-received-before-publish")
+    if leg is not None:
+        tm.transfer_log.publish(leg)  # transfer states have no outbox yet (README, Status)
+    tm.runtime.send([row])
 
 
 def _record(tm: TransactionManager, leg_key: str, status: str, **fields: Any) -> None:

@@ -1,0 +1,116 @@
+"""Claims, counters and attempts: the rows that keep two copies of one event apart.
+
+Times come from the database's clock (every server judges a claim by the same clock), and
+each operation is one statement, atomic on SQLite and PostgreSQL alike:
+- a claim is taken by INSERT .. ON CONFLICT DO UPDATE .. WHERE expired-or-mine .. RETURNING:
+  it returns a row only to the one caller that holds the claim afterwards;
+- the claim is renewed in every transaction that records a step's plan, and that
+  transaction fails (ClaimLost) if the claim passed to another owner meanwhile;
+- `{counter}` is one INSERT .. ON CONFLICT DO UPDATE SET value = value + 1 RETURNING value,
+  inside the write transaction that records the rename's plan.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session
+
+
+class ClaimLost(Exception):
+    """Our claim expired and another copy of the event took it: stop, touch nothing more."""
+
+
+def db_now(dialect: str) -> str:
+    """SQL for the database clock in epoch seconds."""
+    if dialect == "postgresql":
+        return "extract(epoch from clock_timestamp())"
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def new_owner(node_id: str) -> str:
+    """A fresh owner per handling: a claim is never inherited by a later attempt."""
+    return f"{node_id}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+def take(engine: Engine, event_id: str, owner: str, seconds: float) -> bool:
+    """Claim `event_id` for `seconds`; False while another owner's claim is unexpired."""
+    now = db_now(engine.dialect.name)
+    statement = text(
+        f"INSERT INTO event_claim (event_id, owner, expires_at, attempts, last_error) "
+        f"VALUES (:event_id, :owner, {now} + :seconds, 0, '') "
+        f"ON CONFLICT (event_id) DO UPDATE SET owner = excluded.owner, "
+        f"expires_at = excluded.expires_at "
+        f"WHERE event_claim.expires_at < {now} OR event_claim.owner = excluded.owner "
+        f"RETURNING owner"
+    )
+    with engine.begin() as connection:
+        row = connection.execute(
+            statement, {"event_id": event_id, "owner": owner, "seconds": seconds}
+        ).first()
+    return row is not None
+
+
+def renew(session: Session, event_id: str, owner: str, seconds: float) -> None:
+    """Extend our claim in the caller's transaction; ClaimLost if it is no longer ours."""
+    now = db_now(session.get_bind().dialect.name)
+    result = session.connection().execute(
+        text(
+            f"UPDATE event_claim SET expires_at = {now} + :seconds "
+            f"WHERE event_id = :event_id AND owner = :owner"
+        ),
+        {"event_id": event_id, "owner": owner, "seconds": seconds},
+    )
+    if result.rowcount != 1:
+        raise ClaimLost(f"the claim of event {event_id} passed to another owner")
+
+
+def finish(session: Session, event_id: str, owner: str) -> None:
+    """Drop our claim in the transaction that completes the event (ClaimLost if another
+    owner holds it now)."""
+    result = session.connection().execute(
+        text("DELETE FROM event_claim WHERE event_id = :event_id AND owner = :owner"),
+        {"event_id": event_id, "owner": owner},
+    )
+    if result.rowcount != 1:
+        raise ClaimLost(f"the claim of event {event_id} passed to another owner")
+
+
+def release(engine: Engine, event_id: str, owner: str) -> None:
+    """Let the next copy in at once (after a failure or a retry of ours)."""
+    with engine.begin() as connection:
+        connection.execute(
+            text("UPDATE event_claim SET expires_at = 0 WHERE event_id = :event_id "
+                 "AND owner = :owner"),
+            {"event_id": event_id, "owner": owner},
+        )  # fmt: skip
+
+
+def count_failure(engine: Engine, event_id: str, owner: str, error: str) -> int:
+    """Count one failure of the event's own and release the claim; the attempts so far."""
+    with engine.begin() as connection:
+        row = connection.execute(
+            text(
+                "UPDATE event_claim SET attempts = attempts + 1, last_error = :error, "
+                "expires_at = 0 WHERE event_id = :event_id AND owner = :owner "
+                "RETURNING attempts"
+            ),
+            {"event_id": event_id, "owner": owner, "error": error[:2000]},
+        ).first()
+    return int(row[0]) if row is not None else 0
+
+
+def next_counter(connection: Connection, route_id: int) -> int:
+    """The route's next `{counter}` value, in the caller's (write) transaction."""
+    row = connection.execute(
+        text(
+            "INSERT INTO route_counter (route_id, value) VALUES (:route_id, 1) "
+            "ON CONFLICT (route_id) DO UPDATE SET value = route_counter.value + 1 "
+            "RETURNING value"
+        ),
+        {"route_id": route_id},
+    ).one()
+    return int(row[0])
