@@ -5,8 +5,8 @@ It offers what services use - `publish`, `publish_all`, `consume` - and keeps ea
 published message as bytes on its destination. `deliver()` hands queued messages to the
 consumers through the same parse-and-dispatch path the real runtime uses
 (`ferrylink.runtime.typed_handler`), so a message crosses its JSON form exactly as it does
-on the broker; a message its handler rejects is parked on `<queue>.dead` with the reason, and one it asks to retry later goes to the back of
-its queue.
+on the broker; a message its handler rejects is parked on `<queue>.dead` with the reason,
+and one it asks to retry later goes to the back of its queue.
 What needs a real broker (failover, redelivery, confirms) is tested against RabbitMQ.
 """
 
