@@ -381,6 +381,8 @@ class Heartbeat(Contract):
     epoch: int | None = None
     active: list[str] = Field(default_factory=list)
     config_version: int = 0
+    # Where the service's API answers (FerrylinkSettings.api_url); "" from older senders.
+    api_url: str = Field(default="", max_length=512)
 
 
 class Assignment(Contract):

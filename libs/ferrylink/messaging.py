@@ -557,16 +557,22 @@ def wait_all(futures: Iterable[Future[None]], timeout: float) -> None:
 
 def queue_message_counts(urls: Sequence[str], queues: Sequence[str]) -> dict[str, int]:
     """Messages waiting in each queue; 0 for a queue that was never declared."""
-    counts: dict[str, int] = {}
+    return {name: messages for name, (messages, _) in queue_stats(urls, queues).items()}
+
+
+def queue_stats(urls: Sequence[str], queues: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(messages waiting, consumers) of each queue; (0, 0) for one never declared."""
+    stats: dict[str, tuple[int, int]] = {}
     connection = connect_blocking(urls, deadline=time.monotonic() + 10)
     try:
         for name in queues:
             channel = connection.channel()
             try:
-                counts[name] = channel.queue_declare(name, passive=True).method.message_count
+                method = channel.queue_declare(name, passive=True).method
+                stats[name] = (method.message_count, method.consumer_count)
                 channel.close()
             except pika.exceptions.ChannelClosedByBroker:  # 404: never declared
-                counts[name] = 0
+                stats[name] = (0, 0)
     finally:
         connection.close()
-    return counts
+    return stats

@@ -330,6 +330,7 @@ class ServiceRuntime:
             epoch=self.follower.epoch,
             active=self.follower.active(),
             config_version=self.config_version,
+            api_url=self.settings.api_url,
         )
 
     def _heartbeat_forever(self) -> None:

@@ -123,6 +123,7 @@ class Coordinator:
                     "epoch": heartbeat.epoch,
                     "active": heartbeat.active,
                     "config_version": heartbeat.config_version,
+                    "api_url": heartbeat.api_url,
                 }
             fresh = live_servers(sorted(last_heard), last_heard, now, settings.connection_timeout)
             if required <= fresh:
