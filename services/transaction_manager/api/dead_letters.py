@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
+from ferrylink import audit
 from ferrylink.deps import SessionDep
 from ferrylink.models import DeadEvent
 from services.transaction_manager.api.deps import TMDep
@@ -55,8 +56,33 @@ def dead_body(dead_id: str, session: SessionDep) -> Response:
 
 
 @router.post("/{dead_id}/replay", response_model=DeadOut)
-def replay_dead(dead_id: str, tm: TMDep) -> DeadOut:
+def replay_dead(dead_id: str, tm: TMDep, session: SessionDep, request: Request) -> DeadOut:
     dead = replay(tm.runtime.engine, tm.runtime.republish_raw, dead_id)
     if dead is None:
         raise HTTPException(404, f"no dead letter {dead_id!r}")
+    audit.record(session, request, "dead_letter.replay", dead_id,
+                 before={"queue": dead.queue, "reason": dead.reason})  # fmt: skip
+    session.commit()
     return dead_out(dead)
+
+
+@router.delete("/{dead_id}", status_code=204, summary="Purge a dead letter (it is dropped)")
+def purge_dead(dead_id: str, session: SessionDep, request: Request) -> Response:
+    dead = session.get(DeadEvent, dead_id)
+    if dead is None:
+        raise HTTPException(404, f"no dead letter {dead_id!r}")
+    audit.record(
+        session,
+        request,
+        "dead_letter.purge",
+        dead_id,
+        before={
+            "queue": dead.queue,
+            "reason": dead.reason,
+            "size": len(dead.body),
+            "preview": dead.body[:DEAD_PREVIEW_BYTES].decode(errors="replace"),
+        },
+    )
+    session.delete(dead)
+    session.commit()
+    return Response(status_code=204)

@@ -5,14 +5,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel
 from sqlalchemy import func
 from sqlmodel import col, select
 
+from ferrylink import audit
 from ferrylink.deps import SessionDep
 from ferrylink.models import Transfer
-from services.transaction_manager.api.deps import TMDep
+from services.transaction_manager import resubmit
+from services.transaction_manager.api.deps import TMDep, TransactionManager
 
 router = APIRouter(prefix="/transfers", tags=["transfers"])
 
@@ -51,6 +53,7 @@ def list_transfers(
     account: str | None = None,
     status: str | None = None,
     file_name: str | None = Query(default=None, description="Substring of the file name."),
+    partner: str | None = None,
     direction: Literal["inbound", "outbound", "internal"] | None = None,
     cycle_id: str | None = None,
     since: datetime | None = None,
@@ -58,12 +61,7 @@ def list_transfers(
     limit: int = Query(default=100, ge=1, le=1000),
     offset: int = Query(default=0, ge=0),
 ) -> TransferPage:
-    if not tm.serves_transfer_log.is_set:
-        assignment = tm.runtime.follower.status()
-        raise HTTPException(
-            409, f"the consolidated transfer log is served by the primary "
-                 f"({assignment['primary'] or 'none yet'})",
-        )  # fmt: skip
+    _require_primary(tm)
     filters: list[Any] = []
     if account:
         filters.append(Transfer.account == account)
@@ -71,6 +69,8 @@ def list_transfers(
         filters.append(Transfer.status == status.upper())
     if file_name:
         filters.append(col(Transfer.file_name).contains(file_name))
+    if partner:
+        filters.append(Transfer.partner == partner)
     if direction:
         filters.append(Transfer.direction == direction)
     if cycle_id:
@@ -88,3 +88,51 @@ def list_transfers(
     return TransferPage(total=total,
                         items=[TransferOut.model_validate(r, from_attributes=True)
                                for r in rows])  # fmt: skip
+
+
+def _require_primary(tm: TransactionManager) -> None:
+    if not tm.serves_transfer_log.is_set:
+        assignment = tm.runtime.follower.status()
+        raise HTTPException(
+            409, f"the consolidated transfer log is served by the primary "
+                 f"({assignment['primary'] or 'none yet'})",
+        )  # fmt: skip
+
+
+class ResubmitOut(BaseModel):
+    cycle_id: str
+    event_id: str
+    from_step: int
+    previous_error: str
+
+
+@router.post(
+    "/{cycle_id}/resubmit",
+    response_model=ResubmitOut,
+    status_code=202,
+    summary="Re-run a failed transfer's route from the step where it failed",
+    responses={
+        404: {"description": "No such cycle"},
+        409: {"description": "Not the primary, not failed, or cannot be re-run"},
+    },
+)
+def resubmit_transfer(
+    cycle_id: str, tm: TMDep, session: SessionDep, request: Request
+) -> ResubmitOut:
+    """Accepted: the event is queued again; the transfer log shows its legs as it runs (the
+    failed push leg goes SENDING/SENT or FAILED again). Recorded in the audit log."""
+    _require_primary(tm)
+    try:
+        again = resubmit.prepare(session, cycle_id)
+    except resubmit.ResubmitRefused as exc:
+        raise HTTPException(exc.status, str(exc)) from None
+    out = ResubmitOut(cycle_id=cycle_id, event_id=again.event.id, from_step=again.failed_step,
+                      previous_error=again.detail)  # fmt: skip
+    audit.record(session, request, "transfer.resubmit", cycle_id,
+                 before={"route": "FAILED", "detail": again.detail},
+                 after=out.model_dump())  # fmt: skip
+    # The event goes out through the outbox: queued if and only if the reset committed.
+    rows = [tm.runtime.stage(session, again.event)]
+    session.commit()
+    tm.runtime.send(rows)
+    return out
