@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from starlette.concurrency import run_in_threadpool
 
@@ -74,7 +75,13 @@ class TokenOut(BaseModel):
 async def log_in(
     body: LoginIn, request: Request, engine: EngineDep, guard: LoginGuardDep
 ) -> TokenOut:
-    address = client_address(request)
+    return await authenticate(engine, guard, client_address(request), body)
+
+
+async def authenticate(engine: Engine, guard: LoginGuard, address: str, body: LoginIn
+                       ) -> TokenOut:  # fmt: skip
+    """Check an administrator's password behind the failed-login defender and issue a token
+    (HTTPException 401 or 429 otherwise); shared by `POST /auth/token` and the web login."""
     try:
         guard.check(address, f"admin:{body.name}")
     except LoginRefused as exc:

@@ -508,6 +508,8 @@ class LocalCluster:
                 # edge_link.py); the other services ignore these two.
                 "FERRYLINK_EDGES": ",".join(f"{HTTP_HOST}:{e.tunnel_port}" for e in self.edges),
                 "FERRYLINK_EDGE_SECRET": self.edge_secret,
+                # Coordinators show the edges' backends and sessions in the web UI.
+                "FERRYLINK_EDGE_ADMIN_URLS": ",".join(e.url for e in self.edges),
                 "FERRYLINK_NODE_ID": proc.server_id,
                 "FERRYLINK_HTTP_HOST": HTTP_HOST,
                 "FERRYLINK_HTTP_PORT": str(proc.port),

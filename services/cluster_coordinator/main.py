@@ -10,6 +10,7 @@ from ferrylink.runtime import ServiceRuntime, create_app, serve
 from services.cluster_coordinator.api import routers
 from services.cluster_coordinator.coordinator import Coordinator
 from services.cluster_coordinator.settings import Settings
+from services.cluster_coordinator.web import pages as web
 
 SERVICE_NAME = "cluster-coordinator"
 
@@ -24,8 +25,12 @@ def build(settings: Settings) -> tuple[ServiceRuntime, Coordinator]:
 
 def app_from(settings: Settings) -> FastAPI:
     runtime, coordinator = build(settings)
-    return create_app(runtime, routers, __doc__ or "", service=coordinator,
-                      on_start=[coordinator.start], on_stop=[coordinator.stop])  # fmt: skip
+    # The web UI checks its own session cookie (web/session.py), hence a public router.
+    app = create_app(runtime, routers, __doc__ or "", service=coordinator,
+                     public_routers=[web.router],
+                     on_start=[coordinator.start], on_stop=[coordinator.stop])  # fmt: skip
+    web.install(app)
+    return app
 
 
 def main() -> None:

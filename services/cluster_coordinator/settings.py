@@ -34,3 +34,16 @@ class Settings(FerrylinkSettings):
     @property
     def required_service_names(self) -> set[str]:
         return {s.strip() for s in self.required_services.split(",") if s.strip()}
+
+    edge_admin_urls: str = Field(
+        default="",
+        description="The edges' admin APIs (comma separated), whose `/backends` the web UI "
+        "shows on the cluster page.",
+    )
+    web_token_hours: float = Field(
+        default=8.0, gt=0, le=24 * 7, description="Life of a web UI login's token."
+    )
+
+    @property
+    def edge_admin_url_list(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.edge_admin_urls.split(",") if u.strip()]
