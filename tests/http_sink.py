@@ -187,10 +187,12 @@ class HttpSink:
         root: Path,
         credentials: tuple[str, str] | None = None,
         tls: bool = False,
+        port: int = 0,
     ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+        # A given port: the same partner coming back after it was stopped.
+        self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.state = _State(self.root, credentials)
         self.tls = tls
         if tls:
