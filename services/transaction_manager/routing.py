@@ -316,7 +316,7 @@ class RouteRunner:
                 fault_point("after-plan")
             elif partners.remote_size(partner, plan["remote_name"]) == plan["size"]:
                 # Pushed before a crash (or a lost confirm): recognised, not sent again.
-                states.stage(leg_key, SENT, **{**leg, "bytes": plan["size"]})
+                states.stage(leg_key, SENT, **{**leg, "bytes": plan["size"], "detail": ""})
                 return
             sent = partners.push_file(partner, current, plan["remote_name"])
         except partners.PartnerError as exc:
@@ -326,7 +326,7 @@ class RouteRunner:
             raise StepFailed(f"push to {step.partner} failed: {exc}") from exc
         fault_point("after-push-before-record")
         fault_point(f"after-push-before-record:{partner.protocol}")
-        states.stage(leg_key, SENT, **{**leg, "bytes": sent})
+        states.stage(leg_key, SENT, **{**leg, "bytes": sent, "detail": ""})
 
     def _folder(self, folder: str) -> Path:
         try:
