@@ -39,7 +39,7 @@ from ferrylink.contracts import (
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
 from ferrylink.models import ProcessedEvent
-from services.transaction_manager import claims, scheduled
+from services.transaction_manager import claims
 from services.transaction_manager.routing import RouteRunner
 
 log = logging.getLogger(__name__)
@@ -127,11 +127,17 @@ class EventHandler:
             case FileArrived():
                 return self.routes.process(event, owner)
             case TransferScheduled():
+                # Imported on first use: partner transfers bring asyncssh (~15 MB), which a
+                # transaction manager that never runs a scheduled transfer need not hold.
+                from services.transaction_manager import scheduled
+
                 scheduled.run_scheduled_transfer(
                     event, self.engine, self.data_dir, self.node_id, self.publish, self.routes.log
                 )
                 return self._complete(event, owner)
             case MaintenanceRun():
+                from services.transaction_manager import scheduled
+
                 scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
                 return self._complete(event, owner)
             case _:
