@@ -36,7 +36,7 @@ from sqlmodel import Session
 
 from ferrylink import outbox
 from ferrylink.api_app import build_api
-from ferrylink.config import read_config_version
+from ferrylink.config import bump_config_version, read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
 from ferrylink.contracts import (
     Assignment,
@@ -60,6 +60,9 @@ from ferrylink.work import LoopWork, WorkFollower
 log = logging.getLogger(__name__)
 
 BROKER_CONNECTED = Gauge("ferrylink_broker_connected", "1 when the broker connections are up")
+CONFIG_VERSION = Gauge(
+    "ferrylink_config_version", "The configuration version this process has applied (0: none)"
+)
 CONSUMERS_ACTIVE = Gauge(
     "ferrylink_consumer_active", "1 when the named consumer is consuming", ["consumer"]
 )
@@ -110,7 +113,10 @@ class ServiceRuntime:
         self._outbox_relay: outbox.OutboxRelay | None = None
         # One failed-login defender a process: uploads and edge sessions share its counts.
         self.login_guard = login_guard_from(settings)
+        # The configuration version this process has applied; 0 until its first sync (a
+        # process that starts or comes back is out of sync until the cluster syncs it).
         self.config_version = 0
+        self._config_lock = threading.Lock()
         self._stopping = threading.Event()
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_forever, name="heartbeat", daemon=True
@@ -251,6 +257,32 @@ class ServiceRuntime:
         """Tell every service that the configuration changed (they re-read the database)."""
         self.publish(ConfigChanged(version=read_config_version(self.engine))).result(10)
 
+    def commit_config_change(self, session: Session) -> int:
+        """A configuration change in `session`: bump the version with it, commit, tell every
+        service (dynamic synchronization). Returns the new version."""
+        version = bump_config_version(session)
+        session.commit()
+        self.announce_config_change()
+        return version
+
+    def request_sync(self, nodes: Sequence[str] = ()) -> int:
+        """Make the processes of `nodes` (all when empty) reload the whole configuration
+        (a full sync); returns the version they should report."""
+        version = read_config_version(self.engine)
+        self.publish(ConfigChanged(version=version, full_sync=True, nodes=list(nodes))).result(10)
+        return version
+
+    def apply_config(self) -> int:
+        """Take the database's configuration and report its version from now on. Services
+        read their configuration (routes, accounts, jobs, watches, endpoints) from the
+        shared database when they use it, so applying keeps no copy; what it decides is
+        whether this process may say it runs the current version."""
+        with self._config_lock:
+            version = read_config_version(self.engine)
+            self.config_version = version
+            CONFIG_VERSION.set(version)
+            return version
+
     def queue_depths(self, queues: Sequence[str], node: str | None = None) -> dict[str, int]:
         """Messages waiting in the named work queues (of `node` when given: node-local)."""
         names = {
@@ -269,7 +301,6 @@ class ServiceRuntime:
             ", ".join(redact_url(u) for u in self.settings.amqp_urls),
         )
         create_tables(self.engine)
-        self.config_version = read_config_version(self.engine)
         self.publisher.start()
         if self._transfer_states is not None:
             self._transfer_states.publisher.start()
@@ -306,9 +337,15 @@ class ServiceRuntime:
 
     # -- following the coordinator --------------------------------------------------------------
 
-    def _on_config_change(self, _change: ConfigChanged) -> None:
-        # The database holds the truth; the message only says when to look.
-        self.config_version = read_config_version(self.engine)
+    def _on_config_change(self, change: ConfigChanged) -> None:
+        # The database holds the truth; the message says when to look. A process that was
+        # never synchronized (or fell behind) waits for a full sync addressed to it.
+        if change.full_sync:
+            if change.addressed_to(self.settings.node_id):
+                log.info("full sync: reloading the configuration (version %s)", change.version)
+                self.apply_config()
+        elif self.config_version > 0:
+            self.apply_config()
 
     def _fetch_assignment(self) -> None:
         """Read the current assignment from the shared database (where the coordinator
@@ -335,13 +372,9 @@ class ServiceRuntime:
     def _heartbeat_forever(self) -> None:
         while not self._stopping.is_set():
             if self.publisher.connected:
-                # A config message may have been missed while disconnected: re-read the
-                # version (one cheap query), so "synchronized" never sticks at a stale value.
-                try:
-                    self.config_version = read_config_version(self.engine)
-                except Exception as exc:
-                    log.warning("cannot read the configuration version: %s", exc)
-                # Not waited for: a lost heartbeat is replaced by the next one.
+                # The version reported is the one applied: a change missed while cut off
+                # shows this process out of sync until a full sync reloads it. Not waited
+                # for: a lost heartbeat is replaced by the next one.
                 self.publish(self.heartbeat())
             self._stopping.wait(self.settings.heartbeat_interval)
 
@@ -417,6 +450,7 @@ def create_app(
         login_guard=runtime.login_guard,
     )
     app.state.runtime = runtime
+    app.state.commit_config_change = runtime.commit_config_change
     return app
 
 

@@ -54,6 +54,7 @@ class ClusterView:
 
     mode: str
     connection_timeout: float
+    auto_sync: bool
     config_version: int
     servers: list[store.ServerEntry]
     live: set[str]
@@ -77,6 +78,8 @@ class Coordinator:
         self._last_published = 0.0
         # When each server was first seen running an older configuration version.
         self._behind_since: dict[str, float] = {}
+        # When the leader last asked each server to sync by itself (auto sync).
+        self._sync_requested_at: dict[str, float] = {}
         self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
@@ -129,11 +132,12 @@ class Coordinator:
                 live.add(server.id)
                 heard_at[server.id] = min(last_heard[service] for service in required)
                 # Every service of it runs the current configuration.
-                if self._synchronized(server.id, versions == {config_version}, now):
+                if self._synchronized(server.id, versions, config_version, now):
                     synchronized.add(server.id)
         return ClusterView(
             mode=settings.mode,
             connection_timeout=settings.connection_timeout,
+            auto_sync=settings.auto_sync,
             config_version=config_version,
             servers=servers,
             live=live,
@@ -142,13 +146,17 @@ class Coordinator:
             heard_at=heard_at,
         )
 
-    def _synchronized(self, server: str, current: bool, now: float) -> bool:
-        """A server is out of sync once it ran an older configuration for a few heartbeat
-        periods: every change is announced and re-read at once, and without this grace each
-        change would briefly take the work off every server (cancelling its consumers)."""
-        if current:
+    def _synchronized(self, server: str, versions: set[int], current: int, now: float) -> bool:
+        """A server is synchronized when every service of it runs the current configuration.
+        A service that never synced (version 0: it started or came back) makes it out of sync
+        at once; one that runs an older version does so after a few heartbeat periods: every
+        change is announced and applied at once, and without this grace each change would
+        briefly take the work off every server (cancelling its consumers)."""
+        if versions == {current}:
             self._behind_since.pop(server, None)
             return True
+        if 0 in versions:
+            return False
         since = self._behind_since.setdefault(server, now)
         return now - since < 3 * self.settings.heartbeat_interval
 
@@ -258,12 +266,49 @@ class Coordinator:
             session.add(state)
             session.commit()  # the renewal and the decision count from here on
         self.last_decision_reason = reason
+        if view.auto_sync:
+            self._sync_servers_behind(view, now)
         changed = self.last_assignment is None or self._differs(self.last_assignment, assignment)
         self.last_assignment = assignment
         if changed or now - self._last_published >= self.settings.heartbeat_interval:
             self._last_published = now
             return assignment
         return None
+
+    def _sync_servers_behind(self, view: ClusterView, now: float) -> None:
+        """Auto sync: a live server out of sync (it started, came back or missed a change)
+        is told to reload the whole configuration, at most once every few heartbeats."""
+        behind = [
+            s.id
+            for s in view.servers
+            if s.id in view.live
+            and s.id not in view.synchronized
+            and now - self._sync_requested_at.get(s.id, 0.0) >= 3 * self.settings.heartbeat_interval
+        ]
+        if behind:
+            log.info("auto sync of %s to configuration version %s", behind, view.config_version)
+            for server in behind:
+                self._sync_requested_at[server] = now
+            self.runtime.request_sync(behind)
+
+    def sync(self, timeout: float) -> tuple[int, bool]:
+        """Manual sync: every server reloads the whole configuration; waits (up to
+        `timeout`) until every live server reports the current version. Returns the version
+        and whether every live server reached it."""
+        version = self.runtime.request_sync()
+        deadline = time.monotonic() + timeout
+        while True:
+            with Session(self.runtime.engine) as session:
+                view = self.view(session, time.time())
+            if all(
+                service["config_version"] == version
+                for server in view.live
+                for service in view.services[server].values()
+            ):
+                return version, True
+            if time.monotonic() >= deadline:
+                return version, False
+            time.sleep(0.1)
 
     def _grant_expiry(
         self, view: ClusterView, primary: str | None, lease_expiry: float, now: float
