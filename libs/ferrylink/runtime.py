@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from opentelemetry import context as otel_context
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -44,6 +44,8 @@ from ferrylink.contracts import (
     ConfigChanged,
     Contract,
     Heartbeat,
+    RejectMessage,
+    RetryLater,
     destination,
     message_id,
     parse,
@@ -51,6 +53,15 @@ from ferrylink.contracts import (
 from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
+from ferrylink.metrics import (
+    BROKER_CONNECTED,
+    CONFIG_VERSION,
+    CONSUMERS_ACTIVE,
+    EPOCH,
+    MESSAGE_HANDLING_SECONDS,
+    MESSAGES_HANDLED,
+    PRIMARY,
+)
 from ferrylink.models import ClusterState, OutboxMessage
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
@@ -59,32 +70,40 @@ from ferrylink.work import LoopWork, WorkFollower
 
 log = logging.getLogger(__name__)
 
-BROKER_CONNECTED = Gauge("ferrylink_broker_connected", "1 when the broker connections are up")
-CONFIG_VERSION = Gauge(
-    "ferrylink_config_version", "The configuration version this process has applied (0: none)"
-)
-CONSUMERS_ACTIVE = Gauge(
-    "ferrylink_consumer_active", "1 when the named consumer is consuming", ["consumer"]
-)
 
 M = TypeVar("M")
 Publish = Callable[[Contract], "Future[None]"]
 
 
 def typed_handler(
-    handler: Callable[[M], object], contract: type[M] | TypeAdapter[M]
+    handler: Callable[[M], object], contract: type[M] | TypeAdapter[M], consumer: str = ""
 ) -> Callable[[Delivery], None]:
     """A consumer callback that parses the contract (RejectMessage parks a bad message)
-    and runs the handler inside the trace context the message carried."""
+    and runs the handler inside the trace context the message carried, counting each
+    message's outcome and handling time under `consumer`."""
     adapter = contract if isinstance(contract, TypeAdapter) else TypeAdapter(contract)
 
     def on_delivery(delivery: Delivery) -> None:
-        message = parse(adapter, delivery.body)
+        started = time.perf_counter()
+        outcome = "error"
         token = otel_context.attach(extract_context(delivery.headers))
         try:
+            message = parse(adapter, delivery.body)
             handler(message)
+            outcome = "done"
+        except RejectMessage:
+            outcome = "rejected"
+            raise
+        except RetryLater:
+            outcome = "retry"
+            raise
         finally:
             otel_context.detach(token)
+            if consumer:
+                MESSAGES_HANDLED.labels(consumer=consumer, outcome=outcome).inc()
+                MESSAGE_HANDLING_SECONDS.labels(consumer=consumer).observe(
+                    time.perf_counter() - started
+                )
 
     return on_delivery
 
@@ -139,7 +158,8 @@ class ServiceRuntime:
     ) -> None:
         """Consume a work queue ("events", or its dead letters "events.dead") wherever the
         coordinator assigns `unit`; `node_local` picks this server's own queue."""
-        self.consume_raw(unit, queue, typed_handler(handler, contract), node_local=node_local,
+        self.consume_raw(unit, queue, typed_handler(handler, contract, queue),
+                         node_local=node_local,
                          prefetch=prefetch, workers=workers)  # fmt: skip
 
     def consume_raw(
@@ -328,8 +348,16 @@ class ServiceRuntime:
             "broker_consumers": self.consumers.connected,
             "database": database_works(self.engine),
         }
-        BROKER_CONNECTED.set(1 if checks["broker_publisher"] and checks["broker_consumers"] else 0)
+        self._update_gauges()
         return checks
+
+    def _update_gauges(self) -> None:
+        """The gauges that follow this process's state (every heartbeat, and on /readyz)."""
+        BROKER_CONNECTED.set(1 if self.publisher.connected and self.consumers.connected else 0)
+        status = self.follower.status()
+        if status["epoch"] is not None:
+            EPOCH.set(status["epoch"])
+        PRIMARY.set(1 if status["primary"] == self.settings.node_id else 0)
 
     def _on_consumers_changed(self, active: set[str]) -> None:
         for name in self.consumers.registered():
@@ -371,6 +399,7 @@ class ServiceRuntime:
 
     def _heartbeat_forever(self) -> None:
         while not self._stopping.is_set():
+            self._update_gauges()
             if self.publisher.connected:
                 # The version reported is the one applied: a change missed while cut off
                 # shows this process out of sync until a full sync reloads it. Not waited

@@ -24,6 +24,8 @@ from ferrylink.cluster import (
     live_servers,
 )
 from ferrylink.config import read_config_version
+from ferrylink.messaging import queue_message_counts
+from ferrylink.metrics import PRIMARY_CHANGES, QUEUE_MESSAGES
 from ferrylink.models import ClusterState
 from ferrylink.runtime import ServiceRuntime
 from services.cluster_coordinator import leadership, store
@@ -83,6 +85,9 @@ class Coordinator:
         self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        self._sampler = threading.Thread(
+            target=self._sample_queues_forever, name="queue-sampler", daemon=True
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -92,10 +97,34 @@ class Coordinator:
             leadership.ensure_lease_row(session)
         self._started_at = time.time()
         self._thread.start()
+        self._sampler.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._sampler.join(5)
+
+    def _sample_queues_forever(self) -> None:
+        """The leader samples the shared work queues' depths for /metrics (one short broker
+        connection every few heartbeats; in its own thread, so a slow broker never delays
+        an assignment)."""
+        topology = self.runtime.topology
+        events = topology.queue("events")
+        queues = {
+            "events": events,
+            "events.dead": topology.dead_letter_queue(events),
+            "transfer-states": topology.queue("transfer-states"),
+        }
+        while not self._stop.wait(5 * self.settings.heartbeat_interval):
+            if not self.is_leader():
+                continue
+            try:
+                counts = queue_message_counts(self.settings.amqp_urls, list(queues.values()))
+            except Exception as exc:
+                log.info("cannot sample the queue depths: %s", exc)
+                continue
+            for label, name in queues.items():
+                QUEUE_MESSAGES.labels(queue=label).set(counts[name])
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         self.tracker.record(heartbeat, time.time())
@@ -239,6 +268,7 @@ class Coordinator:
                 state.epoch += 1
             if primary_changed:
                 log.warning("primary %s -> %s: %s", current, decision_primary, reason)
+                PRIMARY_CHANGES.inc()
                 state.primary = decision_primary
                 # Fence: the new primary starts only after every earlier assignment expired.
                 state_not_before = max(now, state.issued_until)
