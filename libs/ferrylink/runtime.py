@@ -64,7 +64,15 @@ from ferrylink.metrics import (
 )
 from ferrylink.models import ClusterState, OutboxMessage
 from ferrylink.settings import FerrylinkSettings, redact_url
-from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
+from ferrylink.telemetry import (
+    consumer_span,
+    extract_context,
+    inject_headers,
+    instrument_http,
+    producer_span,
+    setup_logging,
+    setup_tracing,
+)
 from ferrylink.transfer_states import TransferStatePublisher
 from ferrylink.work import LoopWork, WorkFollower
 
@@ -84,12 +92,18 @@ def typed_handler(
     adapter = contract if isinstance(contract, TypeAdapter) else TypeAdapter(contract)
 
     def on_delivery(delivery: Delivery) -> None:
+        if not consumer:  # a broadcast (heartbeats, assignments): no span, no count
+            token = otel_context.attach(extract_context(delivery.headers))
+            try:
+                handler(parse(adapter, delivery.body))
+            finally:
+                otel_context.detach(token)
+            return
         started = time.perf_counter()
         outcome = "error"
-        token = otel_context.attach(extract_context(delivery.headers))
         try:
-            message = parse(adapter, delivery.body)
-            handler(message)
+            with consumer_span(consumer, delivery.headers):
+                handler(parse(adapter, delivery.body))
             outcome = "done"
         except RejectMessage:
             outcome = "rejected"
@@ -98,7 +112,6 @@ def typed_handler(
             outcome = "retry"
             raise
         finally:
-            otel_context.detach(token)
             if consumer:
                 MESSAGES_HANDLED.labels(consumer=consumer, outcome=outcome).inc()
                 MESSAGE_HANDLING_SECONDS.labels(consumer=consumer).observe(
@@ -217,18 +230,17 @@ class ServiceRuntime:
         trace context. Heartbeats and assignments are transient and unrouted ones are fine."""
         kind, name = destination(message)
         if kind == "exchange":
+            # Cluster chatter (heartbeats every second): no spans.
             transient = not isinstance(message, ConfigChanged)
             return self.publisher.publish(
                 self.topology.exchange(name), "", message.to_bytes(), headers=inject_headers(),
                 message_id=message_id(message), mandatory=False, persistent=not transient,
             )  # fmt: skip
-        return self.publisher.publish(
-            "",
-            self._work_queue(name),
-            message.to_bytes(),
-            headers=inject_headers(),
-            message_id=message_id(message),
-        )
+        with producer_span(name, message_id(message)) as headers:
+            return self.publisher.publish(
+                "", self._work_queue(name), message.to_bytes(), headers=headers,
+                message_id=message_id(message),
+            )  # fmt: skip
 
     def publish_all(self, messages: Iterable[Contract], timeout: float = 30.0) -> None:
         """Publish pipelined, then wait for every confirm (raises if one is not confirmed)."""
@@ -238,8 +250,10 @@ class ServiceRuntime:
         """Add `message` to the caller's transaction (the outbox): committed with its cause,
         then `send` it; if the process dies first, the relay publishes it."""
         _kind, name = destination(message)
-        return outbox.stage(session, self._work_queue(name), message.to_bytes(),
-                            message_id(message), inject_headers())  # fmt: skip
+        # The PRODUCER span is now: the relay may publish it later, in this trace anyway.
+        with producer_span(name, message_id(message)) as headers:
+            return outbox.stage(session, self._work_queue(name), message.to_bytes(),
+                                message_id(message), headers)  # fmt: skip
 
     def send(self, rows: Sequence[OutboxMessage], timeout: float = 30.0) -> None:
         """Publish committed outbox rows, wait for the confirms, delete the rows."""
@@ -499,7 +513,8 @@ def login_guard_from(settings: FerrylinkSettings) -> LoginGuard:
 def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:
     """Run the app on uvicorn in the foreground until SIGINT/SIGTERM."""
     setup_logging(service_name, settings.node_id, settings.log_level)
-    setup_tracing(service_name, settings.node_id, settings.otlp_endpoint)
+    if setup_tracing(service_name, settings.node_id, settings.otlp_endpoint):
+        instrument_http(app)
     uvicorn.run(
         app,
         host=settings.http_host,

@@ -89,7 +89,11 @@ class EventHandler:
             span.set_attribute("ferrylink.event_id", event.id)
             span.set_attribute("ferrylink.event_kind", event.kind)
             span.set_attribute("ferrylink.cycle_id", event.cycle_id)
-            done = self._claimed(event)
+            try:
+                done = self._claimed(event)
+            except RejectMessage as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:500]))
+                raise
         if done:
             latency = (datetime.now(UTC) - as_utc(event.created_at)).total_seconds()
             EVENT_LATENCY_SECONDS.labels(kind=event.kind).observe(max(0.0, latency))

@@ -47,6 +47,7 @@ from ferrylink.models import (
     Transfer,
 )
 from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.telemetry import mark_error, tracer
 from services.transaction_manager import claims
 from services.transaction_manager.steps import (
     STEPS,
@@ -175,17 +176,27 @@ class RouteRunner:
     def _run_step(self, context: _Context, index: int, step: Step, current: Path) -> Path:
         started = time.perf_counter()
         outcome = "failed"
-        try:
-            result = self._run_step_once(context, index, step, current)
-            outcome = "done"
-            return result
-        except RetryLater:
-            outcome = "retry"
-            raise
-        finally:
-            STEP_SECONDS.labels(step=step.kind, outcome=outcome).observe(
-                time.perf_counter() - started
-            )
+        with tracer().start_as_current_span(
+            f"step {step.kind}",
+            attributes={"ferrylink.step.kind": step.kind, "ferrylink.step.index": index,
+                        "ferrylink.event_id": context.event.id},
+            record_exception=False, set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            try:
+                result = self._run_step_once(context, index, step, current)
+                outcome = "done"
+                return result
+            except RetryLater as exc:
+                outcome = "retry"
+                span.add_event("retry later", {"reason": str(exc)})
+                raise
+            except Exception as exc:
+                mark_error(span, exc)  # the failed step shows as an error in the trace
+                raise
+            finally:
+                STEP_SECONDS.labels(step=step.kind, outcome=outcome).observe(
+                    time.perf_counter() - started
+                )
 
     def _run_step_once(self, context: _Context, index: int, step: Step, current: Path) -> Path:
         event = context.event
