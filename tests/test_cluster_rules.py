@@ -118,6 +118,23 @@ def test_work_table_active_active_skips_unsynchronized() -> None:
     assert work["st3"] == []
 
 
+@pytest.mark.parametrize(
+    ("mode", "primary", "consumers"),
+    [
+        ("active_active", "st1", {"st1", "st2"}),
+        ("passive", "st1", {"st1"}),
+        ("passive", "st3", set()),  # an out-of-sync primary (kept in passive) consumes nothing
+        ("passive_legacy", "st1", {"st1", "st2"}),
+        ("passive_legacy", "st3", {"st1", "st2"}),
+    ],
+)
+def test_work_table_no_events_before_sync(mode: str, primary: str, consumers: set[str]) -> None:
+    """A live server that is not synchronized (st3) consumes no events in any mode."""
+    work = desired_work(mode, SERVERS, ALL, {"st1", "st2"}, primary)
+    events = {WORK_EVENTS, WORK_EVENTS_LOCAL}
+    assert {s for s in SERVERS if events & set(work[s])} == consumers
+
+
 def test_work_table_passive() -> None:
     work = desired_work("passive", SERVERS, ALL, ALL, "st2")
     assert work["st2"] == [WORK_EVENTS, *sorted(PRIMARY_ONLY_WORK)]

@@ -15,6 +15,7 @@ import ast
 import copy
 import fnmatch
 import importlib
+import json
 import os
 import re
 import shlex
@@ -39,6 +40,7 @@ SERVERS_FILE = ROOT / "deploy" / "config" / "servers"
 RABBIT_CONF = ROOT / "deploy" / "rabbitmq" / "rabbitmq.conf"
 DOCKERIGNORE = ROOT / ".dockerignore"
 ENV_PREFIX = "FERRYLINK_"
+OTLP_TRACES_VARIABLE = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
 SERVER_IDS = ("st1", "st2", "st3")
 
 Compose = dict[str, Any]
@@ -395,7 +397,7 @@ def check_env_values(compose: Compose) -> list[str]:
         problems += _check_database_url(name, settings, compose)
         if name in ferrylink_services(compose):
             problems += _check_broker_urls(name, settings, compose)
-            problems += _check_otlp_endpoint(name, settings, compose)
+            problems += _check_otlp_endpoint(name, env, compose)
     return problems
 
 
@@ -433,12 +435,20 @@ def _check_database_url(name: str, settings: FerrylinkSettings, compose: Compose
     return []
 
 
-def _check_otlp_endpoint(name: str, settings: FerrylinkSettings, compose: Compose) -> list[str]:
-    parts = urlsplit(settings.otlp_endpoint)
+def _check_otlp_endpoint(name: str, env: dict[str, str], compose: Compose) -> list[str]:
+    """Spans go to the compose file's Jaeger by the standard variable (FERRYLINK_OTLP_ENDPOINT
+    is the older spelling, read too; one of them, not both)."""
+    endpoint = env.get(OTLP_TRACES_VARIABLE, "")
+    if env.get("FERRYLINK_OTLP_ENDPOINT"):
+        return [f"{name}: set {OTLP_TRACES_VARIABLE}, not FERRYLINK_OTLP_ENDPOINT"]
+    parts = urlsplit(endpoint)
     if parts.hostname not in hostnames(compose) or parts.port != 4318:
-        return [f"{name}: OTLP endpoint {settings.otlp_endpoint!r} is not a compose service:4318"]
+        return [f"{name}: {OTLP_TRACES_VARIABLE} {endpoint!r} is not a compose service:4318"]
     if parts.path != "/v1/traces":
-        return [f"{name}: OTLP endpoint {settings.otlp_endpoint} does not end in /v1/traces"]
+        return [f"{name}: OTLP endpoint {endpoint} does not end in /v1/traces"]
+    jaeger = environment(compose["services"].get(str(parts.hostname), {}))
+    if jaeger.get("COLLECTOR_OTLP_ENABLED") != "true":
+        return [f"{name}: {parts.hostname} does not accept OTLP (COLLECTOR_OTLP_ENABLED)"]
     return []
 
 
@@ -721,8 +731,17 @@ def check_edges(compose: Compose) -> list[str]:
     secrets = set()
     for name, svc in edges.items():
         env = environment(svc)
-        problems += [f"{name}: {key} is not an edge setting" for key in env if key not in fields]
-        values = {key[len("FERRYLINK_") :].lower(): value for key, value in env.items()}
+        problems += [
+            f"{name}: {key} is not an edge setting"
+            for key in env
+            if key.startswith(ENV_PREFIX) and key not in fields
+        ]
+        problems += _check_otlp_endpoint(name, env, compose)
+        values = {
+            key[len(ENV_PREFIX) :].lower(): value
+            for key, value in env.items()
+            if key.startswith(ENV_PREFIX)
+        }
         settings = EdgeSettings.model_validate(values)
         published = {str(p).rsplit(":", 1)[-1] for p in svc.get("ports", [])}
         for port in (settings.sftp_port, settings.https_port):
@@ -749,6 +768,76 @@ def check_edges(compose: Compose) -> list[str]:
     return problems
 
 
+def check_observability(compose: Compose) -> list[str]:
+    """Prometheus scrapes exactly every Ferrylink container's /metrics; Grafana is provisioned
+    from deploy/grafana with a Prometheus data source at the compose file's Prometheus, and
+    its dashboard asks only for metrics the code defines (ferrylink.metrics)."""
+    from prometheus_client import REGISTRY
+
+    import ferrylink.metrics  # noqa: F401  (registers every metric)
+
+    problems = []
+    services = compose["services"]
+    for needed in ("prometheus", "grafana", "jaeger"):
+        if needed not in services:
+            problems.append(f"no {needed} service")
+    if problems:
+        return problems
+    wanted = {
+        f"{name}:{environment(svc)['FERRYLINK_HTTP_PORT']}"
+        for name, svc in {**ferrylink_services(compose), **edge_services(compose)}.items()
+    }
+    prometheus_mounts = {target: source for source, target, _ro in
+                         volume_mounts(services["prometheus"])}  # fmt: skip
+    config_file = prometheus_mounts.get("/etc/prometheus/prometheus.yml")
+    if config_file is None:
+        return ["prometheus: deploy/prometheus/prometheus.yml is not mounted"]
+    config = yaml.safe_load((ROOT / config_file).read_text())
+    scraped = {
+        target
+        for job in config["scrape_configs"]
+        if job.get("metrics_path", "/metrics") == "/metrics"
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    problems += [f"prometheus does not scrape {t}" for t in sorted(wanted - scraped)]
+    problems += [f"prometheus scrapes {t}, not a service" for t in sorted(scraped - wanted)]
+
+    grafana_mounts = {target: source for source, target, _ro in
+                      volume_mounts(services["grafana"])}  # fmt: skip
+    provisioning = grafana_mounts.get("/etc/grafana/provisioning")
+    dashboards = grafana_mounts.get("/var/lib/grafana/dashboards")
+    if provisioning is None or dashboards is None:
+        return [*problems, "grafana: provisioning or dashboards folder not mounted"]
+    for path in sorted((ROOT / provisioning / "datasources").glob("*.yml")):
+        for source in yaml.safe_load(path.read_text())["datasources"]:
+            if source["type"] == "prometheus" and source["url"] != "http://prometheus:9090":
+                problems.append(f"{path.name}: Prometheus data source at {source['url']}")
+    providers = [
+        provider
+        for path in (ROOT / provisioning / "dashboards").glob("*.yml")
+        for provider in yaml.safe_load(path.read_text())["providers"]
+    ]
+    if not any(p["options"]["path"] == "/var/lib/grafana/dashboards" for p in providers):
+        problems.append("grafana: no dashboard provider reads /var/lib/grafana/dashboards")
+    defined = {
+        sample_name
+        for metric in REGISTRY.collect()
+        for sample_name in [metric.name, f"{metric.name}_total"]
+    }
+    boards = sorted((ROOT / dashboards).glob("*.json"))
+    if not boards:
+        problems.append("grafana: no dashboard in deploy/grafana/dashboards")
+    for board in boards:
+        for panel in json.loads(board.read_text())["panels"]:
+            for target in panel["targets"]:
+                for used in re.findall(r"\bferrylink_\w+", target["expr"]):
+                    base = re.sub(r"_(bucket|count|sum)$", "", used)
+                    if base not in defined:
+                        problems.append(f"{board.name}: {panel['title']!r} uses unknown {used}")
+    return problems
+
+
 CHECKS: list[Callable[[Compose], list[str]]] = [
     check_servers_run_every_backend_service,
     check_commands,
@@ -762,6 +851,7 @@ CHECKS: list[Callable[[Compose], list[str]]] = [
     check_build,
     check_rabbitmq,
     check_edges,
+    check_observability,
 ]
 
 
@@ -872,6 +962,17 @@ def test_checks_catch_mistakes(compose: Compose, tmp_path: Path) -> None:
     # A Dockerfile that is not there.
     no_file = {"context": ".", "dockerfile": "deploy/Dockerfile.missing"}
     assert check_build(_with(compose, "st1-scheduler", build=no_file))
+    # Spans sent nowhere; a service Prometheus does not scrape; Grafana without its folders.
+    assert check_env_values(
+        _with_env(compose, "st1-scheduler", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=None)
+    )
+    assert check_edges(
+        _with_env(compose, "edge-1", OTEL_EXPORTER_OTLP_TRACES_ENDPOINT="http://x:1")
+    )
+    renamed = copy.deepcopy(compose)
+    renamed["services"]["st4-scheduler"] = renamed["services"].pop("st3-scheduler")
+    assert any("st4-scheduler" in p for p in check_observability(renamed))
+    assert check_observability(_with(compose, "grafana", volumes=[]))
     # A broker without its node name, or with a cookie of its own.
     assert check_rabbitmq(_with_env(compose, "rabbit-2", RABBITMQ_NODENAME=None))
     assert check_rabbitmq(_with_env(compose, "rabbit-3", ERLANG_COOKIE="other"))

@@ -23,7 +23,7 @@ from ferrylink.admin_auth import (
     issue_token,
     utc,
 )
-from ferrylink.deps import EngineDep, SessionDep
+from ferrylink.deps import ConfigChangeDep, EngineDep, SessionDep
 from ferrylink.login_guard import LoginGuard, LoginRefused, check_password
 from ferrylink.models import AdminUser, ApiToken
 from ferrylink.passwords import hash_password
@@ -180,12 +180,14 @@ def list_admins(session: SessionDep) -> list[AdminOut]:
 
 
 @router.post("/admins", status_code=201, response_model=AdminOut, summary="Add an administrator")
-def add_admin(body: AdminIn, session: SessionDep, response: Response) -> AdminOut:
+def add_admin(
+    body: AdminIn, session: SessionDep, response: Response, commit: ConfigChangeDep
+) -> AdminOut:
     try:
         admin = create_admin(session, body.name, body.password, body.role)
     except AdminError as exc:
         raise HTTPException(409 if "exists" in str(exc) else 422, str(exc)) from exc
-    session.commit()
+    commit(session)
     session.refresh(admin)
     response.headers["Location"] = f"/admins/{admin.name}"
     return _admin_out(admin)
@@ -193,7 +195,11 @@ def add_admin(body: AdminIn, session: SessionDep, response: Response) -> AdminOu
 
 @router.patch("/admins/{name}", response_model=AdminOut, summary="Change role, password, enabled")
 def update_admin(
-    name: str, body: AdminPatch, principal: PrincipalDep, session: SessionDep
+    name: str,
+    body: AdminPatch,
+    principal: PrincipalDep,
+    session: SessionDep,
+    commit: ConfigChangeDep,
 ) -> AdminOut:
     admin = session.get(AdminUser, name)
     if admin is None:
@@ -207,18 +213,20 @@ def update_admin(
     if body.enabled is not None:
         admin.enabled = body.enabled
     session.add(admin)
-    session.commit()
+    commit(session)
     session.refresh(admin)
     return _admin_out(admin)
 
 
 @router.delete("/admins/{name}", status_code=204, summary="Remove an administrator")
-def delete_admin(name: str, principal: PrincipalDep, session: SessionDep) -> Response:
+def delete_admin(
+    name: str, principal: PrincipalDep, session: SessionDep, commit: ConfigChangeDep
+) -> Response:
     admin = session.get(AdminUser, name)
     if admin is None:
         raise HTTPException(404, f"no administrator {name!r}")
     if name == principal.admin:
         raise HTTPException(409, "you cannot remove yourself; ask another admin")
     session.delete(admin)
-    session.commit()
+    commit(session)
     return Response(status_code=204)

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ferrylink import admin_api
 from ferrylink.admin_auth import require_admin_token
+from ferrylink.config import bump_config_version
 from ferrylink.login_guard import LoginGuard
 
 MAX_BODY_BYTES = 1 << 20
@@ -69,6 +70,12 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+def _commit_config_change(session: Any) -> int:
+    version = bump_config_version(session)
+    session.commit()
+    return version
+
+
 def build_api(
     *,
     title: str,
@@ -86,6 +93,9 @@ def build_api(
     app.state.engine = engine
     app.state.service = service
     app.state.login_guard = login_guard or LoginGuard()
+    # How a configuration change is committed (ferrylink.deps.ConfigChangeDep): bumped and
+    # committed here; a service's runtime also announces it to every process.
+    app.state.commit_config_change = _commit_config_change
     # Uploads stream their bodies to disk; every other body is small JSON.
     unlimited = tuple(r.prefix + "/" for r in public_routers if r.prefix)
     app.add_middleware(BodyLimit, limit=max_body_bytes, unlimited_prefixes=unlimited)

@@ -108,13 +108,15 @@ def decide_primary(
 def desired_work(
     mode: str, servers: Sequence[str], live: set[str], synchronized: set[str], primary: str | None
 ) -> dict[str, list[str]]:
-    """Which work units each server should run (the table in DESIGN.md)."""
+    """Which work units each server should run (the table in DESIGN.md). A server consumes
+    no events until it is synchronized (a server that starts or comes back waits for its
+    sync, as the reference's transaction manager does), whatever the mode."""
     work: dict[str, list[str]] = {server: [] for server in servers}
     for server in servers:
         ready = server in live and server in synchronized
-        if mode == "active_active" and ready or mode == "passive" and server == primary:
+        if ready and (mode == "active_active" or mode == "passive" and server == primary):
             work[server].append(WORK_EVENTS)
-        elif mode == "passive_legacy" and server in live:
+        elif ready and mode == "passive_legacy":
             # Every TM listens on its own node-local queue; only the primary gets traffic.
             work[server].append(WORK_EVENTS_LOCAL)
         if server == primary:

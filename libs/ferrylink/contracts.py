@@ -414,9 +414,19 @@ class Assignment(Contract):
 
 
 class ConfigChanged(Contract):
-    """The configuration changed; the database holds it (receivers re-read the version)."""
+    """The configuration changed; the database holds it (receivers reload it).
+
+    A dynamic change (`full_sync` false) is applied by every process that is synchronized
+    already; a process that started or came back waits for a full sync (`full_sync` true,
+    from `POST /cluster/sync` or the coordinator leader), addressed to `nodes` (empty: all).
+    """
 
     version: int = 0
+    full_sync: bool = False
+    nodes: list[str] = Field(default_factory=list)
+
+    def addressed_to(self, node: str) -> bool:
+        return not self.nodes or node in self.nodes
 
 
 # --------------------------------------------------------------------------------------------

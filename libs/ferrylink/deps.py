@@ -46,3 +46,16 @@ def service_dependency(kind: type[T]) -> Callable[[Request], T]:
 
     get_service.__name__ = f"get_{kind.__name__.lower()}"
     return get_service
+
+
+CommitConfigChange = Callable[[Session], int]
+
+
+def get_commit_config_change(request: Request) -> CommitConfigChange:
+    """Commit a configuration change: bump the version with it, commit, and (in a service)
+    announce it so that every process applies it at once (dynamic synchronization)."""
+    commit: CommitConfigChange = request.app.state.commit_config_change
+    return commit
+
+
+ConfigChangeDep = Annotated[CommitConfigChange, Depends(get_commit_config_change)]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
+from ferrylink.metrics import LOGIN_BANS, LOGIN_FAILURES, LOGINS_REFUSED
 from ferrylink.passwords import hash_password, verify_password
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class LoginGuard:
             ):
                 counter = table.get(key)
                 if counter and counter.banned_until > now:
+                    LOGINS_REFUSED.labels(scope=kind).inc()
                     raise LoginRefused(
                         f"too many failed logins from this {kind}; try again later",
                         counter.banned_until - now,
@@ -83,11 +85,14 @@ class LoginGuard:
         with self._lock:
             by_address = self._count(self._addresses, address, now)
             by_account = self._count(self._accounts, account, now)
+            LOGIN_FAILURES.inc()
             if len(by_address.failures) >= policy.address_threshold:
+                LOGIN_BANS.labels(scope="address").inc()
                 by_address.banned_until = now + policy.ban_seconds
                 by_address.failures.clear()
                 log.warning("login: banned address %s for %.0f s", address, policy.ban_seconds)
             if len(by_account.failures) >= policy.account_threshold:
+                LOGIN_BANS.labels(scope="account").inc()
                 by_account.banned_until = now + policy.ban_seconds
                 by_account.failures.clear()
                 log.warning("login: banned account %r for %.0f s", account, policy.ban_seconds)

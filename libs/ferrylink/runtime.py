@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from opentelemetry import context as otel_context
-from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -36,7 +36,7 @@ from sqlmodel import Session
 
 from ferrylink import outbox
 from ferrylink.api_app import build_api
-from ferrylink.config import read_config_version
+from ferrylink.config import bump_config_version, read_config_version
 from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
 from ferrylink.contracts import (
     Assignment,
@@ -44,6 +44,8 @@ from ferrylink.contracts import (
     ConfigChanged,
     Contract,
     Heartbeat,
+    RejectMessage,
+    RetryLater,
     destination,
     message_id,
     parse,
@@ -51,37 +53,70 @@ from ferrylink.contracts import (
 from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
+from ferrylink.metrics import (
+    BROKER_CONNECTED,
+    CONFIG_VERSION,
+    CONSUMERS_ACTIVE,
+    EPOCH,
+    MESSAGE_HANDLING_SECONDS,
+    MESSAGES_HANDLED,
+    PRIMARY,
+)
 from ferrylink.models import ClusterState, OutboxMessage
 from ferrylink.settings import FerrylinkSettings, redact_url
-from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
+from ferrylink.telemetry import (
+    consumer_span,
+    extract_context,
+    inject_headers,
+    instrument_http,
+    producer_span,
+    setup_logging,
+    setup_tracing,
+)
 from ferrylink.transfer_states import TransferStatePublisher
 from ferrylink.work import LoopWork, WorkFollower
 
 log = logging.getLogger(__name__)
 
-BROKER_CONNECTED = Gauge("ferrylink_broker_connected", "1 when the broker connections are up")
-CONSUMERS_ACTIVE = Gauge(
-    "ferrylink_consumer_active", "1 when the named consumer is consuming", ["consumer"]
-)
 
 M = TypeVar("M")
 Publish = Callable[[Contract], "Future[None]"]
 
 
 def typed_handler(
-    handler: Callable[[M], object], contract: type[M] | TypeAdapter[M]
+    handler: Callable[[M], object], contract: type[M] | TypeAdapter[M], consumer: str = ""
 ) -> Callable[[Delivery], None]:
     """A consumer callback that parses the contract (RejectMessage parks a bad message)
-    and runs the handler inside the trace context the message carried."""
+    and runs the handler inside the trace context the message carried, counting each
+    message's outcome and handling time under `consumer`."""
     adapter = contract if isinstance(contract, TypeAdapter) else TypeAdapter(contract)
 
     def on_delivery(delivery: Delivery) -> None:
-        message = parse(adapter, delivery.body)
-        token = otel_context.attach(extract_context(delivery.headers))
+        if not consumer:  # a broadcast (heartbeats, assignments): no span, no count
+            token = otel_context.attach(extract_context(delivery.headers))
+            try:
+                handler(parse(adapter, delivery.body))
+            finally:
+                otel_context.detach(token)
+            return
+        started = time.perf_counter()
+        outcome = "error"
         try:
-            handler(message)
+            with consumer_span(consumer, delivery.headers):
+                handler(parse(adapter, delivery.body))
+            outcome = "done"
+        except RejectMessage:
+            outcome = "rejected"
+            raise
+        except RetryLater:
+            outcome = "retry"
+            raise
         finally:
-            otel_context.detach(token)
+            if consumer:
+                MESSAGES_HANDLED.labels(consumer=consumer, outcome=outcome).inc()
+                MESSAGE_HANDLING_SECONDS.labels(consumer=consumer).observe(
+                    time.perf_counter() - started
+                )
 
     return on_delivery
 
@@ -110,7 +145,10 @@ class ServiceRuntime:
         self._outbox_relay: outbox.OutboxRelay | None = None
         # One failed-login defender a process: uploads and edge sessions share its counts.
         self.login_guard = login_guard_from(settings)
+        # The configuration version this process has applied; 0 until its first sync (a
+        # process that starts or comes back is out of sync until the cluster syncs it).
         self.config_version = 0
+        self._config_lock = threading.Lock()
         self._stopping = threading.Event()
         self._heartbeat_thread = threading.Thread(
             target=self._heartbeat_forever, name="heartbeat", daemon=True
@@ -133,7 +171,8 @@ class ServiceRuntime:
     ) -> None:
         """Consume a work queue ("events", or its dead letters "events.dead") wherever the
         coordinator assigns `unit`; `node_local` picks this server's own queue."""
-        self.consume_raw(unit, queue, typed_handler(handler, contract), node_local=node_local,
+        self.consume_raw(unit, queue, typed_handler(handler, contract, queue),
+                         node_local=node_local,
                          prefetch=prefetch, workers=workers)  # fmt: skip
 
     def consume_raw(
@@ -191,18 +230,17 @@ class ServiceRuntime:
         trace context. Heartbeats and assignments are transient and unrouted ones are fine."""
         kind, name = destination(message)
         if kind == "exchange":
+            # Cluster chatter (heartbeats every second): no spans.
             transient = not isinstance(message, ConfigChanged)
             return self.publisher.publish(
                 self.topology.exchange(name), "", message.to_bytes(), headers=inject_headers(),
                 message_id=message_id(message), mandatory=False, persistent=not transient,
             )  # fmt: skip
-        return self.publisher.publish(
-            "",
-            self._work_queue(name),
-            message.to_bytes(),
-            headers=inject_headers(),
-            message_id=message_id(message),
-        )
+        with producer_span(name, message_id(message)) as headers:
+            return self.publisher.publish(
+                "", self._work_queue(name), message.to_bytes(), headers=headers,
+                message_id=message_id(message),
+            )  # fmt: skip
 
     def publish_all(self, messages: Iterable[Contract], timeout: float = 30.0) -> None:
         """Publish pipelined, then wait for every confirm (raises if one is not confirmed)."""
@@ -212,8 +250,10 @@ class ServiceRuntime:
         """Add `message` to the caller's transaction (the outbox): committed with its cause,
         then `send` it; if the process dies first, the relay publishes it."""
         _kind, name = destination(message)
-        return outbox.stage(session, self._work_queue(name), message.to_bytes(),
-                            message_id(message), inject_headers())  # fmt: skip
+        # The PRODUCER span is now: the relay may publish it later, in this trace anyway.
+        with producer_span(name, message_id(message)) as headers:
+            return outbox.stage(session, self._work_queue(name), message.to_bytes(),
+                                message_id(message), headers)  # fmt: skip
 
     def send(self, rows: Sequence[OutboxMessage], timeout: float = 30.0) -> None:
         """Publish committed outbox rows, wait for the confirms, delete the rows."""
@@ -251,6 +291,32 @@ class ServiceRuntime:
         """Tell every service that the configuration changed (they re-read the database)."""
         self.publish(ConfigChanged(version=read_config_version(self.engine))).result(10)
 
+    def commit_config_change(self, session: Session) -> int:
+        """A configuration change in `session`: bump the version with it, commit, tell every
+        service (dynamic synchronization). Returns the new version."""
+        version = bump_config_version(session)
+        session.commit()
+        self.announce_config_change()
+        return version
+
+    def request_sync(self, nodes: Sequence[str] = ()) -> int:
+        """Make the processes of `nodes` (all when empty) reload the whole configuration
+        (a full sync); returns the version they should report."""
+        version = read_config_version(self.engine)
+        self.publish(ConfigChanged(version=version, full_sync=True, nodes=list(nodes))).result(10)
+        return version
+
+    def apply_config(self) -> int:
+        """Take the database's configuration and report its version from now on. Services
+        read their configuration (routes, accounts, jobs, watches, endpoints) from the
+        shared database when they use it, so applying keeps no copy; what it decides is
+        whether this process may say it runs the current version."""
+        with self._config_lock:
+            version = read_config_version(self.engine)
+            self.config_version = version
+            CONFIG_VERSION.set(version)
+            return version
+
     def queue_depths(self, queues: Sequence[str], node: str | None = None) -> dict[str, int]:
         """Messages waiting in the named work queues (of `node` when given: node-local)."""
         names = {
@@ -269,7 +335,6 @@ class ServiceRuntime:
             ", ".join(redact_url(u) for u in self.settings.amqp_urls),
         )
         create_tables(self.engine)
-        self.config_version = read_config_version(self.engine)
         self.publisher.start()
         if self._transfer_states is not None:
             self._transfer_states.publisher.start()
@@ -297,8 +362,16 @@ class ServiceRuntime:
             "broker_consumers": self.consumers.connected,
             "database": database_works(self.engine),
         }
-        BROKER_CONNECTED.set(1 if checks["broker_publisher"] and checks["broker_consumers"] else 0)
+        self._update_gauges()
         return checks
+
+    def _update_gauges(self) -> None:
+        """The gauges that follow this process's state (every heartbeat, and on /readyz)."""
+        BROKER_CONNECTED.set(1 if self.publisher.connected and self.consumers.connected else 0)
+        status = self.follower.status()
+        if status["epoch"] is not None:
+            EPOCH.set(status["epoch"])
+        PRIMARY.set(1 if status["primary"] == self.settings.node_id else 0)
 
     def _on_consumers_changed(self, active: set[str]) -> None:
         for name in self.consumers.registered():
@@ -306,9 +379,15 @@ class ServiceRuntime:
 
     # -- following the coordinator --------------------------------------------------------------
 
-    def _on_config_change(self, _change: ConfigChanged) -> None:
-        # The database holds the truth; the message only says when to look.
-        self.config_version = read_config_version(self.engine)
+    def _on_config_change(self, change: ConfigChanged) -> None:
+        # The database holds the truth; the message says when to look. A process that was
+        # never synchronized (or fell behind) waits for a full sync addressed to it.
+        if change.full_sync:
+            if change.addressed_to(self.settings.node_id):
+                log.info("full sync: reloading the configuration (version %s)", change.version)
+                self.apply_config()
+        elif self.config_version > 0:
+            self.apply_config()
 
     def _fetch_assignment(self) -> None:
         """Read the current assignment from the shared database (where the coordinator
@@ -335,14 +414,11 @@ class ServiceRuntime:
 
     def _heartbeat_forever(self) -> None:
         while not self._stopping.is_set():
+            self._update_gauges()
             if self.publisher.connected:
-                # A config message may have been missed while disconnected: re-read the
-                # version (one cheap query), so "synchronized" never sticks at a stale value.
-                try:
-                    self.config_version = read_config_version(self.engine)
-                except Exception as exc:
-                    log.warning("cannot read the configuration version: %s", exc)
-                # Not waited for: a lost heartbeat is replaced by the next one.
+                # The version reported is the one applied: a change missed while cut off
+                # shows this process out of sync until a full sync reloads it. Not waited
+                # for: a lost heartbeat is replaced by the next one.
                 self.publish(self.heartbeat())
             self._stopping.wait(self.settings.heartbeat_interval)
 
@@ -418,6 +494,7 @@ def create_app(
         login_guard=runtime.login_guard,
     )
     app.state.runtime = runtime
+    app.state.commit_config_change = runtime.commit_config_change
     return app
 
 
@@ -437,7 +514,8 @@ def login_guard_from(settings: FerrylinkSettings) -> LoginGuard:
 def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:
     """Run the app on uvicorn in the foreground until SIGINT/SIGTERM."""
     setup_logging(service_name, settings.node_id, settings.log_level)
-    setup_tracing(service_name, settings.node_id, settings.otlp_endpoint)
+    if setup_tracing(service_name, settings.node_id, settings.otlp_endpoint):
+        instrument_http(app)
     uvicorn.run(
         app,
         host=settings.http_host,

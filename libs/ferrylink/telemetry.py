@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from opentelemetry import context, propagate, trace
@@ -13,17 +16,102 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
+TRACER_NAME = "ferrylink"
+# Standard variables that turn span export on (OTLP/HTTP); read by the exporter itself.
+OTLP_ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 
-def setup_tracing(service_name: str, node_id: str, otlp_endpoint: str = "") -> TracerProvider:
-    """Install a tracer provider; spans go to `otlp_endpoint` (OTLP/HTTP) when it is set."""
-    resource = Resource.create({"service.name": service_name, "service.instance.id": node_id})
-    provider = TracerProvider(resource=resource)
-    if otlp_endpoint:
+
+def setup_tracing(service_name: str, node_id: str, otlp_endpoint: str = "") -> bool:
+    """Install a tracer provider, configured by the standard `OTEL_*` variables: spans are
+    exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT` (or the older
+    FERRYLINK_OTLP_ENDPOINT) is set and `OTEL_TRACES_EXPORTER` is not `none`;
+    `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER` and `OTEL_BSP_*`
+    apply as usual. Returns whether spans are exported (then instrument the app too)."""
+    attributes = {"service.instance.id": node_id}
+    if not os.environ.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = service_name
+    provider = TracerProvider(resource=Resource.create(attributes))
+    exporting = os.environ.get("OTEL_TRACES_EXPORTER", "otlp") != "none" and bool(
+        otlp_endpoint or any(os.environ.get(v) for v in OTLP_ENDPOINT_VARIABLES)
+    )
+    if exporting:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint or None)  # None: from OTEL_*
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
-    return provider
+    return exporting
+
+
+def instrument_http(app: Any | None = None) -> None:
+    """The official instrumentations: incoming requests of `app` (FastAPI: SERVER spans with
+    http.* attributes, W3C context extracted) and every httpx client (CLIENT spans, context
+    injected: partner pushes, tracking deliveries). Imported only when spans are exported:
+    they cost memory in every process."""
+    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+    HTTPXClientInstrumentor().instrument()
+    if app is not None:
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics,work")
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def messaging_attributes(destination: str, operation: str, message_id: str = "") -> dict[str, Any]:
+    """OpenTelemetry's messaging semantic conventions for a RabbitMQ message."""
+    attributes: dict[str, Any] = {
+        "messaging.system": "rabbitmq",
+        "messaging.destination.name": destination,
+        "messaging.operation.type": operation,
+        "messaging.operation.name": operation,
+    }
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    return attributes
+
+
+@contextmanager
+def producer_span(destination: str, message_id: str) -> Iterator[dict[str, Any]]:
+    """A PRODUCER span for one message; yields the headers carrying its trace context."""
+    with tracer().start_as_current_span(
+        f"send {destination}",
+        kind=trace.SpanKind.PRODUCER,
+        attributes=messaging_attributes(destination, "send", message_id),
+    ):
+        yield inject_headers()
+
+
+@contextmanager
+def consumer_span(
+    destination: str, headers: dict[str, Any], message_id: str = ""
+) -> Iterator[trace.Span]:
+    """A CONSUMER span continuing the trace the message carried; an exception escaping it
+    marks the span as an error (RetryLater is not one: recorded as an event only)."""
+    with tracer().start_as_current_span(
+        f"process {destination}",
+        context=extract_context(headers),
+        kind=trace.SpanKind.CONSUMER,
+        attributes=messaging_attributes(destination, "process", message_id),
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except Exception as exc:
+            if type(exc).__name__ == "RetryLater":
+                span.add_event("retry later", {"reason": str(exc)})
+            else:
+                mark_error(span, exc)
+            raise
+
+
+def mark_error(span: trace.Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:500]))
 
 
 def inject_headers(headers: dict[str, Any] | None = None) -> dict[str, Any]:

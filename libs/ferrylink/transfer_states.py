@@ -18,6 +18,7 @@ from prometheus_client import Counter
 
 from ferrylink.contracts import TransferState
 from ferrylink.messaging import Publisher, PublishRejected
+from ferrylink.telemetry import producer_span
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,10 @@ class TransferStatePublisher:
     def publish(self, state: TransferState) -> Future[bool]:
         outcome: Future[bool] = Future()
         queue = self.queue()
-        confirm = self.publisher.publish("", queue, state.to_bytes(), message_id=state.id)
+        with producer_span("transfer-states", state.id) as headers:
+            confirm = self.publisher.publish(
+                "", queue, state.to_bytes(), message_id=state.id, headers=headers
+            )
 
         def settle(done: Future[None]) -> None:
             error = done.exception()

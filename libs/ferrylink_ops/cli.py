@@ -144,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     failover.add_argument("--to", required=True, metavar="ID", help="server to promote")
     _state_dir_option(failover)
 
+    sync = commands.add_parser(
+        "sync", help="make every server reload the primary's configuration; show the versions"
+    )
+    sync.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                      help="seconds to wait for every server (default 30)")  # fmt: skip
+    _state_dir_option(sync)
+
     admin = commands.add_parser("admin", help="administrators: create one, issue a token")
     admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
     create = admin_commands.add_parser(
@@ -255,6 +262,13 @@ def cmd_failover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from ferrylink_ops.local_cluster import sync_cluster
+
+    _say(sync_cluster(args.state_dir.resolve(), args.timeout))
+    return 0
+
+
 def cmd_admin(args: argparse.Namespace) -> int:
     import getpass
     from datetime import timedelta
@@ -305,6 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_admin(args)
         if args.command == "failover":
             return cmd_failover(args)
+        if args.command == "sync":
+            return cmd_sync(args)
     except ClusterError as exc:
         print(f"ferrylink: error: {exc}", file=sys.stderr, flush=True)
         return 1

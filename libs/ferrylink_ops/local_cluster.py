@@ -1305,6 +1305,35 @@ def manual_failover(state_dir: Path, to: str, timeout: float = 30.0) -> str:
     raise ClusterError(f"failover refused: {refusal}" if refusal else "no coordinator answers")
 
 
+def sync_cluster(state_dir: Path, timeout: float = 30.0) -> str:
+    """Ask a live coordinator to make every server reload the whole configuration; describe
+    the version each server runs afterwards (raises when one did not get there)."""
+    doc = read_cluster_json(state_dir)
+    with httpx.Client(timeout=timeout + 10, headers=auth_headers(state_dir)) as client:
+        for server in doc.get("servers", []):
+            url = server.get("api_url")
+            if not url or server.get("state") == DOWN:
+                continue
+            try:
+                response = client.post(f"{url}/cluster/sync", params={"timeout": timeout})
+            except httpx.HTTPError:
+                continue
+            if response.status_code != 200:
+                raise ClusterError(f"sync refused: {response.text}")
+            report = response.json()
+            lines = [f"configuration version {report['config_version']}"]
+            for entry in report["servers"]:
+                synced = "synchronized" if entry["synchronized"] else "OUT OF SYNC"
+                lines.append(
+                    f"  {entry['id']}: {entry['state']}, runs version "
+                    f"{_shown(entry.get('config_version'))}, {synced}"
+                )
+            if not report["complete"]:
+                raise ClusterError("\n".join([*lines, "not every live server synchronized"]))
+            return "\n".join(lines)
+    raise ClusterError("no coordinator answers")
+
+
 # --------------------------------------------------------------------------------------------
 # The demo account: a new user can send a file the moment `ferrylink up` is ready
 # --------------------------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from ferrylink.cluster import (
     live_servers,
 )
 from ferrylink.config import read_config_version
+from ferrylink.messaging import queue_message_counts
+from ferrylink.metrics import PRIMARY_CHANGES, QUEUE_MESSAGES
 from ferrylink.models import ClusterState
 from ferrylink.runtime import ServiceRuntime
 from services.cluster_coordinator import leadership, store
@@ -54,6 +56,7 @@ class ClusterView:
 
     mode: str
     connection_timeout: float
+    auto_sync: bool
     config_version: int
     servers: list[store.ServerEntry]
     live: set[str]
@@ -77,9 +80,14 @@ class Coordinator:
         self._last_published = 0.0
         # When each server was first seen running an older configuration version.
         self._behind_since: dict[str, float] = {}
+        # When the leader last asked each server to sync by itself (auto sync).
+        self._sync_requested_at: dict[str, float] = {}
         self._started_at = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator", daemon=True)
+        self._sampler = threading.Thread(
+            target=self._sample_queues_forever, name="queue-sampler", daemon=True
+        )
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -89,10 +97,34 @@ class Coordinator:
             leadership.ensure_lease_row(session)
         self._started_at = time.time()
         self._thread.start()
+        self._sampler.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
+        self._sampler.join(5)
+
+    def _sample_queues_forever(self) -> None:
+        """The leader samples the shared work queues' depths for /metrics (one short broker
+        connection every few heartbeats; in its own thread, so a slow broker never delays
+        an assignment)."""
+        topology = self.runtime.topology
+        events = topology.queue("events")
+        queues = {
+            "events": events,
+            "events.dead": topology.dead_letter_queue(events),
+            "transfer-states": topology.queue("transfer-states"),
+        }
+        while not self._stop.wait(5 * self.settings.heartbeat_interval):
+            if not self.is_leader():
+                continue
+            try:
+                counts = queue_message_counts(self.settings.amqp_urls, list(queues.values()))
+            except Exception as exc:
+                log.info("cannot sample the queue depths: %s", exc)
+                continue
+            for label, name in queues.items():
+                QUEUE_MESSAGES.labels(queue=label).set(counts[name])
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         self.tracker.record(heartbeat, time.time())
@@ -130,11 +162,12 @@ class Coordinator:
                 live.add(server.id)
                 heard_at[server.id] = min(last_heard[service] for service in required)
                 # Every service of it runs the current configuration.
-                if self._synchronized(server.id, versions == {config_version}, now):
+                if self._synchronized(server.id, versions, config_version, now):
                     synchronized.add(server.id)
         return ClusterView(
             mode=settings.mode,
             connection_timeout=settings.connection_timeout,
+            auto_sync=settings.auto_sync,
             config_version=config_version,
             servers=servers,
             live=live,
@@ -143,13 +176,17 @@ class Coordinator:
             heard_at=heard_at,
         )
 
-    def _synchronized(self, server: str, current: bool, now: float) -> bool:
-        """A server is out of sync once it ran an older configuration for a few heartbeat
-        periods: every change is announced and re-read at once, and without this grace each
-        change would briefly take the work off every server (cancelling its consumers)."""
-        if current:
+    def _synchronized(self, server: str, versions: set[int], current: int, now: float) -> bool:
+        """A server is synchronized when every service of it runs the current configuration.
+        A service that never synced (version 0: it started or came back) makes it out of sync
+        at once; one that runs an older version does so after a few heartbeat periods: every
+        change is announced and applied at once, and without this grace each change would
+        briefly take the work off every server (cancelling its consumers)."""
+        if versions == {current}:
             self._behind_since.pop(server, None)
             return True
+        if 0 in versions:
+            return False
         since = self._behind_since.setdefault(server, now)
         return now - since < 3 * self.settings.heartbeat_interval
 
@@ -232,6 +269,7 @@ class Coordinator:
                 state.epoch += 1
             if primary_changed:
                 log.warning("primary %s -> %s: %s", current, decision_primary, reason)
+                PRIMARY_CHANGES.inc()
                 state.primary = decision_primary
                 # Fence: the new primary starts only after every earlier assignment expired.
                 state_not_before = max(now, state.issued_until)
@@ -259,12 +297,49 @@ class Coordinator:
             session.add(state)
             session.commit()  # the renewal and the decision count from here on
         self.last_decision_reason = reason
+        if view.auto_sync:
+            self._sync_servers_behind(view, now)
         changed = self.last_assignment is None or self._differs(self.last_assignment, assignment)
         self.last_assignment = assignment
         if changed or now - self._last_published >= self.settings.heartbeat_interval:
             self._last_published = now
             return assignment
         return None
+
+    def _sync_servers_behind(self, view: ClusterView, now: float) -> None:
+        """Auto sync: a live server out of sync (it started, came back or missed a change)
+        is told to reload the whole configuration, at most once every few heartbeats."""
+        behind = [
+            s.id
+            for s in view.servers
+            if s.id in view.live
+            and s.id not in view.synchronized
+            and now - self._sync_requested_at.get(s.id, 0.0) >= 3 * self.settings.heartbeat_interval
+        ]
+        if behind:
+            log.info("auto sync of %s to configuration version %s", behind, view.config_version)
+            for server in behind:
+                self._sync_requested_at[server] = now
+            self.runtime.request_sync(behind)
+
+    def sync(self, timeout: float) -> tuple[int, bool]:
+        """Manual sync: every server reloads the whole configuration; waits (up to
+        `timeout`) until every live server reports the current version. Returns the version
+        and whether every live server reached it."""
+        version = self.runtime.request_sync()
+        deadline = time.monotonic() + timeout
+        while True:
+            with Session(self.runtime.engine) as session:
+                view = self.view(session, time.time())
+            if all(
+                service["config_version"] == version
+                for server in view.live
+                for service in view.services[server].values()
+            ):
+                return version, True
+            if time.monotonic() >= deadline:
+                return version, False
+            time.sleep(0.1)
 
     def _grant_expiry(
         self, view: ClusterView, primary: str | None, lease_expiry: float, now: float

@@ -1,7 +1,8 @@
 """The cluster configuration the coordinator owns: the servers list and the cluster settings.
 
 Both live in the shared database; every change bumps the configuration version (see
-`ferrylink.config`) and is announced on the `config` exchange by the caller.
+`ferrylink.config`) and is announced on the `config` exchange: the caller does both
+(`ServiceRuntime.commit_config_change`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 MODE_KEY = "cluster.mode"
 TIMEOUT_KEY = "cluster.connection_timeout"
 FAILOVER_REQUEST_KEY = "cluster.failover_request"
+AUTO_SYNC_KEY = "cluster.auto_sync"
 SERVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -40,6 +42,9 @@ class ServerEntry:
 class ClusterSettings:
     mode: str
     connection_timeout: float
+    # The leader syncs a server that starts or comes back by itself; off, an operator runs
+    # `ferrylink sync` (the reference's manual synchronization).
+    auto_sync: bool = True
 
 
 def parse_servers_file(text: str) -> list[ServerEntry]:
@@ -91,13 +96,12 @@ def read_servers(session: Session) -> list[ServerEntry]:
     return [ServerEntry(row.id, row.api_url) for row in rows]
 
 
-def write_servers(session: Session, entries: list[ServerEntry]) -> int:
-    """Replace the servers list; returns the new configuration version (not committed)."""
+def write_servers(session: Session, entries: list[ServerEntry]) -> None:
+    """Replace the servers list (not committed; the caller bumps the version)."""
     validate_servers(entries)
     session.exec(delete(ClusterServer))
     for position, entry in enumerate(entries):
         session.add(ClusterServer(id=entry.id, position=position, api_url=entry.api_url))
-    return bump_config_version(session)
 
 
 def read_setting(session: Session, key: str) -> str | None:
@@ -115,14 +119,19 @@ def put_setting(session: Session, key: str, value: str) -> None:
 def read_settings(session: Session, default: ClusterSettings) -> ClusterSettings:
     mode = read_setting(session, MODE_KEY) or default.mode
     timeout = read_setting(session, TIMEOUT_KEY)
-    return ClusterSettings(mode, float(timeout) if timeout else default.connection_timeout)
+    auto_sync = read_setting(session, AUTO_SYNC_KEY)
+    return ClusterSettings(
+        mode,
+        float(timeout) if timeout else default.connection_timeout,
+        default.auto_sync if auto_sync is None else auto_sync == "true",
+    )
 
 
-def write_settings(session: Session, settings: ClusterSettings, lease_seconds: float) -> int:
+def write_settings(session: Session, settings: ClusterSettings, lease_seconds: float) -> None:
     validate_settings(settings.mode, settings.connection_timeout, lease_seconds)
     put_setting(session, MODE_KEY, settings.mode)
     put_setting(session, TIMEOUT_KEY, repr(settings.connection_timeout))
-    return bump_config_version(session)
+    put_setting(session, AUTO_SYNC_KEY, "true" if settings.auto_sync else "false")
 
 
 def seed(session: Session, servers_file: Path, node_id: str, default: ClusterSettings) -> None:
@@ -138,6 +147,7 @@ def seed(session: Session, servers_file: Path, node_id: str, default: ClusterSet
                     "no servers file at %s; the servers list is just %s", servers_file, node_id
                 )
             write_servers(session, entries)
+            bump_config_version(session)
         if read_setting(session, MODE_KEY) is None:
             put_setting(session, MODE_KEY, default.mode)
             put_setting(session, TIMEOUT_KEY, repr(default.connection_timeout))

@@ -31,6 +31,7 @@ from ferrylink.edge_wire import (
     encode_frame,
     set_keepalive,
 )
+from ferrylink.telemetry import inject_headers
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ class BackendConnection:
         request_id = self._next_id
         self._next_id += 1
         meta["id"] = request_id
+        meta.update(inject_headers())  # W3C trace context: the TM continues this trace
         future: asyncio.Future[tuple[dict[str, Any], bytes]] = (
             asyncio.get_running_loop().create_future()
         )

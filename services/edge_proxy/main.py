@@ -24,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
-from ferrylink.telemetry import setup_logging
+from ferrylink.telemetry import instrument_http, setup_logging, setup_tracing
 from services.edge_proxy.backends import BackendHub
 from services.edge_proxy.https_api import router as files_router
 from services.edge_proxy.keys import ensure_host_key, ensure_tls
@@ -82,7 +82,7 @@ def partner_app(hub: BackendHub) -> FastAPI:
     return app
 
 
-async def run(settings: Settings) -> None:
+async def run(settings: Settings, tracing: bool = False) -> None:
     if not settings.edge_secret:
         raise SystemExit("FERRYLINK_EDGE_SECRET is required (the backends present it)")
     hub = BackendHub(settings.edge_id, settings.edge_secret, settings.backend_wait)
@@ -94,8 +94,11 @@ async def run(settings: Settings) -> None:
                            settings.login_timeout)  # fmt: skip
     common: dict[str, Any] = {"log_config": None, "access_log": False,
                               "timeout_graceful_shutdown": 5}  # fmt: skip
+    partners = partner_app(hub)
+    if tracing:
+        instrument_http(partners)  # every partner request: a SERVER span, its trace's root
     servers = [
-        _Server(uvicorn.Config(partner_app(hub), host=settings.listen_host,
+        _Server(uvicorn.Config(partners, host=settings.listen_host,
                                port=settings.https_port, ssl_certfile=str(cert),
                                ssl_keyfile=str(key), **common)),
         _Server(uvicorn.Config(admin_app(hub, settings), host=settings.http_host,
@@ -124,7 +127,9 @@ async def run(settings: Settings) -> None:
 def main() -> None:
     settings = Settings()
     setup_logging(SERVICE_NAME, settings.edge_id, settings.log_level)
-    asyncio.run(run(settings))
+    asyncio.run(
+        run(settings, setup_tracing(SERVICE_NAME, settings.edge_id, settings.otlp_endpoint))
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from sqlmodel import Session
 
 from ferrylink.contracts import WORK_SENTINEL_LINK, ClusterMode, TransferState
 from ferrylink.db import create_tables, make_engine
+from ferrylink.metrics import SENTINEL_BACKLOG
 from ferrylink.models import ClusterSetting
 from ferrylink.runtime import ServiceRuntime, create_app, serve
 from services.sentinel_link.api import endpoints, link
@@ -62,6 +63,10 @@ def build(settings: Settings) -> SentinelLink:
     store = LinkStore(runtime.engine, link_engine)
 
     def report_undelivered() -> None:
+        names = {e.id: e.name for e in store.endpoints()}
+        for endpoint_id, status in store.status().items():
+            if endpoint_id in names:
+                SENTINEL_BACKLOG.labels(endpoint=names[endpoint_id]).set(status["backlog"])
         if not legacy:
             return  # shared link data: a failover loses nothing
         with Session(runtime.engine) as session:

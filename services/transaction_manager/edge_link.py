@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from opentelemetry import trace
 from sqlmodel import Session
 
 from ferrylink.contracts import FileArrived
@@ -58,6 +59,7 @@ from ferrylink.edge_wire import (
 from ferrylink.login_guard import LoginRefused
 from ferrylink.models import Account
 from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.telemetry import extract_context, tracer
 from services.transaction_manager.api import TransactionManager
 from services.transaction_manager.logins import check_token, issue_token, verify_login
 from services.transaction_manager.transfer_log import FAILED, RECEIVED, RECEIVING
@@ -127,6 +129,19 @@ class EdgeSession:
 
     def _handle(self, meta: dict[str, Any], data: bytes) -> None:
         op = str(meta.get("op", ""))
+        if "traceparent" not in meta or op == "write":
+            self._handle_op(op, meta, data)
+            return
+        # The edge's request carries its trace: the session's work continues it (one
+        # upload is one trace from the edge to delivery).
+        with tracer().start_as_current_span(
+            f"edge {op}", context=extract_context(meta), kind=trace.SpanKind.SERVER,
+            attributes={"ferrylink.edge": self.edge, "ferrylink.protocol": self.protocol,
+                        "ferrylink.edge.op": op},
+        ):  # fmt: skip
+            self._handle_op(op, meta, data)
+
+    def _handle_op(self, op: str, meta: dict[str, Any], data: bytes) -> None:
         try:
             handler = getattr(self, f"op_{op}", None)
             if handler is None:

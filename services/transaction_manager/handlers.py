@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import assert_never
 
@@ -28,6 +29,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from ferrylink.clock import as_utc
 from ferrylink.contracts import (
     Event,
     FileArrived,
@@ -38,6 +40,7 @@ from ferrylink.contracts import (
 )
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
+from ferrylink.metrics import EVENT_LATENCY_SECONDS
 from ferrylink.models import ProcessedEvent
 from services.transaction_manager import claims
 from services.transaction_manager.routing import RouteRunner
@@ -86,7 +89,14 @@ class EventHandler:
             span.set_attribute("ferrylink.event_id", event.id)
             span.set_attribute("ferrylink.event_kind", event.kind)
             span.set_attribute("ferrylink.cycle_id", event.cycle_id)
-            done = self._claimed(event)
+            try:
+                done = self._claimed(event)
+            except RejectMessage as exc:
+                span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:500]))
+                raise
+        if done:
+            latency = (datetime.now(UTC) - as_utc(event.created_at)).total_seconds()
+            EVENT_LATENCY_SECONDS.labels(kind=event.kind).observe(max(0.0, latency))
         fault_point("after-commit-before-ack")
         return done
 

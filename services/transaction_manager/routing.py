@@ -37,6 +37,7 @@ from sqlmodel import Session, col, select
 
 from ferrylink.contracts import FileArrived, RejectMessage, RetryLater, StepRunStatus
 from ferrylink.faults import fault_point
+from ferrylink.metrics import PUSH_SECONDS, STEP_SECONDS, TRANSFER_FAILURES
 from ferrylink.models import (
     Account,
     Partner,
@@ -46,6 +47,7 @@ from ferrylink.models import (
     Transfer,
 )
 from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.telemetry import mark_error, tracer
 from services.transaction_manager import claims
 from services.transaction_manager.steps import (
     STEPS,
@@ -133,6 +135,7 @@ class RouteRunner:
                 file_name=event.path, bytes=_size(source, event.size),
             )  # fmt: skip
             states = _States(self.log, session, event.id, owner, self.claim_seconds)
+            failed_step = ""
             states.stage(f"{event.id}:receive", RECEIVED, leg="receive", direction="inbound",
                          protocol=event.protocol, **common)  # fmt: skip
             route = self._route_for(session, account.name, Path(event.path).name)
@@ -147,7 +150,7 @@ class RouteRunner:
                         current = self._run_step(context, index, step, current)
                 except StepFailed as exc:
                     log.warning("transfer of %s failed: %s", event.path, exc)
-                    status, detail = FAILED, str(exc)
+                    status, detail, failed_step = FAILED, str(exc), step.kind
                 detail = "; ".join([*context.notes, detail] if detail else context.notes)
                 states.stage(f"{event.id}:route", status, leg="route", direction="internal",
                              protocol="file", detail=detail[:2000], **common)  # fmt: skip
@@ -155,6 +158,8 @@ class RouteRunner:
                                        processed_at=time.time()))  # fmt: skip
             states.commit(final=True)
         states.wait()
+        if failed_step:
+            TRANSFER_FAILURES.labels(reason=failed_step).inc()
         return True
 
     @staticmethod
@@ -169,6 +174,31 @@ class RouteRunner:
     # -- steps ---------------------------------------------------------------------------------
 
     def _run_step(self, context: _Context, index: int, step: Step, current: Path) -> Path:
+        started = time.perf_counter()
+        outcome = "failed"
+        with tracer().start_as_current_span(
+            f"step {step.kind}",
+            attributes={"ferrylink.step.kind": step.kind, "ferrylink.step.index": index,
+                        "ferrylink.event_id": context.event.id},
+            record_exception=False, set_status_on_exception=False,
+        ) as span:  # fmt: skip
+            try:
+                result = self._run_step_once(context, index, step, current)
+                outcome = "done"
+                return result
+            except RetryLater as exc:
+                outcome = "retry"
+                span.add_event("retry later", {"reason": str(exc)})
+                raise
+            except Exception as exc:
+                mark_error(span, exc)  # the failed step shows as an error in the trace
+                raise
+            finally:
+                STEP_SECONDS.labels(step=step.kind, outcome=outcome).observe(
+                    time.perf_counter() - started
+                )
+
+    def _run_step_once(self, context: _Context, index: int, step: Step, current: Path) -> Path:
         event = context.event
         run = context.session.get(StepRun, (event.id, index))
         if run is not None and run.status == StepRunStatus.DONE:
@@ -318,7 +348,14 @@ class RouteRunner:
                 # Pushed before a crash (or a lost confirm): recognised, not sent again.
                 states.stage(leg_key, SENT, **{**leg, "bytes": plan["size"], "detail": ""})
                 return
-            sent = partners.push_file(partner, current, plan["remote_name"])
+            pushing, outcome = time.perf_counter(), "failed"
+            try:
+                sent = partners.push_file(partner, current, plan["remote_name"])
+                outcome = "sent"
+            finally:
+                PUSH_SECONDS.labels(protocol=partner.protocol, outcome=outcome).observe(
+                    time.perf_counter() - pushing
+                )
         except partners.PartnerError as exc:
             if exc.retryable:
                 self._retry_or_fail(context, index, step.retry, plan, str(exc))

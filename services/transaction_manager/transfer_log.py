@@ -16,6 +16,7 @@ from sqlmodel import Session, select
 
 from ferrylink.clock import as_utc, utcnow
 from ferrylink.contracts import FINAL_TRANSFER_STATUSES, TransferState, TransferStatus
+from ferrylink.metrics import BYTES_RECEIVED, BYTES_SENT, FILES_RECEIVED, FILES_SENT
 from ferrylink.models import Transfer
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,17 @@ RECEIVING, RECEIVED, ROUTED = (
     TransferStatus.ROUTED,
 )
 SENDING, SENT, FAILED = TransferStatus.SENDING, TransferStatus.SENT, TransferStatus.FAILED
+
+
+def count(leg: Transfer) -> None:
+    """Files and bytes received and sent, once per committed state change."""
+    protocol = leg.protocol or "unknown"
+    if leg.status == RECEIVED:
+        FILES_RECEIVED.labels(protocol=protocol).inc()
+        BYTES_RECEIVED.labels(protocol=protocol).inc(leg.bytes or 0)
+    elif leg.status == SENT:
+        FILES_SENT.labels(protocol=protocol).inc()
+        BYTES_SENT.labels(protocol=protocol).inc(leg.bytes or 0)
 
 
 class TransferLog:
@@ -69,8 +81,9 @@ class TransferLog:
         return leg
 
     def publish(self, leg: Transfer) -> Future[Any]:
-        """Announce a committed leg state. The future resolves on the broker's answer (a full
-        transfer-states queue drops and counts the state, never waited for)."""
+        """Announce a committed leg state (and count it). The future resolves on the broker's
+        answer (a full transfer-states queue drops and counts the state, never waited for)."""
+        count(leg)
         # At least once: the sentinel link drops repeats by the state's id (leg key, state).
         return self._publish(
             TransferState(

@@ -48,6 +48,7 @@ SAMPLES: list[Contract] = [
     Assignment(epoch=2, mode=ClusterMode.PASSIVE, leader="st1", primary="st1",
                work={"st1": ["scheduler.jobs"]}, issued_at=1.0, not_before=1.0, expires_at=9.0),
     ConfigChanged(version=7),
+    ConfigChanged(version=8, full_sync=True, nodes=["st2"]),
 ]  # fmt: skip
 
 
@@ -112,6 +113,7 @@ def test_destinations() -> None:
         ("queue", "transfer-states"),
         ("exchange", "heartbeats"),
         ("exchange", "assignments"),
+        ("exchange", "config"),
         ("exchange", "config"),
     ]
 

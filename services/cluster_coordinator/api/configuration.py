@@ -25,6 +25,10 @@ class ServersIn(BaseModel):
 class SettingsIn(BaseModel):
     mode: str | None = Field(default=None, examples=["passive"])
     connection_timeout: float | None = Field(default=None, gt=0, examples=[5.0])
+    auto_sync: bool | None = Field(
+        default=None,
+        description="Sync a server that starts or comes back by itself (else: POST /cluster/sync).",
+    )
 
 
 @router.put("/servers", response_model=ClusterStatus, summary="Replace the ordered servers list")
@@ -34,8 +38,7 @@ def put_servers(body: ServersIn, coordinator: CoordinatorDep, session: SessionDe
         store.write_servers(session, entries)
     except store.ConfigError as exc:
         raise HTTPException(422, str(exc)) from exc
-    session.commit()
-    coordinator.runtime.announce_config_change()
+    coordinator.runtime.commit_config_change(session)
     return cluster_status(coordinator, session)
 
 
@@ -51,11 +54,11 @@ def put_settings(
             if body.connection_timeout is not None
             else current.connection_timeout
         ),
+        auto_sync=body.auto_sync if body.auto_sync is not None else current.auto_sync,
     )
     try:
         store.write_settings(session, wanted, coordinator.settings.lease_seconds)
     except store.ConfigError as exc:
         raise HTTPException(422, str(exc)) from exc
-    session.commit()
-    coordinator.runtime.announce_config_change()
+    coordinator.runtime.commit_config_change(session)
     return cluster_status(coordinator, session)

@@ -6,7 +6,7 @@ import time
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlmodel import Session
 
 from ferrylink.cluster import Assignment
@@ -25,6 +25,9 @@ class ServerStatus(BaseModel):
     state: Literal["up", "down"]
     role: Literal["primary", "secondary", "standby"]
     synchronized: bool
+    config_version: int | None = Field(
+        description="The oldest configuration version its services run (0: never synced)."
+    )
     work: list[str]
     services: dict[str, dict[str, Any]]
 
@@ -35,7 +38,9 @@ class ClusterStatus(BaseModel):
     primary: str | None
     leader: str | None
     connection_timeout: float
+    auto_sync: bool
     config_version: int
+    out_of_sync: list[str] = Field(description="Live servers not on the current configuration.")
     servers: list[ServerStatus]
 
 
@@ -60,6 +65,7 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
                 state="up" if entry.id in view.live else "down",
                 role=role,
                 synchronized=entry.id in view.synchronized,
+                config_version=_oldest_version(view.services.get(entry.id, {})),
                 work=assignment.work.get(entry.id, []) if assignment else [],
                 services=view.services.get(entry.id, {}),
             )
@@ -70,9 +76,16 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
         primary=state.primary,
         leader=lease.holder if lease and lease.expires_at > now else None,
         connection_timeout=view.connection_timeout,
+        auto_sync=view.auto_sync,
         config_version=view.config_version,
+        out_of_sync=[s.id for s in view.servers if s.id in view.live - view.synchronized],
         servers=servers,
     )
+
+
+def _oldest_version(services: dict[str, dict[str, Any]]) -> int | None:
+    versions = [int(s["config_version"]) for s in services.values()]
+    return min(versions) if versions else None
 
 
 def _assignment_from(state: ClusterState) -> Assignment | None:

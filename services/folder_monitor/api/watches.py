@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func
 from sqlmodel import Session, col, delete, select
 
-from ferrylink.deps import SessionDep
+from ferrylink.deps import CommitConfigChange, ConfigChangeDep, SessionDep
 from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, relative_to
 from services.folder_monitor.api.deps import StoreDep
@@ -91,7 +91,9 @@ def list_watches(session: SessionDep) -> list[WatchOut]:
 
 
 @router.post("", status_code=201, summary="Watch a folder (422 with the reason if refused)")
-def create_watch(body: WatchIn, store: StoreDep, session: SessionDep) -> WatchOut:
+def create_watch(
+    body: WatchIn, store: StoreDep, session: SessionDep, commit: ConfigChangeDep
+) -> WatchOut:
     account = session.get(Account, body.account)
     if account is None:
         raise HTTPException(422, f"unknown account {body.account!r}")
@@ -107,7 +109,7 @@ def create_watch(body: WatchIn, store: StoreDep, session: SessionDep) -> WatchOu
         enabled=body.enabled,
     )  # fmt: skip
     session.add(watch)
-    session.commit()
+    commit(session)
     session.refresh(watch)
     return _out(watch, {})
 
@@ -117,31 +119,33 @@ def get_watch(watch_id: int, session: SessionDep) -> WatchOut:
     return _out(_get(session, watch_id), _counts(session, watch_id))
 
 
-def _set_enabled(session: Session, watch_id: int, enabled: bool) -> WatchOut:
+def _set_enabled(
+    session: Session, commit: CommitConfigChange, watch_id: int, enabled: bool
+) -> WatchOut:
     watch = _get(session, watch_id)
     watch.enabled = enabled
     session.add(watch)
-    session.commit()
+    commit(session)
     session.refresh(watch)
     return _out(watch, _counts(session, watch_id))
 
 
 @router.post("/{watch_id}/pause", summary="Stop polling the folder (its state is kept)")
-def pause_watch(watch_id: int, session: SessionDep) -> WatchOut:
-    return _set_enabled(session, watch_id, False)
+def pause_watch(watch_id: int, session: SessionDep, commit: ConfigChangeDep) -> WatchOut:
+    return _set_enabled(session, commit, watch_id, False)
 
 
 @router.post(
     "/{watch_id}/resume",
     summary="Poll the folder again; files added or changed meanwhile are picked up then",
 )
-def resume_watch(watch_id: int, session: SessionDep) -> WatchOut:
-    return _set_enabled(session, watch_id, True)
+def resume_watch(watch_id: int, session: SessionDep, commit: ConfigChangeDep) -> WatchOut:
+    return _set_enabled(session, commit, watch_id, True)
 
 
 @router.delete("/{watch_id}", status_code=204, summary="Stop watching and forget its state")
-def delete_watch(watch_id: int, session: SessionDep) -> Response:
+def delete_watch(watch_id: int, session: SessionDep, commit: ConfigChangeDep) -> Response:
     session.delete(_get(session, watch_id))
     session.exec(delete(WatchedFile).where(col(WatchedFile.watch_id) == watch_id))
-    session.commit()
+    commit(session)
     return Response(status_code=204)

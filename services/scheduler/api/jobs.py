@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
-from ferrylink.deps import SessionDep
+from ferrylink.deps import CommitConfigChange, ConfigChangeDep, SessionDep
 from ferrylink.models import JobRun, ScheduledJob
 from services.scheduler.api.deps import StoreDep
 from services.scheduler.jobs import (
@@ -135,7 +135,9 @@ def list_jobs(session: SessionDep) -> list[JobOut]:
 
 
 @router.post("", status_code=201, summary="Create a job (422 with the reason if refused)")
-def create_job(body: JobIn, store: StoreDep, session: SessionDep) -> JobOut:
+def create_job(
+    body: JobIn, store: StoreDep, session: SessionDep, commit: ConfigChangeDep
+) -> JobOut:
     now = datetime.now(UTC).replace(microsecond=0)
     # Whole seconds, so interval fire times (and the run keys) are whole seconds too.
     start_at = as_utc(body.start_at or now).replace(microsecond=0)
@@ -157,7 +159,7 @@ def create_job(body: JobIn, store: StoreDep, session: SessionDep) -> JobOut:
     )  # fmt: skip
     session.add(job)
     try:
-        session.commit()
+        commit(session)
     except IntegrityError as exc:
         raise HTTPException(409, f"a job named {body.name!r} exists already") from exc
     session.refresh(job)
@@ -183,7 +185,9 @@ def list_runs(
     return [_run_out(run) for run in runs]
 
 
-def _set_enabled(session: Session, job_id: int, enabled: bool) -> JobOut:
+def _set_enabled(
+    session: Session, commit: CommitConfigChange, job_id: int, enabled: bool
+) -> JobOut:
     job = _get(session, job_id)
     if job.enabled != enabled:
         job.enabled = enabled
@@ -191,27 +195,27 @@ def _set_enabled(session: Session, job_id: int, enabled: bool) -> JobOut:
         # Resumed: fire times that passed while paused do not run.
         job.updated_at = as_utc(datetime.now(UTC).replace(microsecond=0))
         session.add(job)
-        session.commit()
+        commit(session)
         session.refresh(job)
     return _job_out(session, job)
 
 
 @router.post("/{job_id}/pause", summary="Stop running the job (its history is kept)")
-def pause_job(job_id: int, session: SessionDep) -> JobOut:
-    return _set_enabled(session, job_id, False)
+def pause_job(job_id: int, session: SessionDep, commit: ConfigChangeDep) -> JobOut:
+    return _set_enabled(session, commit, job_id, False)
 
 
 @router.post(
     "/{job_id}/resume",
     summary="Run the job again from its next fire time (missed ones while paused do not run)",
 )
-def resume_job(job_id: int, session: SessionDep) -> JobOut:
-    return _set_enabled(session, job_id, True)
+def resume_job(job_id: int, session: SessionDep, commit: ConfigChangeDep) -> JobOut:
+    return _set_enabled(session, commit, job_id, True)
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete the job and its run history")
-def delete_job(job_id: int, session: SessionDep) -> Response:
+def delete_job(job_id: int, session: SessionDep, commit: ConfigChangeDep) -> Response:
     session.delete(_get(session, job_id))
     session.exec(delete(JobRun).where(col(JobRun.job_id) == job_id))
-    session.commit()
+    commit(session)
     return Response(status_code=204)

@@ -17,7 +17,6 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
-from ferrylink.config import bump_config_version
 from ferrylink.models import SentinelEndpoint
 from services.sentinel_link.api.deps import RuntimeDep, SessionDep, StoreDep
 
@@ -87,9 +86,7 @@ def _out(endpoint: SentinelEndpoint, status: dict[str, Any] | None) -> EndpointO
 
 
 def _changed(runtime: RuntimeDep, session: SessionDep) -> None:
-    bump_config_version(session)
-    session.commit()
-    runtime.announce_config_change()
+    runtime.commit_config_change(session)
 
 
 def _get(session: SessionDep, name: str) -> SentinelEndpoint:

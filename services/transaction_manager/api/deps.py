@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import Depends
 from sqlmodel import Session
 
-from ferrylink.config import bump_config_version
 from ferrylink.deps import service_dependency
 from ferrylink.destinations import DestinationPolicy
 from ferrylink.runtime import ServiceRuntime
@@ -37,9 +36,7 @@ TMDep = Annotated[TransactionManager, Depends(get_tm)]
 
 def config_changed(tm: TransactionManager, session: Session) -> None:
     """A configuration change: bump the version with it, commit, tell every service."""
-    bump_config_version(session)
-    session.commit()
-    tm.runtime.announce_config_change()
+    tm.runtime.commit_config_change(session)
 
 
 def check_name(value: str) -> str:
