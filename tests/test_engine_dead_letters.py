@@ -37,7 +37,11 @@ def test_dead_letters_listed_small_body_apart_replay_kept(
 
         def listed() -> dict[str, Any]:
             response = httpx.get(f"{tm.url}/events/dead", timeout=10)
-            return {item["id"]: item for item in response.json()} if len(response.content) else {}
+            return (
+                {item["id"]: item for item in response.json()["items"]}
+                if len(response.content)
+                else {}
+            )
 
         def both() -> dict[str, Any] | None:
             found = listed()

@@ -118,7 +118,7 @@ def test_upload_is_routed_and_logged(make_cluster: Any, tmp_path: Path) -> None:
     escape = httpx.put(
         f"{base}/files/acme/..%2F..%2Fetc%2Fx", content=b"x", auth=("acme", "correct horse")
     )
-    assert escape.status_code == 400 and "'..'" in escape.json()["detail"]
+    assert escape.status_code == 400 and "'..'" in escape.json()["error"]["message"]
     assert not list((data_dir(cluster) / "homes").glob("*.csv"))
 
 
@@ -139,7 +139,7 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
                 ["bad-json", "v9", unknown.id, missing.id, good.id])  # fmt: skip
 
     def dead() -> dict[str, str]:
-        items = cluster.http.get(f"{base}/events/dead").json()
+        items = cluster.http.get(f"{base}/events/dead").json()["items"]
         return {i["id"]: i["reason"] for i in items} if len(items) == 4 else {}
 
     reasons = wait_until(dead, 30, "four dead letters")
@@ -159,7 +159,10 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
         replayed = cluster.http.post(f"{base}/events/dead/{event_id}/replay")
         assert replayed.status_code == 200 and replayed.json()["replayed_at"]
     wait_until(lambda: _processed(engine, [unknown.id, missing.id]) == 2, 30, "the replays")
-    assert {i["id"] for i in cluster.http.get(f"{base}/events/dead").json()} == {"bad-json", "v9"}
+    assert {i["id"] for i in cluster.http.get(f"{base}/events/dead").json()["items"]} == {
+        "bad-json",
+        "v9",
+    }
     assert cluster.http.post(f"{base}/events/dead/nothing/replay").status_code == 404
     engine.dispose()
 
@@ -240,7 +243,7 @@ def test_passive_only_the_primary_processes_events(make_cluster: Any) -> None:
     assert nodes == {"st1"}
     # The transfer log is served by the primary only.
     standby = cluster.http.get(f"{tm_url(cluster, 'st2')}/transfers")
-    assert standby.status_code == 409 and "primary (st1)" in standby.json()["detail"]
+    assert standby.status_code == 409 and "primary (st1)" in standby.json()["error"]["message"]
     engine.dispose()
 
 
@@ -275,5 +278,5 @@ def test_scheduled_maintenance_runs_through_the_transaction_manager(make_cluster
     with Session(engine) as session:
         left = set(session.exec(select(Transfer.leg_key)).all())
     assert "old" not in left and "new" in left
-    assert cluster.http.get(f"{tm_url(cluster)}/events/dead").json() == []
+    assert cluster.http.get(f"{tm_url(cluster)}/events/dead").json()["items"] == []
     engine.dispose()

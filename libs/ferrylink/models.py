@@ -286,7 +286,7 @@ class ScheduledJob(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, max_length=128)
     # pull | push | transfer_log_purge | transfer_log_archive | dead_letter_purge |
-    # temp_file_cleanup
+    # temp_file_cleanup | audit_log_purge
     kind: str = Field(max_length=32)
     cron: str | None = Field(default=None, max_length=255)
     interval_seconds: float | None = Field(default=None)

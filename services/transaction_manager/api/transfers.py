@@ -7,11 +7,11 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
-from sqlalchemy import func
 from sqlmodel import col, select
 
 from ferrylink.deps import SessionDep
 from ferrylink.models import Transfer
+from ferrylink.paging import Page, PagingDep, page_of
 from services.transaction_manager.api.deps import TMDep
 
 router = APIRouter(prefix="/transfers", tags=["transfers"])
@@ -35,19 +35,15 @@ class TransferOut(BaseModel):
     detail: str
 
 
-class TransferPage(BaseModel):
-    total: int
-    items: list[TransferOut]
-
-
 @router.get(
     "",
-    response_model=TransferPage,
+    response_model=Page[TransferOut],
     responses={409: {"description": "Not the primary: ask the primary's TM"}},
 )
 def list_transfers(
     tm: TMDep,
     session: SessionDep,
+    paging: PagingDep,
     account: str | None = None,
     status: str | None = None,
     file_name: str | None = Query(default=None, description="Substring of the file name."),
@@ -55,9 +51,7 @@ def list_transfers(
     cycle_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
-) -> TransferPage:
+) -> Page[TransferOut]:
     if not tm.serves_transfer_log.is_set:
         assignment = tm.runtime.follower.status()
         raise HTTPException(
@@ -79,12 +73,11 @@ def list_transfers(
         filters.append(col(Transfer.started_at) >= since)
     if until:
         filters.append(col(Transfer.started_at) < until)
-    total = session.exec(select(func.count()).select_from(Transfer).where(*filters)).one()
-    rows = session.exec(
-        select(Transfer).where(*filters)
+    query = (
+        select(Transfer)
+        .where(*filters)
         .order_by(col(Transfer.started_at).desc(), col(Transfer.id).desc())
-        .offset(offset).limit(limit)
-    ).all()  # fmt: skip
-    return TransferPage(total=total,
-                        items=[TransferOut.model_validate(r, from_attributes=True)
-                               for r in rows])  # fmt: skip
+    )
+    return page_of(
+        session, query, paging, lambda r: TransferOut.model_validate(r, from_attributes=True)
+    )
