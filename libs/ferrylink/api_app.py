@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ferrylink import admin_api, audit_api
 from ferrylink.admin_auth import require_admin_token
+from ferrylink.idempotency import DEFAULT_TTL, Idempotency
 from ferrylink.login_guard import LoginGuard
 
 MAX_BODY_BYTES = 1 << 20
@@ -136,6 +137,7 @@ def build_api(
     lifespan: Lifespan | None = None,
     login_guard: LoginGuard | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    idempotency_ttl: float = DEFAULT_TTL,
 ) -> FastAPI:
     app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
     # Read by the dependencies in ferrylink.deps (and only there).
@@ -145,6 +147,10 @@ def build_api(
     install_error_handlers(app)
     # Uploads stream their bodies to disk; every other body is small JSON.
     unlimited = tuple(r.prefix + "/" for r in public_routers if r.prefix)
+    # Inside the body limit (added last = outermost): retried creates and uploads act once.
+    app.add_middleware(
+        Idempotency, engine=lambda: app.state.engine, error=error_response, ttl=idempotency_ttl
+    )
     app.add_middleware(BodyLimit, limit=max_body_bytes, unlimited_prefixes=unlimited)
     # Every router a service registers is behind the admin token: one dependency, declared
     # in the OpenAPI document as the AdminToken scheme.

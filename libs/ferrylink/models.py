@@ -492,3 +492,20 @@ class AuditRecord(SQLModel, table=True):
     target: str = Field(default="", index=True, max_length=255)
     before_json: str | None = Field(default=None)
     after_json: str | None = Field(default=None)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """A request sent with an `Idempotency-Key`: its first answer, replayed to a retry with
+    the same key and body until `expires_at` (ferrylink.idempotency)."""
+
+    __tablename__ = "idempotency_record"
+
+    # SHA-256 of who asked (the Authorization header), the method, the path and the key.
+    key: str = Field(primary_key=True, max_length=64)
+    request_sha256: str = Field(default="", max_length=64)
+    # 0 while the first request is under way.
+    status: int = Field(default=0)
+    headers_json: str = Field(default="[]")
+    body: bytes = Field(default=b"")
+    created_at: float
+    expires_at: float = Field(index=True)

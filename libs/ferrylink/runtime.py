@@ -415,6 +415,7 @@ def create_app(
         public_routers=[health, *public_routers],
         lifespan=lifespan,
         login_guard=runtime.login_guard,
+        idempotency_ttl=runtime.settings.idempotency_key_hours * 3600,
     )
     app.state.runtime = runtime
     return app

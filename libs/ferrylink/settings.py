@@ -85,6 +85,9 @@ class FerrylinkSettings(BaseSettings):
         30, ge=1, description="Failed logins on one account (any address) that ban it."
     )
     login_window_seconds: float = Field(600, gt=0, description="Window failures count in.")
+    idempotency_key_hours: float = Field(
+        24, gt=0, le=24 * 30, description="How long an Idempotency-Key's answer is kept."
+    )
     login_ban_seconds: float = Field(900, gt=0, description="How long a ban lasts.")
 
     @field_validator("amqp_url")
