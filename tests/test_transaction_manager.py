@@ -241,9 +241,17 @@ def test_passive_only_the_primary_processes_events(make_cluster: Any) -> None:
     with Session(engine) as session:
         nodes = set(session.exec(select(ProcessedEvent.node_id)).all())
     assert nodes == {"st1"}
-    # The transfer log is served by the primary only.
-    standby = cluster.http.get(f"{tm_url(cluster, 'st2')}/transfers")
-    assert standby.status_code == 409 and "primary (st1)" in standby.json()["error"]["message"]
+    # The primary keeps the transfer log; the standby answers with it too (forwarded).
+    query = {"limit": 7, "offset": 3, "status": "ROUTED"}
+    primary = cluster.http.get(f"{tm_url(cluster, 'st1')}/transfers", params=query)
+    standby = cluster.http.get(f"{tm_url(cluster, 'st2')}/transfers", params=query)
+    assert primary.status_code == standby.status_code == 200, standby.text
+    assert standby.headers["x-ferrylink-served-by"] == "st1"
+    assert standby.json() == primary.json() and primary.json()["total"] == 100
+    assert len(standby.json()["items"]) == 7
+    # The standby still checks the token itself before forwarding anything.
+    anonymous = httpx.get(f"{tm_url(cluster, 'st2')}/transfers")
+    assert anonymous.status_code == 401
     engine.dispose()
 
 

@@ -509,3 +509,15 @@ class IdempotencyRecord(SQLModel, table=True):
     body: bytes = Field(default=b"")
     created_at: float
     expires_at: float = Field(index=True)
+
+
+class ServiceUrl(SQLModel, table=True):
+    """Where each service of each server answers HTTP, written by the service at start: a
+    server forwards requests only the primary can serve to the primary's service here."""
+
+    __tablename__ = "service_url"
+
+    node_id: str = Field(primary_key=True, max_length=64)
+    service: str = Field(primary_key=True, max_length=64)
+    url: str = Field(max_length=512)
+    updated_at: datetime = Field(default_factory=utcnow)

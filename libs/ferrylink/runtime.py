@@ -52,6 +52,7 @@ from ferrylink.db import create_tables, database_works, make_engine
 from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
 from ferrylink.models import ClusterState, OutboxMessage
+from ferrylink.primary_proxy import register_service_url
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import extract_context, inject_headers, setup_logging, setup_tracing
 from ferrylink.transfer_states import TransferStatePublisher
@@ -270,6 +271,8 @@ class ServiceRuntime:
         )
         create_tables(self.engine)
         self.config_version = read_config_version(self.engine)
+        register_service_url(self.engine, self.settings.node_id, self.service_name,
+                             self.settings.effective_advertise_url)  # fmt: skip
         self.publisher.start()
         if self._transfer_states is not None:
             self._transfer_states.publisher.start()

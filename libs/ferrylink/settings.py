@@ -6,6 +6,7 @@ subclassing `FerrylinkSettings`, so the prefix stays the same everywhere.
 
 from __future__ import annotations
 
+import socket
 from functools import cached_property
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class FerrylinkSettings(BaseSettings):
     )
     http_host: str = Field("127.0.0.1", description="Address the service's HTTP API binds to.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port of the service's HTTP API.")
+    advertise_url: str = Field(
+        "",
+        description="The URL other servers reach this service's API at (requests only the "
+        "primary serves are forwarded there); empty: http://<http_host or host name>:<port>.",
+    )
     prefetch: int = Field(10, ge=1, le=1000, description="Unacked messages per consumer.")
     delivery_limit: int = Field(
         100,
@@ -100,6 +106,17 @@ class FerrylinkSettings(BaseSettings):
     @cached_property
     def amqp_urls(self) -> list[str]:
         return [url.strip() for url in self.amqp_url.split(",") if url.strip()]
+
+    @property
+    def effective_advertise_url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.http_host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.http_port}"
 
     @property
     def effective_database_url(self) -> str:

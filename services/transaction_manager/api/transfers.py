@@ -5,13 +5,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 from sqlmodel import col, select
 
 from ferrylink.deps import SessionDep
 from ferrylink.models import Transfer
 from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.primary_proxy import forward_to_primary
 from services.transaction_manager.api.deps import TMDep
 
 router = APIRouter(prefix="/transfers", tags=["transfers"])
@@ -38,9 +39,11 @@ class TransferOut(BaseModel):
 @router.get(
     "",
     response_model=Page[TransferOut],
-    responses={409: {"description": "Not the primary: ask the primary's TM"}},
+    summary="The consolidated transfer log (any server answers: others ask the primary)",
+    responses={503: {"description": "No primary serves it yet"}},
 )
 def list_transfers(
+    request: Request,
     tm: TMDep,
     session: SessionDep,
     paging: PagingDep,
@@ -51,13 +54,12 @@ def list_transfers(
     cycle_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> Page[TransferOut]:
+) -> Page[TransferOut] | Response:
     if not tm.serves_transfer_log.is_set:
-        assignment = tm.runtime.follower.status()
-        raise HTTPException(
-            409, f"the consolidated transfer log is served by the primary "
-                 f"({assignment['primary'] or 'none yet'})",
-        )  # fmt: skip
+        runtime = tm.runtime
+        primary = runtime.follower.status()["primary"]
+        return forward_to_primary(request, runtime.engine, primary, runtime.settings.node_id,
+                                  runtime.service_name)  # fmt: skip
     filters: list[Any] = []
     if account:
         filters.append(Transfer.account == account)
