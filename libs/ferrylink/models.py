@@ -103,8 +103,10 @@ class Partner(SQLModel, table=True):
     host: str = Field(default="", max_length=255)
     port: int = Field(default=22)
     username: str = Field(default="", max_length=128)
-    password: str | None = Field(default=None, max_length=512)
+    # Secrets, encrypted (ferrylink.secrets_box: "fernet:..." values).
+    password: str | None = Field(default=None, max_length=1024)
     private_key: str | None = Field(default=None)
+    private_key_passphrase: str | None = Field(default=None, max_length=1024)
     remote_folder: str = Field(default="/", max_length=1024)
     # The server's public key ("ssh-ed25519 AAAA..."); required unless host key checking is
     # switched off explicitly.

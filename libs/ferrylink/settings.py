@@ -44,6 +44,12 @@ class FerrylinkSettings(BaseSettings):
         description="The URL other servers reach this service's API at (requests only the "
         "primary serves are forwarded there); empty: http://<http_host or host name>:<port>.",
     )
+    secret_key: str = Field(
+        "",
+        repr=False,
+        description="Fernet keys (comma-separated; the first encrypts, all decrypt) that "
+        "encrypt partner secrets at rest. Never logged.",
+    )
     prefetch: int = Field(10, ge=1, le=1000, description="Unacked messages per consumer.")
     delivery_limit: int = Field(
         100,

@@ -14,7 +14,9 @@ from ferrylink.deps import SessionDep
 from ferrylink.destinations import DestinationPolicy, DestinationRefused
 from ferrylink.models import Partner, Route, ScheduledJob
 from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.secrets_box import SecretError, box
 from services.transaction_manager.api.deps import TMDep, check_name, config_changed
+from services.transaction_manager.partners import load_private_key
 from services.transaction_manager.steps import STEPS, PushStep
 
 router = APIRouter(prefix="/partners", tags=["partners"])
@@ -28,6 +30,9 @@ class PartnerIn(BaseModel):
     username: str = ""
     password: str | None = Field(default=None, max_length=512)
     private_key: str | None = Field(default=None, max_length=16384)
+    private_key_passphrase: str | None = Field(
+        default=None, max_length=512, description="For an encrypted private key."
+    )
     remote_folder: str = Field(default="/", max_length=1024)
     host_key: str | None = Field(default=None, max_length=16384)
     check_host_key: bool = True
@@ -46,6 +51,7 @@ class PartnerPatch(BaseModel):
     username: str | None = None
     password: str | None = Field(default=None, max_length=512)
     private_key: str | None = Field(default=None, max_length=16384)
+    private_key_passphrase: str | None = Field(default=None, max_length=512)
     remote_folder: str | None = Field(default=None, max_length=1024)
     host_key: str | None = Field(default=None, max_length=16384)
     check_host_key: bool | None = None
@@ -83,6 +89,11 @@ def check_partner(body: PartnerIn, destinations: DestinationPolicy) -> None:
             raise HTTPException(422, "an SFTP partner needs host and username")
         if not body.password and not body.private_key:
             raise HTTPException(422, "an SFTP partner needs a password or a private key")
+        if body.private_key:
+            try:
+                load_private_key(body.private_key, body.private_key_passphrase)
+            except ValueError as exc:
+                raise HTTPException(422, f"private_key: {exc}") from None
         if body.check_host_key and not body.host_key:
             raise HTTPException(
                 422, "give the partner's host_key, or set check_host_key to false explicitly"
@@ -96,6 +107,18 @@ def check_partner(body: PartnerIn, destinations: DestinationPolicy) -> None:
             destinations.check_url(body.url)
     except DestinationRefused as exc:
         raise HTTPException(422, f"partner refused: {exc}") from exc
+
+
+SECRET_FIELDS = ("password", "private_key", "private_key_passphrase")
+
+
+def sealed(fields: dict[str, Any]) -> dict[str, Any]:
+    """The fields with their secrets encrypted for storage (ferrylink.secrets_box)."""
+    return fields | {k: box().encrypt(fields.get(k)) for k in SECRET_FIELDS if k in fields}
+
+
+def opened(fields: dict[str, Any]) -> dict[str, Any]:
+    return fields | {k: box().decrypt(fields.get(k)) for k in SECRET_FIELDS if k in fields}
 
 
 def _get(session: Session, name: str) -> Partner:
@@ -112,7 +135,7 @@ def create_partner(
     check_partner(body, tm.destinations)
     if session.get(Partner, body.name) is not None:
         raise HTTPException(409, f"partner {body.name!r} exists")
-    partner = Partner(**body.model_dump())
+    partner = Partner(**sealed(body.model_dump()))
     session.add(partner)
     audit.record(session, "partner.create", partner.name, after=partner)
     config_changed(tm, session)
@@ -139,11 +162,16 @@ def update_partner(
     before = partner.model_dump(mode="json")
     current: dict[str, Any] = {k: v for k, v in before.items() if k in PartnerIn.model_fields}
     try:
+        current = opened(current)
+    except SecretError as exc:
+        raise HTTPException(409, f"partner {name!r}: {exc}; give its secrets again") from None
+    try:
         wanted = PartnerIn(**(current | body.model_dump(exclude_unset=True)))
     except ValidationError as exc:
         raise HTTPException(422, "; ".join(str(e["msg"]) for e in exc.errors())) from None
     check_partner(wanted, tm.destinations)
-    for key, value in wanted.model_dump(exclude={"name"}).items():
+    changed = {k: v for k, v in wanted.model_dump(exclude={"name"}).items() if current[k] != v}
+    for key, value in sealed(changed).items():  # an unchanged secret keeps its ciphertext
         setattr(partner, key, value)
     session.add(partner)
     audit.record(session, "partner.update", name, before, partner)
