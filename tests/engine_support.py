@@ -32,8 +32,9 @@ from ferrylink.cluster import WORK_DEAD_LETTERS, WORK_EVENTS, WORK_TRANSFER_LOG,
 from ferrylink.contracts import FileArrived
 from ferrylink.db import create_tables, make_engine
 from ferrylink.messaging import Topology
-from ferrylink.models import Account, Partner, ProcessedEvent, Route, Transfer
+from ferrylink.models import Account, ClusterState, Partner, ProcessedEvent, Route, Transfer
 from ferrylink.passwords import hash_password
+from tests.admin_support import admin_headers
 from tests.helpers import wait_until
 
 PASSWORD = "correct horse"
@@ -59,6 +60,7 @@ class StaticCoordinator:
             issued_at=now, not_before=0, expires_at=now + 86400,
         )  # fmt: skip
         body = assignment.model_dump_json().encode()
+        self.assignment = assignment
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: object) -> None:  # noqa: A002
@@ -90,6 +92,8 @@ class Site:
     database_url: str
     coordinator: StaticCoordinator
     processes: list[TmProcess] = field(default_factory=list)
+    # An administrator token's header for the TMs' APIs (made by `setup`).
+    admin: dict[str, str] = field(default_factory=dict)
 
     @property
     def data_dir(self) -> Path:
@@ -120,7 +124,12 @@ class Site:
             for position, (pattern, steps) in enumerate(routes):
                 session.add(Route(account="acme", pattern=pattern, position=position,
                                   steps_json=json.dumps(steps)))  # fmt: skip
+            # Services start from the assignment in the shared database.
+            assignment = self.coordinator.assignment
+            session.merge(ClusterState(id=1, epoch=1, primary=assignment.primary,
+                                       assignment_json=assignment.model_dump_json()))  # fmt: skip
             session.commit()
+        self.admin = admin_headers(engine, "engine-tests")
         engine.dispose()
 
     def start_tm(self, node_id: str, fault: str | None = None, workers: int = 4,
@@ -214,7 +223,7 @@ class TmProcess:
 
     def consuming(self) -> bool:
         try:
-            work = httpx.get(f"{self.url}/work", timeout=2).json()
+            work = httpx.get(f"{self.url}/work", headers=self.site.admin, timeout=2).json()
         except (httpx.HTTPError, ValueError):
             return False
         return WORK_EVENTS in work.get("active", [])

@@ -36,23 +36,28 @@ def test_dead_letters_listed_small_body_apart_replay_kept(
         connection.close()
 
         def listed() -> dict[str, Any]:
-            response = httpx.get(f"{tm.url}/events/dead", timeout=10)
-            return {item["id"]: item for item in response.json()} if len(response.content) else {}
+            response = httpx.get(f"{tm.url}/events/dead", headers=site.admin, timeout=10)
+            return (
+                {item["id"]: item for item in response.json()["items"]}
+                if len(response.content)
+                else {}
+            )
 
         def both() -> dict[str, Any] | None:
             found = listed()
             return found if len(found) == 2 else None
 
         items = wait_until(both, 60, "two dead letters")
-        assert len(httpx.get(f"{tm.url}/events/dead").content) < 10_000
+        assert len(httpx.get(f"{tm.url}/events/dead", headers=site.admin).content) < 10_000
         assert items["big"]["size"] == len(big) and len(items["big"]["preview"]) == 512
         assert "invalid JSON" in items["big"]["reason"]
-        fetched = httpx.get(f"{tm.url}/events/dead/big/body", timeout=30)
+        fetched = httpx.get(f"{tm.url}/events/dead/big/body", headers=site.admin, timeout=30)
         assert fetched.status_code == 200 and fetched.content == big
-        assert httpx.get(f"{tm.url}/events/dead/nothing/body").status_code == 404
+        missing = httpx.get(f"{tm.url}/events/dead/nothing/body", headers=site.admin)
+        assert missing.status_code == 404
 
         first_death = items["v9"]["dead_at"]
-        replayed = httpx.post(f"{tm.url}/events/dead/v9/replay", timeout=30)
+        replayed = httpx.post(f"{tm.url}/events/dead/v9/replay", headers=site.admin, timeout=30)
         assert replayed.status_code == 200 and replayed.json()["replayed_at"]
         # It dies again at once, and is kept again (not dropped as a repeat).
         again = wait_until(lambda: (item := listed().get("v9")) and

@@ -181,16 +181,16 @@ def test_cluster_api_rejects_bad_input(make_cluster: Any) -> None:
     wait_primary(cluster, "st1", 30)
     base = f"http://127.0.0.1:{cluster.port('st2', 'cluster-coordinator')}/cluster"
     refused = cluster.http.post(f"{base}/failover", json={"to": "st2"})
-    assert refused.status_code == 409 and "automatic" in refused.json()["detail"]
+    assert refused.status_code == 409 and "automatic" in refused.json()["error"]["message"]
     assert cluster.http.post(f"{base}/failover", json={"to": "st9"}).status_code == 404
     empty = cluster.http.put(f"{base}/servers", json={"servers": []})
-    assert empty.status_code == 422 and "at least one" in empty.json()["detail"]
+    assert empty.status_code == 422 and "at least one" in empty.json()["error"]["message"]
     twice = cluster.http.put(f"{base}/servers", json={"servers": [{"id": "st1"}, {"id": "st1"}]})
-    assert twice.status_code == 422 and "twice" in twice.json()["detail"]
+    assert twice.status_code == 422 and "twice" in twice.json()["error"]["message"]
     mode = cluster.http.put(f"{base}/settings", json={"mode": "active_passive"})
-    assert mode.status_code == 422 and "unknown cluster mode" in mode.json()["detail"]
+    assert mode.status_code == 422 and "unknown cluster mode" in mode.json()["error"]["message"]
     short = cluster.http.put(f"{base}/settings", json={"connection_timeout": 1})
-    assert short.status_code == 422 and "longer than" in short.json()["detail"]
+    assert short.status_code == 422 and "longer than" in short.json()["error"]["message"]
     assert cluster.http.put(f"{base}/settings", json={"connection_timeout": -1}).status_code == 422
 
     # A valid change is applied and seen by every server (dynamic synchronization).

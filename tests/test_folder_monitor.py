@@ -267,7 +267,10 @@ def test_api_creates_lists_pauses_and_deletes_watches(
     assert watch["path"] == "homes/acme/in" and watch["enabled"] and watch["recursive"]
     absolute = client.post("/watches", json={"account": "acme", "path": str(home)})
     assert absolute.status_code == 201 and absolute.json()["path"] == "homes/acme"
-    assert [w["id"] for w in client.get("/watches").json()] == [watch["id"], absolute.json()["id"]]
+    assert [w["id"] for w in client.get("/watches").json()["items"]] == [
+        watch["id"],
+        absolute.json()["id"],
+    ]
 
     paused = client.post(f"/watches/{watch['id']}/pause").json()
     assert paused["enabled"] is False
@@ -305,14 +308,14 @@ def test_api_refuses_bad_watches_with_the_reason(
     for path, reason in cases.items():
         response = client.post("/watches", json={"account": "acme", "path": path})
         assert response.status_code == 422, (path, response.text)
-        assert reason in response.json()["detail"], (path, response.text)
+        assert reason in response.json()["error"]["message"], (path, response.text)
     unknown = client.post("/watches", json={"account": "nobody", "path": "homes/acme/in"})
-    assert unknown.status_code == 422 and "unknown account" in unknown.json()["detail"]
+    assert unknown.status_code == 422 and "unknown account" in unknown.json()["error"]["message"]
     slash = client.post("/watches", json={"account": "acme", "path": "homes/acme/in",
                                           "pattern": "a/*.csv"})  # fmt: skip
     assert slash.status_code == 422 and "may not contain '/'" in slash.text
     assert client.post("/watches/999/pause").status_code == 404
-    assert client.get("/watches").json() == []
+    assert client.get("/watches").json()["items"] == []
 
 
 # --------------------------------------------------------------------------------------------

@@ -396,7 +396,7 @@ def test_api_creates_lists_pauses_and_deletes_jobs(
     interval = client.post("/jobs", json={"name": "purge", "kind": "transfer_log_purge",
                                           "interval_seconds": 3600,
                                           "params": {"days": 7}}).json()  # fmt: skip
-    assert [j["name"] for j in client.get("/jobs").json()] == ["nightly-pull", "purge"]
+    assert [j["name"] for j in client.get("/jobs").json()["items"]] == ["nightly-pull", "purge"]
 
     # Last run: the newest recorded one; next run: after it.
     fire = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=30)
@@ -410,7 +410,7 @@ def test_api_creates_lists_pauses_and_deletes_jobs(
     assert datetime.fromisoformat(got["last_run"]["fire_time"]) == fire
     assert got["last_run"]["node_id"] == "st2" and got["last_run"]["status"] == "submitted"
     assert datetime.fromisoformat(got["next_run"]) > datetime.now(UTC)
-    assert [r["event_id"] for r in client.get(f"/jobs/{interval['id']}/runs").json()] == [
+    assert [r["event_id"] for r in client.get(f"/jobs/{interval['id']}/runs").json()["items"]] == [
         "e0", "e3600",
     ]  # fmt: skip
 
@@ -447,13 +447,13 @@ def test_api_refuses_bad_jobs_with_the_reason(
     for change, reason in cases:
         response = client.post("/jobs", json={**base, **change})
         assert response.status_code == 422, (change, response.text)
-        assert reason in response.json()["detail"], (change, response.text)
+        assert reason in response.json()["error"]["message"], (change, response.text)
     assert client.post("/jobs", json={**base, "kind": "compress"}).status_code == 422
     assert (
         client.post("/jobs", json={**base, "interval_seconds": 0, "cron": None}).status_code == 422
     )
     assert client.post("/jobs/42/pause").status_code == 404
-    assert client.get("/jobs").json() == []
+    assert client.get("/jobs").json()["items"] == []
 
 
 # --------------------------------------------------------------------------------------------

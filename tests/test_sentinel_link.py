@@ -111,9 +111,9 @@ def test_passive_primary_killed_mid_stream_every_leg_once_in_order(
         # After the failover st2 delivers; the endpoint's status says so.
         assert WORK_SENTINEL_LINK in cluster.active("st2", "sentinel-link")
         endpoints_url = f"{url(cluster, 'st2', 'sentinel-link')}/endpoints"
-        endpoints = cluster.http.get(endpoints_url).json()
+        endpoints = cluster.http.get(endpoints_url).json()["items"]
         wait_until(
-            lambda: cluster.http.get(endpoints_url).json()[0]["backlog"] == 0,
+            lambda: cluster.http.get(endpoints_url).json()["items"][0]["backlog"] == 0,
             30,
             "an empty backlog",
         )

@@ -118,7 +118,7 @@ def test_upload_is_routed_and_logged(make_cluster: Any, tmp_path: Path) -> None:
     escape = httpx.put(
         f"{base}/files/acme/..%2F..%2Fetc%2Fx", content=b"x", auth=("acme", "correct horse")
     )
-    assert escape.status_code == 400 and "'..'" in escape.json()["detail"]
+    assert escape.status_code == 400 and "'..'" in escape.json()["error"]["message"]
     assert not list((data_dir(cluster) / "homes").glob("*.csv"))
 
 
@@ -139,7 +139,7 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
                 ["bad-json", "v9", unknown.id, missing.id, good.id])  # fmt: skip
 
     def dead() -> dict[str, str]:
-        items = cluster.http.get(f"{base}/events/dead").json()
+        items = cluster.http.get(f"{base}/events/dead").json()["items"]
         return {i["id"]: i["reason"] for i in items} if len(items) == 4 else {}
 
     reasons = wait_until(dead, 30, "four dead letters")
@@ -159,7 +159,10 @@ def test_bad_events_are_dead_lettered_with_reasons_and_replayable(make_cluster: 
         replayed = cluster.http.post(f"{base}/events/dead/{event_id}/replay")
         assert replayed.status_code == 200 and replayed.json()["replayed_at"]
     wait_until(lambda: _processed(engine, [unknown.id, missing.id]) == 2, 30, "the replays")
-    assert {i["id"] for i in cluster.http.get(f"{base}/events/dead").json()} == {"bad-json", "v9"}
+    assert {i["id"] for i in cluster.http.get(f"{base}/events/dead").json()["items"]} == {
+        "bad-json",
+        "v9",
+    }
     assert cluster.http.post(f"{base}/events/dead/nothing/replay").status_code == 404
     engine.dispose()
 
@@ -238,9 +241,17 @@ def test_passive_only_the_primary_processes_events(make_cluster: Any) -> None:
     with Session(engine) as session:
         nodes = set(session.exec(select(ProcessedEvent.node_id)).all())
     assert nodes == {"st1"}
-    # The transfer log is served by the primary only.
-    standby = cluster.http.get(f"{tm_url(cluster, 'st2')}/transfers")
-    assert standby.status_code == 409 and "primary (st1)" in standby.json()["detail"]
+    # The primary keeps the transfer log; the standby answers with it too (forwarded).
+    query = {"limit": 7, "offset": 3, "status": "ROUTED"}
+    primary = cluster.http.get(f"{tm_url(cluster, 'st1')}/transfers", params=query)
+    standby = cluster.http.get(f"{tm_url(cluster, 'st2')}/transfers", params=query)
+    assert primary.status_code == standby.status_code == 200, standby.text
+    assert standby.headers["x-ferrylink-served-by"] == "st1"
+    assert standby.json() == primary.json() and primary.json()["total"] == 100
+    assert len(standby.json()["items"]) == 7
+    # The standby still checks the token itself before forwarding anything.
+    anonymous = httpx.get(f"{tm_url(cluster, 'st2')}/transfers")
+    assert anonymous.status_code == 401
     engine.dispose()
 
 
@@ -275,5 +286,5 @@ def test_scheduled_maintenance_runs_through_the_transaction_manager(make_cluster
     with Session(engine) as session:
         left = set(session.exec(select(Transfer.leg_key)).all())
     assert "old" not in left and "new" in left
-    assert cluster.http.get(f"{tm_url(cluster)}/events/dead").json() == []
+    assert cluster.http.get(f"{tm_url(cluster)}/events/dead").json()["items"] == []
     engine.dispose()

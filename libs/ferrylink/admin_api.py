@@ -23,9 +23,11 @@ from ferrylink.admin_auth import (
     issue_token,
     utc,
 )
+from ferrylink.audit import AuditDep, Auditor, client_address
 from ferrylink.deps import ConfigChangeDep, EngineDep, SessionDep
 from ferrylink.login_guard import LoginGuard, LoginRefused, check_password
 from ferrylink.models import AdminUser, ApiToken
+from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.passwords import hash_password
 
 
@@ -35,10 +37,6 @@ def get_login_guard(request: Request) -> LoginGuard:
 
 
 LoginGuardDep = Annotated[LoginGuard, Depends(get_login_guard)]
-
-
-def client_address(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
 
 
 def guarded_refusal(exc: LoginRefused) -> HTTPException:
@@ -96,6 +94,9 @@ async def authenticate(engine: Engine, guard: LoginGuard, address: str, body: Lo
             token, row = issue_token(
                 session, admin.name, timedelta(hours=body.ttl_hours), body.description
             )
+            Auditor(admin.name, address).record(
+                session, "token.issue", row.id, after=_token_info(row)
+            )
             session.commit()
             return TokenOut(token=token, token_id=row.id, admin=admin.name, role=admin.role,
                             expires_at=utc(row.expires_at))  # fmt: skip
@@ -128,24 +129,30 @@ class TokenInfo(BaseModel):
     revoked_at: datetime | None
 
 
+def _token_info(row: ApiToken) -> TokenInfo:
+    return TokenInfo.model_validate(row, from_attributes=True)
+
+
 @router.get(
-    "/auth/tokens", response_model=list[TokenInfo], summary="Tokens (an operator sees their own)"
+    "/auth/tokens", response_model=Page[TokenInfo], summary="Tokens (an operator sees their own)"
 )
-def list_tokens(principal: PrincipalDep, session: SessionDep) -> list[TokenInfo]:
-    query = select(ApiToken).order_by(col(ApiToken.created_at))
+def list_tokens(principal: PrincipalDep, session: SessionDep, paging: PagingDep) -> Page[TokenInfo]:
+    query = select(ApiToken).order_by(col(ApiToken.created_at), col(ApiToken.id))
     if principal.role != "admin":
         query = query.where(ApiToken.admin == principal.admin)
-    return [TokenInfo.model_validate(t, from_attributes=True) for t in session.exec(query)]
+    return page_of(session, query, paging, _token_info)
 
 
 @router.delete("/auth/tokens/{token_id}", status_code=204, summary="Revoke a token")
-def revoke_token(token_id: str, principal: PrincipalDep, session: SessionDep) -> Response:
+def revoke_token(token_id: str, audit: AuditDep, session: SessionDep) -> Response:
     row = session.get(ApiToken, token_id)
     if row is None:
         raise HTTPException(404, f"no token {token_id!r}")
     if row.revoked_at is None:
+        before = _token_info(row)
         row.revoked_at = datetime.now().astimezone()
         session.add(row)
+        audit.record(session, "token.revoke", token_id, before, _token_info(row))
         session.commit()
     return Response(status_code=204)
 
@@ -174,19 +181,24 @@ def _admin_out(admin: AdminUser) -> AdminOut:
                     created_at=admin.created_at)  # fmt: skip
 
 
-@router.get("/admins", response_model=list[AdminOut], summary="Administrators")
-def list_admins(session: SessionDep) -> list[AdminOut]:
-    return [_admin_out(a) for a in session.exec(select(AdminUser).order_by(AdminUser.name))]
+@router.get("/admins", response_model=Page[AdminOut], summary="Administrators")
+def list_admins(session: SessionDep, paging: PagingDep) -> Page[AdminOut]:
+    return page_of(session, select(AdminUser).order_by(col(AdminUser.name)), paging, _admin_out)
 
 
 @router.post("/admins", status_code=201, response_model=AdminOut, summary="Add an administrator")
 def add_admin(
-    body: AdminIn, session: SessionDep, response: Response, commit: ConfigChangeDep
+    body: AdminIn,
+    session: SessionDep,
+    audit: AuditDep,
+    response: Response,
+    commit: ConfigChangeDep,
 ) -> AdminOut:
     try:
         admin = create_admin(session, body.name, body.password, body.role)
     except AdminError as exc:
         raise HTTPException(409 if "exists" in str(exc) else 422, str(exc)) from exc
+    audit.record(session, "admin.create", body.name, after=admin)
     commit(session)
     session.refresh(admin)
     response.headers["Location"] = f"/admins/{admin.name}"
@@ -198,6 +210,7 @@ def update_admin(
     name: str,
     body: AdminPatch,
     principal: PrincipalDep,
+    audit: AuditDep,
     session: SessionDep,
     commit: ConfigChangeDep,
 ) -> AdminOut:
@@ -206,6 +219,7 @@ def update_admin(
         raise HTTPException(404, f"no administrator {name!r}")
     if name == principal.admin and (body.role == "operator" or body.enabled is False):
         raise HTTPException(409, "you cannot demote or disable yourself; ask another admin")
+    before = admin.model_dump(mode="json")
     if body.password is not None:
         admin.password_hash = hash_password(body.password)
     if body.role is not None:
@@ -213,6 +227,7 @@ def update_admin(
     if body.enabled is not None:
         admin.enabled = body.enabled
     session.add(admin)
+    audit.record(session, "admin.update", name, before, admin)
     commit(session)
     session.refresh(admin)
     return _admin_out(admin)
@@ -220,13 +235,18 @@ def update_admin(
 
 @router.delete("/admins/{name}", status_code=204, summary="Remove an administrator")
 def delete_admin(
-    name: str, principal: PrincipalDep, session: SessionDep, commit: ConfigChangeDep
+    name: str,
+    principal: PrincipalDep,
+    audit: AuditDep,
+    session: SessionDep,
+    commit: ConfigChangeDep,
 ) -> Response:
     admin = session.get(AdminUser, name)
     if admin is None:
         raise HTTPException(404, f"no administrator {name!r}")
     if name == principal.admin:
         raise HTTPException(409, "you cannot remove yourself; ask another admin")
+    audit.record(session, "admin.delete", name, before=admin)
     session.delete(admin)
     commit(session)
     return Response(status_code=204)

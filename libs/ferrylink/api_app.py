@@ -8,21 +8,29 @@ themselves (accounts uploading files) or need no authentication (health), and mu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
+from http import HTTPStatus
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ferrylink import admin_api
+from ferrylink import admin_api, audit_api
 from ferrylink.admin_auth import require_admin_token
 from ferrylink.config import bump_config_version
+from ferrylink.idempotency import DEFAULT_TTL, Idempotency
 from ferrylink.login_guard import LoginGuard
 
 MAX_BODY_BYTES = 1 << 20
+
+log = logging.getLogger(__name__)
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
 
@@ -63,10 +71,7 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(
-            {"detail": f"the request body is over the limit of {self.limit} bytes"},
-            status_code=413,
-        )
+        response = error_response(413, f"the request body is over the limit of {self.limit} bytes")
         await response(scope, receive, send)
 
 
@@ -74,6 +79,58 @@ def _commit_config_change(session: Any) -> int:
     version = bump_config_version(session)
     session.commit()
     return version
+
+
+# --------------------------------------------------------------------------------------------
+# One error shape for every 4xx and 5xx of every service:
+#   {"error": {"status": 422, "message": "what went wrong", "details": [...] | null}}
+# --------------------------------------------------------------------------------------------
+
+
+def error_body(status: int, message: str, details: Any = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "details": details}}
+
+
+def error_response(
+    status: int, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, details), status_code=status, headers=headers)
+
+
+def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc.detail, str):
+        message, details = exc.detail, None
+    else:  # structured detail: keep it, under a generic message
+        message, details = HTTPStatus(exc.status_code).phrase, jsonable_encoder(exc.detail)
+    headers = dict(exc.headers) if exc.headers else None
+    return error_response(exc.status_code, message, details, headers=headers)
+
+
+def _field(error: dict[str, Any]) -> str:
+    where = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+    return ".".join(where) or "body"
+
+
+def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"field": _field(e), "message": e.get("msg", ""), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+    return error_response(422, message, errors)
+
+
+def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal error; the server log has the details")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)
 
 
 def build_api(
@@ -87,6 +144,7 @@ def build_api(
     lifespan: Lifespan | None = None,
     login_guard: LoginGuard | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    idempotency_ttl: float = DEFAULT_TTL,
 ) -> FastAPI:
     app = FastAPI(title=title, description=description, version="0.1.0", lifespan=lifespan)
     # Read by the dependencies in ferrylink.deps (and only there).
@@ -96,13 +154,18 @@ def build_api(
     # How a configuration change is committed (ferrylink.deps.ConfigChangeDep): bumped and
     # committed here; a service's runtime also announces it to every process.
     app.state.commit_config_change = _commit_config_change
+    install_error_handlers(app)
     # Uploads stream their bodies to disk; every other body is small JSON.
     unlimited = tuple(r.prefix + "/" for r in public_routers if r.prefix)
+    # Inside the body limit (added last = outermost): retried creates and uploads act once.
+    app.add_middleware(
+        Idempotency, engine=lambda: app.state.engine, error=error_response, ttl=idempotency_ttl
+    )
     app.add_middleware(BodyLimit, limit=max_body_bytes, unlimited_prefixes=unlimited)
     # Every router a service registers is behind the admin token: one dependency, declared
     # in the OpenAPI document as the AdminToken scheme.
     protected = [Depends(require_admin_token)]
-    for router in [admin_api.router, *routers]:
+    for router in [admin_api.router, audit_api.router, *routers]:
         app.include_router(router, dependencies=protected)
     for router in [admin_api.login_router, *public_routers]:
         app.include_router(router)

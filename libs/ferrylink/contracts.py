@@ -224,6 +224,13 @@ class DeadLetterPurge(_JobParams):
     days: int = Field(default=30, gt=0)
 
 
+class AuditLogPurge(_JobParams):
+    """Delete audit records older than `days` (a year by default: audits look back)."""
+
+    kind: Literal["audit_log_purge"] = "audit_log_purge"
+    days: int = Field(default=365, gt=0)
+
+
 # Names a cleanup pattern may never match.
 ORDINARY_FILES = ("anything", "data.csv", "report.pdf", "orders.xml", "archive.tar.gz",
                   "ferrylink.db", "README", "x.txt", "image.png")  # fmt: skip
@@ -262,11 +269,17 @@ class TempFileCleanup(_JobParams):
 
 TransferJob = Annotated[PullJob | PushJob, Field(discriminator="kind")]
 MaintenanceTask = Annotated[
-    TransferLogPurge | TransferLogArchive | DeadLetterPurge | TempFileCleanup,
+    TransferLogPurge | TransferLogArchive | DeadLetterPurge | TempFileCleanup | AuditLogPurge,
     Field(discriminator="kind"),
 ]
 JobParams = Annotated[
-    PullJob | PushJob | TransferLogPurge | TransferLogArchive | DeadLetterPurge | TempFileCleanup,
+    PullJob
+    | PushJob
+    | TransferLogPurge
+    | TransferLogArchive
+    | DeadLetterPurge
+    | TempFileCleanup
+    | AuditLogPurge,
     Field(discriminator="kind"),
 ]
 JOB_PARAMS: TypeAdapter[JobParams] = TypeAdapter(JobParams)
@@ -278,6 +291,7 @@ JOB_KINDS: tuple[str, ...] = (
     "transfer_log_archive",
     "dead_letter_purge",
     "temp_file_cleanup",
+    "audit_log_purge",
 )
 
 

@@ -103,8 +103,10 @@ class Partner(SQLModel, table=True):
     host: str = Field(default="", max_length=255)
     port: int = Field(default=22)
     username: str = Field(default="", max_length=128)
-    password: str | None = Field(default=None, max_length=512)
+    # Secrets, encrypted (ferrylink.secrets_box: "fernet:..." values).
+    password: str | None = Field(default=None, max_length=1024)
     private_key: str | None = Field(default=None)
+    private_key_passphrase: str | None = Field(default=None, max_length=1024)
     remote_folder: str = Field(default="/", max_length=1024)
     # The server's public key ("ssh-ed25519 AAAA..."); required unless host key checking is
     # switched off explicitly.
@@ -286,7 +288,7 @@ class ScheduledJob(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, max_length=128)
     # pull | push | transfer_log_purge | transfer_log_archive | dead_letter_purge |
-    # temp_file_cleanup
+    # temp_file_cleanup | audit_log_purge
     kind: str = Field(max_length=32)
     cron: str | None = Field(default=None, max_length=255)
     interval_seconds: float | None = Field(default=None)
@@ -492,3 +494,32 @@ class AuditRecord(SQLModel, table=True):
     target: str = Field(default="", index=True, max_length=255)
     before_json: str | None = Field(default=None)
     after_json: str | None = Field(default=None)
+
+
+class IdempotencyRecord(SQLModel, table=True):
+    """A request sent with an `Idempotency-Key`: its first answer, replayed to a retry with
+    the same key and body until `expires_at` (ferrylink.idempotency)."""
+
+    __tablename__ = "idempotency_record"
+
+    # SHA-256 of who asked (the Authorization header), the method, the path and the key.
+    key: str = Field(primary_key=True, max_length=64)
+    request_sha256: str = Field(default="", max_length=64)
+    # 0 while the first request is under way.
+    status: int = Field(default=0)
+    headers_json: str = Field(default="[]")
+    body: bytes = Field(default=b"")
+    created_at: float
+    expires_at: float = Field(index=True)
+
+
+class ServiceUrl(SQLModel, table=True):
+    """Where each service of each server answers HTTP, written by the service at start: a
+    server forwards requests only the primary can serve to the primary's service here."""
+
+    __tablename__ = "service_url"
+
+    node_id: str = Field(primary_key=True, max_length=64)
+    service: str = Field(primary_key=True, max_length=64)
+    url: str = Field(max_length=512)
+    updated_at: datetime = Field(default_factory=utcnow)

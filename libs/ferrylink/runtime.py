@@ -63,6 +63,7 @@ from ferrylink.metrics import (
     PRIMARY,
 )
 from ferrylink.models import ClusterState, OutboxMessage
+from ferrylink.primary_proxy import register_service_url
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import (
     consumer_span,
@@ -335,6 +336,9 @@ class ServiceRuntime:
             ", ".join(redact_url(u) for u in self.settings.amqp_urls),
         )
         create_tables(self.engine)
+        self.config_version = read_config_version(self.engine)
+        register_service_url(self.engine, self.settings.node_id, self.service_name,
+                             self.settings.api_url)  # fmt: skip
         self.publisher.start()
         if self._transfer_states is not None:
             self._transfer_states.publisher.start()
@@ -492,6 +496,7 @@ def create_app(
         public_routers=[health, *public_routers],
         lifespan=lifespan,
         login_guard=runtime.login_guard,
+        idempotency_ttl=runtime.settings.idempotency_key_hours * 3600,
     )
     app.state.runtime = runtime
     app.state.commit_config_change = runtime.commit_config_change

@@ -39,11 +39,16 @@ class FerrylinkSettings(BaseSettings):
     )
     http_host: str = Field("127.0.0.1", description="Address the service's HTTP API binds to.")
     http_port: int = Field(8000, ge=0, le=65535, description="Port of the service's HTTP API.")
-    advertised_url: str = Field(
+    advertise_url: str = Field(
         "",
-        description="The URL other servers reach this service's API at (sent in its "
-        "heartbeats, so the coordinator's web UI finds e.g. the primary's transaction "
-        "manager); empty means http://HTTP_HOST:HTTP_PORT (the host name if bound to all).",
+        description="The URL other servers reach this service's API at (requests only the "
+        "primary serves are forwarded there); empty: http://<http_host or host name>:<port>.",
+    )
+    secret_key: str = Field(
+        "",
+        repr=False,
+        description="Fernet keys (comma-separated; the first encrypts, all decrypt) that "
+        "encrypt partner secrets at rest. Never logged.",
     )
     prefetch: int = Field(10, ge=1, le=1000, description="Unacked messages per consumer.")
     delivery_limit: int = Field(
@@ -92,6 +97,9 @@ class FerrylinkSettings(BaseSettings):
         30, ge=1, description="Failed logins on one account (any address) that ban it."
     )
     login_window_seconds: float = Field(600, gt=0, description="Window failures count in.")
+    idempotency_key_hours: float = Field(
+        24, gt=0, le=24 * 30, description="How long an Idempotency-Key's answer is kept."
+    )
     login_ban_seconds: float = Field(900, gt=0, description="How long a ban lasts.")
 
     @field_validator("amqp_url")
@@ -107,12 +115,14 @@ class FerrylinkSettings(BaseSettings):
 
     @property
     def api_url(self) -> str:
-        if self.advertised_url:
-            return self.advertised_url.rstrip("/")
+        """Where other servers reach this service's API (heartbeats carry it; requests only
+        the primary serves are forwarded there)."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
         host = self.http_host
         if host in ("", "0.0.0.0", "::"):
             host = socket.getfqdn()
-        elif ":" in host:  # an IPv6 address
+        if ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.http_port}"
 

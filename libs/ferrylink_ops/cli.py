@@ -162,7 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("name", metavar="NAME")
     token.add_argument("--ttl-hours", type=float, default=8.0, help="token life (default 8)")
     token.add_argument("--description", default="ferrylink admin token")
-    for sub in (create, token):
+    secrets = commands.add_parser("secrets", help="partner secrets at rest (FERRYLINK_SECRET_KEY)")
+    secrets_commands = secrets.add_subparsers(dest="secrets_command", required=True,
+                                              metavar="ACTION")  # fmt: skip
+    secrets_commands.add_parser("new-key", help="print a new key (put it first in the list)")
+    reencrypt = secrets_commands.add_parser(
+        "reencrypt", help="encrypt every partner secret with the first key of the list"
+    )
+    for sub in (create, token, reencrypt):
         sub.add_argument(
             "--database-url",
             default=None,
@@ -298,6 +305,27 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secrets(args: argparse.Namespace) -> int:
+    from ferrylink import secrets_box
+    from ferrylink.db import make_engine
+    from ferrylink.settings import FerrylinkSettings
+
+    if args.secrets_command == "new-key":
+        _say(secrets_box.new_key())
+        return 0
+    settings = FerrylinkSettings()
+    engine = make_engine(args.database_url or settings.effective_database_url)
+    try:
+        changed = secrets_box.reencrypt_partners(engine, secrets_box.SecretBox(settings.secret_key))
+    except secrets_box.SecretError as exc:
+        _say(f"error: {exc}")
+        return 1
+    finally:
+        engine.dispose()
+    _say(f"{changed} partner(s) re-encrypted with the first key")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -315,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_server(args)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "secrets":
+            return cmd_secrets(args)
         if args.command == "admin":
             return cmd_admin(args)
         if args.command == "failover":

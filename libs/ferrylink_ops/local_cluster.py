@@ -1297,7 +1297,7 @@ def manual_failover(state_dir: Path, to: str, timeout: float = 30.0) -> str:
                     f"{report['lost_sentinel_records']} sentinel-link record(s)"
                 )
             try:
-                refusal = response.json().get("detail", response.text)
+                refusal = response.json().get("error", {}).get("message", response.text)
             except ValueError:
                 refusal = response.text
             if response.status_code < 500:
@@ -1372,7 +1372,7 @@ def create_demo(cluster: LocalCluster) -> dict[str, Any]:
         })  # fmt: skip
         if created.status_code not in (201, 409):
             raise ClusterError(f"creating the demo account: {created.text}")
-        if not client.get("/routes", params={"account": DEMO_ACCOUNT}).json():
+        if not client.get("/routes", params={"account": DEMO_ACCOUNT}).json()["items"]:
             route = client.post("/routes", json={
                 "account": DEMO_ACCOUNT, "pattern": "*",
                 "steps": [{"kind": "copy", "folder": "archive"}],

@@ -7,6 +7,7 @@ letters, takes streamed uploads, and serves partner sessions through the edges.
 
 from fastapi import FastAPI
 
+from ferrylink import secrets_box
 from ferrylink.contracts import (
     EVENT,
     WORK_DEAD_LETTERS,
@@ -30,6 +31,7 @@ SERVICE_NAME = "transaction-manager"
 
 def build(settings: Settings) -> TransactionManager:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
+    secrets_box.configure(settings.secret_key)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     transfer_log = TransferLog(runtime.transfer_states().publish, settings.node_id)

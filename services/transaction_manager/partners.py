@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import posixpath
 import secrets
 import ssl
 import stat
-from collections.abc import AsyncIterator, Awaitable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import asyncssh
 import httpx
 
 from ferrylink.models import Partner
+from ferrylink.secrets_box import SecretError, box
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +104,33 @@ class RemoteFile:
 # Public API
 # --------------------------------------------------------------------------------------------
 
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 
+
+def readable(partner: Partner) -> Partner:
+    """A copy of the partner with its secrets decrypted (stored encrypted, ferrylink.secrets_box);
+    the copy lives only for the transfer."""
+    secrets_at_rest = box()
+    try:
+        return partner.model_copy(update={
+            "password": secrets_at_rest.decrypt(partner.password),
+            "private_key": secrets_at_rest.decrypt(partner.private_key),
+            "private_key_passphrase": secrets_at_rest.decrypt(partner.private_key_passphrase),
+        })  # fmt: skip
+    except SecretError as exc:
+        raise PartnerError(f"partner {partner.name!r}: {exc}", retryable=False,
+                           partner=partner.name) from None  # fmt: skip
+
+
+def _decrypted(function: Fn) -> Fn:
+    @functools.wraps(function)
+    def with_secrets(partner: Partner, *args: Any, **kwargs: Any) -> Any:
+        return function(readable(partner), *args, **kwargs)
+
+    return cast(Fn, with_secrets)
+
+
+@_decrypted
 def push_file(partner: Partner, local_path: Path, remote_name: str, timeout: float = 30) -> int:
     """Send `local_path` to the partner as `remote_name`; returns the bytes sent.
 
@@ -124,6 +152,7 @@ def push_file(partner: Partner, local_path: Path, remote_name: str, timeout: flo
     return sent
 
 
+@_decrypted
 def list_remote(partner: Partner, pattern: str = "*", timeout: float = 30) -> list[RemoteFile]:
     """The regular files in the partner's remote folder whose names match `pattern` (fnmatch,
     case-sensitive), sorted by name. Names starting with '.' (temporary uploads) are skipped."""
@@ -131,6 +160,7 @@ def list_remote(partner: Partner, pattern: str = "*", timeout: float = 30) -> li
     return _run(partner, "listing", _list_sftp(partner, options, pattern, timeout))
 
 
+@_decrypted
 def pull_file(partner: Partner, remote_name: str, local_path: Path, timeout: float = 30) -> int:
     """Fetch `remote_name` into `local_path`; returns the bytes received.
 
@@ -161,6 +191,7 @@ def pull_file(partner: Partner, remote_name: str, local_path: Path, timeout: flo
     return received
 
 
+@_decrypted
 def remote_size(partner: Partner, remote_name: str, timeout: float = 30) -> int | None:
     """The size of `remote_name` at the partner, None if it is not there: how a redelivered
     event recognises a push that completed before a crash (pushes land under their final name
@@ -173,6 +204,7 @@ def remote_size(partner: Partner, remote_name: str, timeout: float = 30) -> int 
                 _size_sftp(partner, options, remote_name, timeout))  # fmt: skip
 
 
+@_decrypted
 def remove_remote(
     partner: Partner, remote_name: str, timeout: float = 30, missing_ok: bool = True
 ) -> None:
@@ -193,6 +225,25 @@ def remove_remote(
 # --------------------------------------------------------------------------------------------
 # Validation and errors
 # --------------------------------------------------------------------------------------------
+
+
+def load_private_key(text: str, passphrase: str | None) -> asyncssh.SSHKey:
+    """An OpenSSH or PEM private key, decrypted with `passphrase` if it is encrypted; a
+    ValueError says why not (never quoting the key: the parser's message could)."""
+    try:
+        return asyncssh.import_private_key(text, passphrase or None)
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
+        reason = str(exc).lower()
+        if "passphrase must be specified" in reason:
+            raise ValueError(
+                "the private key is encrypted: give its passphrase (private_key_passphrase)"
+            ) from None
+        if passphrase and ("decrypt" in reason or "passphrase" in reason):
+            raise ValueError("the private key does not decrypt with the given passphrase") from None
+        raise ValueError(
+            "the private key cannot be loaded (an OpenSSH or PEM private key, with its "
+            "passphrase if encrypted)"
+        ) from None
 
 
 def _fail(partner: Partner, message: str, retryable: bool) -> PartnerError:
@@ -265,15 +316,9 @@ def _ssh_options(partner: Partner) -> dict[str, Any]:
     client_keys: list[asyncssh.SSHKey] | None = None
     if partner.private_key:
         try:
-            client_keys = [asyncssh.import_private_key(partner.private_key)]
-        except (asyncssh.KeyImportError, ValueError):
-            # `from None`: the parser's message could quote part of the key text.
-            raise _fail(
-                partner,
-                "the configured private key cannot be loaded (it must be an unencrypted "
-                "OpenSSH or PEM private key)",
-                False,
-            ) from None
+            client_keys = [load_private_key(partner.private_key, partner.private_key_passphrase)]
+        except ValueError as exc:
+            raise _fail(partner, str(exc), False) from None
     if not client_keys and not partner.password:
         raise _fail(partner, "neither a password nor a private key is configured", False)
 

@@ -34,6 +34,7 @@ from sqlmodel import Session, col, delete, select
 
 from ferrylink.clock import as_utc, utcnow
 from ferrylink.contracts import (
+    AuditLogPurge,
     DeadLetterPurge,
     FileArrived,
     MaintenanceRun,
@@ -48,6 +49,7 @@ from ferrylink.contracts import (
 from ferrylink.contracts import ScheduledFileStatus as FileStatus
 from ferrylink.models import (
     Account,
+    AuditRecord,
     DeadEvent,
     Partner,
     ProcessedEvent,
@@ -358,6 +360,8 @@ def run_maintenance(event: MaintenanceRun, engine: Engine, data_dir: Path, node_
                                           event.id)  # fmt: skip
             case DeadLetterPurge():
                 count = purge_dead_events(engine, fired - timedelta(days=task.days))
+            case AuditLogPurge():
+                count = purge_audit_records(engine, fired - timedelta(days=task.days))
             case TempFileCleanup():
                 folder = confined(data_dir, task.folder)
                 cutoff = fired - timedelta(hours=task.max_age_hours)
@@ -368,6 +372,14 @@ def run_maintenance(event: MaintenanceRun, engine: Engine, data_dir: Path, node_
         raise RejectMessage(f"bad maintenance parameters: {exc}") from exc
     log.info("maintenance %s (%s) on %s: %d record(s)/file(s) removed", task.kind, event.id,
              node_id, count)  # fmt: skip
+
+
+def purge_audit_records(engine: Engine, cutoff: datetime) -> int:
+    """Delete audit records written before `cutoff`; returns how many."""
+    with Session(engine) as session:
+        result = session.exec(delete(AuditRecord).where(col(AuditRecord.at) < cutoff))
+        session.commit()
+        return int(result.rowcount or 0)
 
 
 def purge_transfers(engine: Engine, cutoff: datetime) -> int:

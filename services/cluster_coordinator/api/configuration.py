@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
+from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
 from services.cluster_coordinator import store
 from services.cluster_coordinator.api.deps import CoordinatorDep
@@ -32,19 +33,23 @@ class SettingsIn(BaseModel):
 
 
 @router.put("/servers", response_model=ClusterStatus, summary="Replace the ordered servers list")
-def put_servers(body: ServersIn, coordinator: CoordinatorDep, session: SessionDep) -> ClusterStatus:
+def put_servers(
+    body: ServersIn, coordinator: CoordinatorDep, session: SessionDep, audit: AuditDep
+) -> ClusterStatus:
     entries = [store.ServerEntry(s.id, s.api_url) for s in body.servers]
+    before = {"servers": [vars(e) for e in store.read_servers(session)]}
     try:
         store.write_servers(session, entries)
     except store.ConfigError as exc:
         raise HTTPException(422, str(exc)) from exc
+    audit.record(session, "cluster.servers", "servers", before, body)
     coordinator.runtime.commit_config_change(session)
     return cluster_status(coordinator, session)
 
 
 @router.put("/settings", response_model=ClusterStatus, summary="Change mode or timeout")
 def put_settings(
-    body: SettingsIn, coordinator: CoordinatorDep, session: SessionDep
+    body: SettingsIn, coordinator: CoordinatorDep, session: SessionDep, audit: AuditDep
 ) -> ClusterStatus:
     current = store.read_settings(session, coordinator.defaults)
     wanted = store.ClusterSettings(
@@ -60,5 +65,6 @@ def put_settings(
         store.write_settings(session, wanted, coordinator.settings.lease_seconds)
     except store.ConfigError as exc:
         raise HTTPException(422, str(exc)) from exc
+    audit.record(session, "cluster.settings", "settings", vars(current), vars(wanted))
     coordinator.runtime.commit_config_change(session)
     return cluster_status(coordinator, session)

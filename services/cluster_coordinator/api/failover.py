@@ -9,6 +9,7 @@ from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
 from ferrylink.admin_auth import OPERATOR_MAY
+from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
 from ferrylink.messaging import connection_parameters
 from ferrylink.models import ClusterState
@@ -44,7 +45,7 @@ class FailoverReport(BaseModel):
     },
 )
 def post_failover(
-    body: FailoverIn, coordinator: CoordinatorDep, session: SessionDep
+    body: FailoverIn, coordinator: CoordinatorDep, session: SessionDep, audit: AuditDep
 ) -> FailoverReport:
     now = time.time()
     view = coordinator.view(session, now)
@@ -63,6 +64,7 @@ def post_failover(
         raise HTTPException(409, f"{body.to} is down; promote a server that is up")
     previous = state.primary
     store.put_setting(session, store.FAILOVER_REQUEST_KEY, body.to)
+    audit.record(session, "cluster.failover", body.to, {"primary": previous}, {"primary": body.to})
     session.commit()
     # The leader applies the request on its next step; wait for it (bounded).
     deadline = time.monotonic() + 10 * coordinator.settings.heartbeat_interval + 5

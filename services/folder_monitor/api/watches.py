@@ -12,8 +12,10 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy import func
 from sqlmodel import Session, col, delete, select
 
+from ferrylink.audit import AuditDep
 from ferrylink.deps import CommitConfigChange, ConfigChangeDep, SessionDep
 from ferrylink.models import Account, WatchedFile, WatchedFolder
+from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.paths import PathError, relative_to
 from services.folder_monitor.api.deps import StoreDep
 from services.folder_monitor.monitor import watch_paths
@@ -39,9 +41,25 @@ class WatchIn(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _plain_pattern(cls, value: str) -> str:
-        if "/" in value or "\\" in value:
-            raise ValueError("the pattern matches file names; it may not contain '/'")
-        return value
+        return check_plain_pattern(value)
+
+
+def check_plain_pattern(value: str) -> str:
+    if "/" in value or "\\" in value:
+        raise ValueError("the pattern matches file names; it may not contain '/'")
+    return value
+
+
+class WatchPatch(BaseModel):
+    """What an update may change; absent fields stay as they are. A changed folder or
+    pattern starts from a clean slate: the files there are new to the watch."""
+
+    account: str | None = Field(None, min_length=1, max_length=64)
+    path: str | None = Field(None, min_length=1, max_length=1024)
+    pattern: str | None = Field(None, min_length=1, max_length=255)
+    recursive: bool | None = None
+    settle_seconds: float | None = Field(None, ge=0, le=86400)
+    enabled: bool | None = None
 
 
 class WatchOut(BaseModel):
@@ -84,34 +102,88 @@ def _get(session: Session, watch_id: int) -> WatchedFolder:
 
 
 @router.get("", summary="Every watched folder")
-def list_watches(session: SessionDep) -> list[WatchOut]:
+def list_watches(session: SessionDep, paging: PagingDep) -> Page[WatchOut]:
     counts = _counts(session)
-    watches = session.exec(select(WatchedFolder).order_by(col(WatchedFolder.id))).all()
-    return [_out(w, counts) for w in watches]
+    query = select(WatchedFolder).order_by(col(WatchedFolder.id))
+    return page_of(session, query, paging, lambda w: _out(w, counts))
+
+
+def _checked_folder(session: Session, store: StoreDep, account_name: str, path: str) -> str:
+    """The folder relative to the data directory, if it exists inside the account's home."""
+    account = session.get(Account, account_name)
+    if account is None:
+        raise HTTPException(422, f"unknown account {account_name!r}")
+    try:
+        _home, folder = watch_paths(store.data_dir, account.home, path)
+    except PathError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    if not folder.is_dir():
+        raise HTTPException(422, f"folder {path!r} does not exist")
+    return relative_to(store.data_dir, folder) or "."
 
 
 @router.post("", status_code=201, summary="Watch a folder (422 with the reason if refused)")
 def create_watch(
-    body: WatchIn, store: StoreDep, session: SessionDep, commit: ConfigChangeDep
+    body: WatchIn,
+    store: StoreDep,
+    session: SessionDep,
+    audit: AuditDep,
+    response: Response,
+    commit: ConfigChangeDep,
 ) -> WatchOut:
-    account = session.get(Account, body.account)
-    if account is None:
-        raise HTTPException(422, f"unknown account {body.account!r}")
-    try:
-        _home, folder = watch_paths(store.data_dir, account.home, body.path)
-    except PathError as exc:
-        raise HTTPException(422, str(exc)) from exc
-    if not folder.is_dir():
-        raise HTTPException(422, f"folder {body.path!r} does not exist")
     watch = WatchedFolder(
-        account=body.account, folder=relative_to(store.data_dir, folder) or ".",
+        account=body.account, folder=_checked_folder(session, store, body.account, body.path),
         pattern=body.pattern, recursive=body.recursive, settle_seconds=body.settle_seconds,
         enabled=body.enabled,
     )  # fmt: skip
     session.add(watch)
+    session.flush()
+    audit.record(session, "watch.create", str(watch.id), after=watch)
     commit(session)
     session.refresh(watch)
+    response.headers["Location"] = f"/watches/{watch.id}"
     return _out(watch, {})
+
+
+@router.patch("/{watch_id}", summary="Change a watched folder (422 with the reason if refused)")
+def update_watch(
+    watch_id: int,
+    body: WatchPatch,
+    store: StoreDep,
+    session: SessionDep,
+    audit: AuditDep,
+    commit: ConfigChangeDep,
+) -> WatchOut:
+    watch = _get(session, watch_id)
+    before = watch.model_dump(mode="json")
+    change = body.model_dump(exclude_unset=True)
+    if any(value is None for value in change.values()):
+        raise HTTPException(422, "a field given may not be null; leave it out to keep it")
+    try:
+        if "pattern" in change:
+            check_plain_pattern(change["pattern"])
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    account = change.get("account", watch.account)
+    if "account" in change or "path" in change:
+        watch.folder = _checked_folder(session, store, account, change.get("path", watch.folder))
+        watch.account = account
+    for key in ("pattern", "recursive", "settle_seconds", "enabled"):
+        if key in change:
+            setattr(watch, key, change[key])
+    if (watch.account, watch.folder, watch.pattern, watch.recursive) != (
+        before["account"],
+        before["folder"],
+        before["pattern"],
+        before["recursive"],
+    ):
+        # Another set of files: what was seen of the old one says nothing about these.
+        session.exec(delete(WatchedFile).where(col(WatchedFile.watch_id) == watch_id))
+    session.add(watch)
+    audit.record(session, "watch.update", str(watch_id), before, watch)
+    commit(session)
+    session.refresh(watch)
+    return _out(watch, _counts(session, watch_id))
 
 
 @router.get("/{watch_id}", summary="One watched folder")
@@ -120,32 +192,43 @@ def get_watch(watch_id: int, session: SessionDep) -> WatchOut:
 
 
 def _set_enabled(
-    session: Session, commit: CommitConfigChange, watch_id: int, enabled: bool
+    session: Session, audit: AuditDep, commit: CommitConfigChange, watch_id: int, enabled: bool
 ) -> WatchOut:
     watch = _get(session, watch_id)
+    before = watch.model_dump(mode="json")
     watch.enabled = enabled
     session.add(watch)
+    audit.record(session, "watch.resume" if enabled else "watch.pause", str(watch_id),
+                 before, watch)  # fmt: skip
     commit(session)
     session.refresh(watch)
     return _out(watch, _counts(session, watch_id))
 
 
 @router.post("/{watch_id}/pause", summary="Stop polling the folder (its state is kept)")
-def pause_watch(watch_id: int, session: SessionDep, commit: ConfigChangeDep) -> WatchOut:
-    return _set_enabled(session, commit, watch_id, False)
+def pause_watch(
+    watch_id: int, session: SessionDep, audit: AuditDep, commit: ConfigChangeDep
+) -> WatchOut:
+    return _set_enabled(session, audit, commit, watch_id, False)
 
 
 @router.post(
     "/{watch_id}/resume",
     summary="Poll the folder again; files added or changed meanwhile are picked up then",
 )
-def resume_watch(watch_id: int, session: SessionDep, commit: ConfigChangeDep) -> WatchOut:
-    return _set_enabled(session, commit, watch_id, True)
+def resume_watch(
+    watch_id: int, session: SessionDep, audit: AuditDep, commit: ConfigChangeDep
+) -> WatchOut:
+    return _set_enabled(session, audit, commit, watch_id, True)
 
 
 @router.delete("/{watch_id}", status_code=204, summary="Stop watching and forget its state")
-def delete_watch(watch_id: int, session: SessionDep, commit: ConfigChangeDep) -> Response:
-    session.delete(_get(session, watch_id))
+def delete_watch(
+    watch_id: int, session: SessionDep, audit: AuditDep, commit: ConfigChangeDep
+) -> Response:
+    watch = _get(session, watch_id)
+    audit.record(session, "watch.delete", str(watch_id), before=watch)
+    session.delete(watch)
     session.exec(delete(WatchedFile).where(col(WatchedFile.watch_id) == watch_id))
     commit(session)
     return Response(status_code=204)

@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Response
-from pydantic import BaseModel, Field
+from fastapi import APIRouter, HTTPException, Response
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
+from ferrylink.audit import AuditDep
 from ferrylink.deps import CommitConfigChange, ConfigChangeDep, SessionDep
 from ferrylink.models import JobRun, ScheduledJob
+from ferrylink.paging import Page, PagingDep, page_of
 from services.scheduler.api.deps import StoreDep
 from services.scheduler.jobs import (
     JobError,
@@ -31,7 +33,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobKind = Literal[
     "pull", "push", "transfer_log_purge", "transfer_log_archive", "dead_letter_purge",
-    "temp_file_cleanup",
+    "temp_file_cleanup", "audit_log_purge",
 ]  # fmt: skip
 
 
@@ -41,7 +43,7 @@ class JobIn(BaseModel):
         description="pull/push: a scheduled transfer with a partner (params: partner, "
         "account, folder, pattern, delete_remote/delete_local). Maintenance: "
         "transfer_log_purge/transfer_log_archive (days, archive folder), dead_letter_purge "
-        "(days), temp_file_cleanup (folder, max_age_hours, patterns)."
+        "(days), temp_file_cleanup (folder, max_age_hours, patterns), audit_log_purge (days)."
     )
     cron: str | None = Field(
         None,
@@ -62,6 +64,26 @@ class JobIn(BaseModel):
         True, description="Several missed fire times run once (the latest), not each."
     )
     enabled: bool = True
+
+
+class JobPatch(BaseModel):
+    """What an update may change (not the kind); absent fields stay as they are. Giving a
+    cron replaces an interval and the other way round. Fire times before the change never
+    run, as after a resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, min_length=1, max_length=128)
+    cron: str | None = Field(None, max_length=255)
+    interval_seconds: int | None = Field(None, ge=1, le=366 * 86400)
+    timezone: str | None = Field(None, max_length=64)
+    start_at: datetime | None = None
+    params: dict[str, str | int | float | bool] | None = Field(
+        None, description="The whole new parameter set."
+    )
+    misfire_grace_seconds: float | None = Field(None, ge=0)
+    coalesce: bool | None = None
+    enabled: bool | None = None
 
 
 class RunOut(BaseModel):
@@ -129,14 +151,19 @@ def _get(session: Session, job_id: int) -> ScheduledJob:
 
 
 @router.get("", summary="Every job, with its last and next run")
-def list_jobs(session: SessionDep) -> list[JobOut]:
-    jobs = session.exec(select(ScheduledJob).order_by(col(ScheduledJob.id))).all()
-    return [_job_out(session, job) for job in jobs]
+def list_jobs(session: SessionDep, paging: PagingDep) -> Page[JobOut]:
+    query = select(ScheduledJob).order_by(col(ScheduledJob.id))
+    return page_of(session, query, paging, lambda job: _job_out(session, job))
 
 
 @router.post("", status_code=201, summary="Create a job (422 with the reason if refused)")
 def create_job(
-    body: JobIn, store: StoreDep, session: SessionDep, commit: ConfigChangeDep
+    body: JobIn,
+    store: StoreDep,
+    session: SessionDep,
+    audit: AuditDep,
+    response: Response,
+    commit: ConfigChangeDep,
 ) -> JobOut:
     now = datetime.now(UTC).replace(microsecond=0)
     # Whole seconds, so interval fire times (and the run keys) are whole seconds too.
@@ -159,9 +186,59 @@ def create_job(
     )  # fmt: skip
     session.add(job)
     try:
-        commit(session)
+        session.flush()
     except IntegrityError as exc:
         raise HTTPException(409, f"a job named {body.name!r} exists already") from exc
+    audit.record(session, "job.create", job.name, after=job)
+    commit(session)
+    session.refresh(job)
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return _job_out(session, job)
+
+
+@router.patch("/{job_id}", summary="Change a job (422 with the reason if refused)")
+def update_job(
+    job_id: int,
+    body: JobPatch,
+    store: StoreDep,
+    session: SessionDep,
+    audit: AuditDep,
+    commit: ConfigChangeDep,
+) -> JobOut:
+    job = _get(session, job_id)
+    before = job.model_dump(mode="json")
+    change = body.model_dump(exclude_unset=True)
+    nullable = {"cron", "interval_seconds"}
+    if any(value is None for key, value in change.items() if key not in nullable):
+        raise HTTPException(422, "a field given may not be null; leave it out to keep it")
+    cron, interval = job.cron, int(job.interval_seconds) if job.interval_seconds else None
+    if "cron" in change or "interval_seconds" in change:
+        cron, interval = change.get("cron"), change.get("interval_seconds")
+    start_at = as_utc(change.get("start_at", job.start_at)).replace(microsecond=0)
+    timezone = change.get("timezone", job.timezone)
+    try:
+        make_trigger(cron, interval, timezone, start_at)
+        if "params" in change:
+            job.params_json = json.dumps(
+                check_params(job.kind, dict(change["params"]), session, store.data_dir)
+            )
+    except JobError as exc:
+        raise HTTPException(422, str(exc)) from exc
+    job.cron, job.interval_seconds = (cron.strip() if cron else None), interval
+    job.timezone, job.start_at = timezone, start_at
+    for key in ("name", "misfire_grace_seconds", "coalesce", "enabled"):
+        if key in change:
+            setattr(job, key, change[key])
+    job.version += 1
+    # Like a resume: fire times before the change do not run under the new definition.
+    job.updated_at = as_utc(datetime.now(UTC).replace(microsecond=0))
+    session.add(job)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        raise HTTPException(409, f"a job named {job.name!r} exists already") from exc
+    audit.record(session, "job.update", job.name, before, job)
+    commit(session)
     session.refresh(job)
     return _job_out(session, job)
 
@@ -172,24 +249,23 @@ def get_job(job_id: int, session: SessionDep) -> JobOut:
 
 
 @router.get("/{job_id}/runs", summary="The job's runs, newest first")
-def list_runs(
-    job_id: int, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100
-) -> list[RunOut]:
+def list_runs(job_id: int, session: SessionDep, paging: PagingDep) -> Page[RunOut]:
     _get(session, job_id)
-    runs = session.exec(
+    query = (
         select(JobRun)
         .where(JobRun.job_id == job_id)
-        .order_by(col(JobRun.fire_time).desc())
-        .limit(limit)
-    ).all()
-    return [_run_out(run) for run in runs]
+        .order_by(col(JobRun.fire_time).desc(), col(JobRun.id).desc())
+    )
+    return page_of(session, query, paging, _run_out)
 
 
 def _set_enabled(
-    session: Session, commit: CommitConfigChange, job_id: int, enabled: bool
+    session: Session, audit: AuditDep, commit: CommitConfigChange, job_id: int, enabled: bool
 ) -> JobOut:
     job = _get(session, job_id)
     if job.enabled != enabled:
+        audit.record(session, "job.resume" if enabled else "job.pause", job.name,
+                     before=job.model_dump(mode="json"), after={"enabled": enabled})  # fmt: skip
         job.enabled = enabled
         job.version += 1
         # Resumed: fire times that passed while paused do not run.
@@ -201,21 +277,27 @@ def _set_enabled(
 
 
 @router.post("/{job_id}/pause", summary="Stop running the job (its history is kept)")
-def pause_job(job_id: int, session: SessionDep, commit: ConfigChangeDep) -> JobOut:
-    return _set_enabled(session, commit, job_id, False)
+def pause_job(job_id: int, session: SessionDep, audit: AuditDep, commit: ConfigChangeDep) -> JobOut:
+    return _set_enabled(session, audit, commit, job_id, False)
 
 
 @router.post(
     "/{job_id}/resume",
     summary="Run the job again from its next fire time (missed ones while paused do not run)",
 )
-def resume_job(job_id: int, session: SessionDep, commit: ConfigChangeDep) -> JobOut:
-    return _set_enabled(session, commit, job_id, True)
+def resume_job(
+    job_id: int, session: SessionDep, audit: AuditDep, commit: ConfigChangeDep
+) -> JobOut:
+    return _set_enabled(session, audit, commit, job_id, True)
 
 
 @router.delete("/{job_id}", status_code=204, summary="Delete the job and its run history")
-def delete_job(job_id: int, session: SessionDep, commit: ConfigChangeDep) -> Response:
-    session.delete(_get(session, job_id))
+def delete_job(
+    job_id: int, session: SessionDep, audit: AuditDep, commit: ConfigChangeDep
+) -> Response:
+    job = _get(session, job_id)
+    audit.record(session, "job.delete", job.name, before=job)
+    session.delete(job)
     session.exec(delete(JobRun).where(col(JobRun.job_id) == job_id))
     commit(session)
     return Response(status_code=204)

@@ -17,7 +17,9 @@ from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
+from ferrylink.audit import AuditDep
 from ferrylink.models import SentinelEndpoint
+from ferrylink.paging import Page, PagingDep, page_from_list
 from services.sentinel_link.api.deps import RuntimeDep, SessionDep, StoreDep
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
@@ -60,6 +62,21 @@ class EndpointIn(BaseModel):
         return check_url(value)
 
 
+class EndpointPatch(BaseModel):
+    """What an update may change; absent fields stay as they are. The name stays."""
+
+    url: str | None = Field(None, min_length=1, max_length=2048)
+    batch_size: int | None = Field(None, ge=1, le=10_000)
+    max_backlog: int | None = Field(None, ge=1)
+    max_age_seconds: float | None = Field(None, gt=0)
+    paused: bool | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return check_url(value) if value is not None else None
+
+
 class EndpointOut(BaseModel):
     name: str
     url: str
@@ -96,11 +113,11 @@ def _get(session: SessionDep, name: str) -> SentinelEndpoint:
     return endpoint
 
 
-@router.get("", response_model=list[EndpointOut], summary="Endpoints with backlog and status")
-def list_endpoints(session: SessionDep, store: StoreDep) -> list[EndpointOut]:
+@router.get("", response_model=Page[EndpointOut], summary="Endpoints with backlog and status")
+def list_endpoints(session: SessionDep, store: StoreDep, paging: PagingDep) -> Page[EndpointOut]:
     status = store.status()
     rows = session.exec(select(SentinelEndpoint).order_by(col(SentinelEndpoint.id))).all()
-    return [_out(e, status.get(e.id or 0)) for e in rows]
+    return page_from_list([_out(e, status.get(e.id or 0)) for e in rows], paging)
 
 
 @router.get("/{name}", response_model=EndpointOut, summary="One endpoint")
@@ -110,7 +127,9 @@ def get_endpoint(name: str, session: SessionDep, store: StoreDep) -> EndpointOut
 
 
 @router.post("", response_model=EndpointOut, status_code=201, summary="Add an endpoint")
-def create_endpoint(body: EndpointIn, session: SessionDep, runtime: RuntimeDep) -> EndpointOut:
+def create_endpoint(
+    body: EndpointIn, session: SessionDep, runtime: RuntimeDep, audit: AuditDep, response: Response
+) -> EndpointOut:
     endpoint = SentinelEndpoint(**body.model_dump())
     session.add(endpoint)
     try:
@@ -118,17 +137,39 @@ def create_endpoint(body: EndpointIn, session: SessionDep, runtime: RuntimeDep) 
     except IntegrityError as exc:
         session.rollback()
         raise HTTPException(409, f"endpoint {body.name!r} exists") from exc
+    audit.record(session, "endpoint.create", body.name, after=endpoint)
     _changed(runtime, session)
     session.refresh(endpoint)
+    response.headers["Location"] = f"/endpoints/{endpoint.name}"
     return _out(endpoint, None)
+
+
+@router.patch("/{name}", response_model=EndpointOut, summary="Change an endpoint")
+def update_endpoint(
+    name: str, body: EndpointPatch, session: SessionDep, runtime: RuntimeDep, store: StoreDep,
+    audit: AuditDep,
+) -> EndpointOut:  # fmt: skip
+    endpoint = _get(session, name)
+    before = endpoint.model_dump(mode="json")
+    change = body.model_dump(exclude_unset=True)
+    if any(value is None for value in change.values()):
+        raise HTTPException(422, "a field given may not be null; leave it out to keep it")
+    for key, value in change.items():
+        setattr(endpoint, key, value)
+    session.add(endpoint)
+    audit.record(session, "endpoint.update", name, before, endpoint)
+    _changed(runtime, session)
+    session.refresh(endpoint)
+    return _out(endpoint, store.status().get(endpoint.id or 0))
 
 
 @router.delete("/{name}", status_code=204, summary="Remove an endpoint and its backlog")
 def delete_endpoint(
-    name: str, session: SessionDep, runtime: RuntimeDep, store: StoreDep
+    name: str, session: SessionDep, runtime: RuntimeDep, store: StoreDep, audit: AuditDep
 ) -> Response:
     endpoint = _get(session, name)
     endpoint_id = endpoint.id or 0
+    audit.record(session, "endpoint.delete", name, before=endpoint)
     session.delete(endpoint)
     _changed(runtime, session)
     store.forget_endpoint(endpoint_id)
@@ -136,10 +177,13 @@ def delete_endpoint(
 
 
 def _set_paused(name: str, paused: bool, session: SessionDep, runtime: RuntimeDep,
-                store: StoreDep) -> EndpointOut:  # fmt: skip
+                store: StoreDep, audit: AuditDep) -> EndpointOut:  # fmt: skip
     endpoint = _get(session, name)
+    before = endpoint.model_dump(mode="json")
     endpoint.paused = paused
     session.add(endpoint)
+    audit.record(session, "endpoint.pause" if paused else "endpoint.resume", name, before,
+                 endpoint)  # fmt: skip
     _changed(runtime, session)
     session.refresh(endpoint)
     return _out(endpoint, store.status().get(endpoint.id or 0))
@@ -148,11 +192,11 @@ def _set_paused(name: str, paused: bool, session: SessionDep, runtime: RuntimeDe
 @router.post("/{name}/pause", response_model=EndpointOut,
              summary="Stop delivering; records keep queueing (within its bounds)")  # fmt: skip
 def pause_endpoint(name: str, session: SessionDep, runtime: RuntimeDep,
-                   store: StoreDep) -> EndpointOut:  # fmt: skip
-    return _set_paused(name, True, session, runtime, store)
+                   store: StoreDep, audit: AuditDep) -> EndpointOut:  # fmt: skip
+    return _set_paused(name, True, session, runtime, store, audit)
 
 
 @router.post("/{name}/resume", response_model=EndpointOut, summary="Deliver again")
 def resume_endpoint(name: str, session: SessionDep, runtime: RuntimeDep,
-                    store: StoreDep) -> EndpointOut:  # fmt: skip
-    return _set_paused(name, False, session, runtime, store)
+                    store: StoreDep, audit: AuditDep) -> EndpointOut:  # fmt: skip
+    return _set_paused(name, False, session, runtime, store, audit)

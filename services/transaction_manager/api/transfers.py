@@ -5,14 +5,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from pydantic import BaseModel
-from sqlalchemy import func
 from sqlmodel import col, select
 
-from ferrylink import audit
+from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
 from ferrylink.models import Transfer
+from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.primary_proxy import forward_to_primary
 from services.transaction_manager import resubmit
 from services.transaction_manager.api.deps import TMDep, TransactionManager
 
@@ -37,19 +38,17 @@ class TransferOut(BaseModel):
     detail: str
 
 
-class TransferPage(BaseModel):
-    total: int
-    items: list[TransferOut]
-
-
 @router.get(
     "",
-    response_model=TransferPage,
-    responses={409: {"description": "Not the primary: ask the primary's TM"}},
+    response_model=Page[TransferOut],
+    summary="The consolidated transfer log (any server answers: others ask the primary)",
+    responses={503: {"description": "No primary serves it yet"}},
 )
 def list_transfers(
+    request: Request,
     tm: TMDep,
     session: SessionDep,
+    paging: PagingDep,
     account: str | None = None,
     status: str | None = None,
     file_name: str | None = Query(default=None, description="Substring of the file name."),
@@ -58,10 +57,12 @@ def list_transfers(
     cycle_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    limit: int = Query(default=100, ge=1, le=1000),
-    offset: int = Query(default=0, ge=0),
-) -> TransferPage:
-    _require_primary(tm)
+) -> Page[TransferOut] | Response:
+    if not tm.serves_transfer_log.is_set:
+        runtime = tm.runtime
+        primary = runtime.follower.status()["primary"]
+        return forward_to_primary(request, runtime.engine, primary, runtime.settings.node_id,
+                                  runtime.service_name)  # fmt: skip
     filters: list[Any] = []
     if account:
         filters.append(Transfer.account == account)
@@ -79,15 +80,14 @@ def list_transfers(
         filters.append(col(Transfer.started_at) >= since)
     if until:
         filters.append(col(Transfer.started_at) < until)
-    total = session.exec(select(func.count()).select_from(Transfer).where(*filters)).one()
-    rows = session.exec(
-        select(Transfer).where(*filters)
+    query = (
+        select(Transfer)
+        .where(*filters)
         .order_by(col(Transfer.started_at).desc(), col(Transfer.id).desc())
-        .offset(offset).limit(limit)
-    ).all()  # fmt: skip
-    return TransferPage(total=total,
-                        items=[TransferOut.model_validate(r, from_attributes=True)
-                               for r in rows])  # fmt: skip
+    )
+    return page_of(
+        session, query, paging, lambda r: TransferOut.model_validate(r, from_attributes=True)
+    )
 
 
 def _require_primary(tm: TransactionManager) -> None:
@@ -117,7 +117,7 @@ class ResubmitOut(BaseModel):
     },
 )
 def resubmit_transfer(
-    cycle_id: str, tm: TMDep, session: SessionDep, request: Request
+    cycle_id: str, tm: TMDep, session: SessionDep, audit: AuditDep
 ) -> ResubmitOut:
     """Accepted: the event is queued again; the transfer log shows its legs as it runs (the
     failed push leg goes SENDING/SENT or FAILED again). Recorded in the audit log."""
@@ -128,7 +128,7 @@ def resubmit_transfer(
         raise HTTPException(exc.status, str(exc)) from None
     out = ResubmitOut(cycle_id=cycle_id, event_id=again.event.id, from_step=again.failed_step,
                       previous_error=again.detail)  # fmt: skip
-    audit.record(session, request, "transfer.resubmit", cycle_id,
+    audit.record(session, "transfer.resubmit", cycle_id,
                  before={"route": "FAILED", "detail": again.detail},
                  after=out.model_dump())  # fmt: skip
     # The event goes out through the outbox: queued if and only if the reset committed.
