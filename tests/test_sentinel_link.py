@@ -3,6 +3,9 @@
 - passive, 2 servers: files are uploaded and routed while the primary is SIGKILLed; the
   receiver gets every leg of every cycle, each id with one seq (repeats dropped), in seq
   order per cycle.
+- One of two endpoints down for a while under load (uploads through a route): the other
+  receives each batch as it goes; the down one, once back, receives its whole backlog, each
+  record once, in seq order per cycle.
 - The bound of the transfer-states queue: with nothing consuming it, uploads and routing go
   on, and every state is either in the queue or counted as overflow on /metrics.
 """
@@ -13,6 +16,8 @@ import os
 import re
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +127,81 @@ def test_passive_primary_killed_mid_stream_every_leg_once_in_order(
         print(f"{len(states)} records received, {len(states) - len(seqs)} repeats dropped")
     finally:
         sink.stop()
+
+
+def test_one_endpoint_down_under_load_gets_its_whole_backlog_once_in_order(
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Retries of the down endpoint every second or two, so it is served soon after it is back.
+    monkeypatch.setenv("FERRYLINK_SENTINEL_BACKOFF_MAX", "2")
+    cluster = make_cluster("active_active", servers=1)
+    wait_until(lambda: WORK_SENTINEL_LINK in cluster.active("st1", "sentinel-link"), 60,
+               "the sentinel link active")  # fmt: skip
+    wait_until(lambda: WORK_EVENTS in cluster.active("st1", "transaction-manager"), 60,
+               "the transaction manager consuming")  # fmt: skip
+    up, down = TrackingSink(), TrackingSink()
+    down.stop()  # its port refuses connections until it is started again
+    endpoints_url = f"{url(cluster, 'st1', 'sentinel-link')}/endpoints"
+    try:
+        for name, sink in (("up", up), ("down", down)):
+            created = cluster.http.post(endpoints_url, json={"name": name, "url": sink.url,
+                                                             "batch_size": 20})  # fmt: skip
+            assert created.status_code == 201, created.text
+        tm = url(cluster, "st1", "transaction-manager")
+        set_up_account(cluster.http, tm)
+
+        def status(name: str) -> dict[str, Any]:
+            found: dict[str, Any] = next(
+                e for e in cluster.http.get(endpoints_url).json() if e["name"] == name
+            )
+            return found
+
+        def has_all(sink: TrackingSink, ids: list[str]) -> bool:
+            return set(ids) <= set(sink.unique_states())
+
+        def backlog_is(name: str, count: int) -> bool:
+            return bool(status(name)["backlog"] == count)
+
+        wanted: list[str] = []
+        cycles: list[str] = []
+        batches, per_batch = 3, 15
+        with ThreadPoolExecutor(4) as pool:  # concurrent uploads: load on the link
+            for batch in range(batches):
+                names = [f"b{batch}-{n:03d}.csv" for n in range(per_batch)]
+                uploads = list(pool.map(partial(upload, tm), names))
+                wanted += [i for u in uploads for i in expected_ids(u["event_id"])]
+                cycles += [u["cycle_id"] for u in uploads]
+                # The up one has this batch while the other is still down: not held up.
+                wait_until(partial(has_all, up, list(wanted)), 60,
+                           f"batch {batch} at the endpoint that is up")  # fmt: skip
+                assert not down.records
+                wait_until(partial(backlog_is, "down", len(wanted)), 30,
+                           "the down endpoint's backlog growing")  # fmt: skip
+        failing = status("down")
+        assert failing["failures"] >= 1 and failing["last_error"] == "ConnectError"
+        assert failing["last_success_at"] is None and failing["dropped"] == 0
+        assert status("up")["backlog"] == 0 and status("up")["failures"] == 0
+
+        down.start()  # back, on the same port
+        wait_until(partial(has_all, down, wanted), 60,
+                   "the whole backlog at the endpoint that was down")  # fmt: skip
+        wait_until(lambda: status("down")["backlog"] == 0, 30, "an empty backlog")
+        received = [r["id"] for r in down.states()]
+        assert sorted(received) == sorted(wanted), "each record once, nothing else"
+        by_cycle = down.by_cycle()
+        assert sorted(by_cycle) == sorted(cycles)
+        for cycle in by_cycle.values():
+            assert [r["seq"] for r in cycle] == [1, 2, 3]
+            assert [r["status"] for r in cycle] == ["RECEIVING", "RECEIVED", "ROUTED"]
+        # The same records, with the same seq, at both endpoints.
+        seq_up = {i: r["seq"] for i, r in up.unique_states().items()}
+        assert {i: r["seq"] for i, r in down.unique_states().items()} == seq_up
+        recovered = status("down")
+        assert recovered["failures"] == 0 and recovered["last_success_at"] is not None
+        assert recovered["delivered"] >= len(wanted) and recovered["dropped"] == 0
+    finally:
+        up.stop()
+        down.stop()
 
 
 def queue_length(amqp_url: str, queue: str) -> int:
