@@ -27,9 +27,9 @@ import pytest
 
 from ferrylink.cluster import WORK_EVENTS, WORK_SENTINEL_LINK
 from ferrylink.messaging import Topology
+from ferrylink_ops.tracking_sink import TrackingSink
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
-from tests.tracking_sink import TrackingSink
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(400)]
 

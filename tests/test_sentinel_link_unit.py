@@ -19,11 +19,11 @@ from sqlmodel import Session
 from ferrylink.contracts import TransferState
 from ferrylink.db import create_tables, make_engine
 from ferrylink.models import SentinelEndpoint, SentinelOutbox
+from ferrylink_ops.tracking_sink import TrackingSink
 from services.sentinel_link.api.endpoints import check_url
 from services.sentinel_link.delivery import DeliveryLoop
 from services.sentinel_link.link import LinkStore, retry_delay
 from tests.helpers import wait_until
-from tests.tracking_sink import TrackingSink
 
 
 def state(cycle: str, leg: str, status: str) -> TransferState:

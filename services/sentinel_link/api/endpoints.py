@@ -113,7 +113,9 @@ def get_endpoint(name: str, session: SessionDep, store: StoreDep) -> EndpointOut
 
 
 @router.post("", response_model=EndpointOut, status_code=201, summary="Add an endpoint")
-def create_endpoint(body: EndpointIn, session: SessionDep, runtime: RuntimeDep) -> EndpointOut:
+def create_endpoint(
+    body: EndpointIn, session: SessionDep, runtime: RuntimeDep, response: Response
+) -> EndpointOut:
     endpoint = SentinelEndpoint(**body.model_dump())
     session.add(endpoint)
     try:
@@ -123,6 +125,7 @@ def create_endpoint(body: EndpointIn, session: SessionDep, runtime: RuntimeDep) 
         raise HTTPException(409, f"endpoint {body.name!r} exists") from exc
     _changed(runtime, session)
     session.refresh(endpoint)
+    response.headers["Location"] = f"{router.prefix}/{endpoint.name}"
     return _out(endpoint, None)
 
 
