@@ -6,6 +6,8 @@
 - One of two endpoints down for a while under load (uploads through a route): the other
   receives each batch as it goes; the down one, once back, receives its whole backlog, each
   record once, in seq order per cycle.
+- passive_legacy, manual failover: `lost_sentinel_records` is what the old primary had linked
+  but not delivered (an endpoint kept down), since its link data is node-local.
 - The bound of the transfer-states queue: with nothing consuming it, uploads and routing go
   on, and every state is either in the queue or counted as overflow on /metrics.
 """
@@ -24,8 +26,11 @@ from typing import Any
 import httpx
 import pika
 import pytest
+from sqlmodel import Session
 
-from ferrylink.cluster import WORK_EVENTS, WORK_SENTINEL_LINK
+from ferrylink.cluster import WORK_EVENTS, WORK_EVENTS_LOCAL, WORK_SENTINEL_LINK
+from ferrylink.config import read_sentinel_undelivered
+from ferrylink.db import make_engine
 from ferrylink.messaging import Topology
 from ferrylink_ops.tracking_sink import TrackingSink
 from tests.cluster_support import Cluster
@@ -199,6 +204,70 @@ def test_one_endpoint_down_under_load_gets_its_whole_backlog_once_in_order(
         recovered = status("down")
         assert recovered["failures"] == 0 and recovered["last_success_at"] is not None
         assert recovered["delivered"] >= len(wanted) and recovered["dropped"] == 0
+    finally:
+        up.stop()
+        down.stop()
+
+
+def test_passive_legacy_failover_reports_the_records_the_old_primary_had_not_delivered(
+    make_cluster: Any,
+) -> None:
+    cluster = make_cluster("passive_legacy", servers=2)
+    wait_until(lambda: WORK_SENTINEL_LINK in cluster.active("st1", "sentinel-link"), 60,
+               "st1's sentinel link active")  # fmt: skip
+    wait_until(lambda: WORK_EVENTS_LOCAL in cluster.active("st1", "transaction-manager"), 60,
+               "st1's transaction manager consuming its own queue")  # fmt: skip
+    wait_until(lambda: cluster.view()["servers"][1]["state"] == "up", 60, "st2 up")
+    up, down = TrackingSink(), TrackingSink()
+    down.stop()
+    sentinel = url(cluster, "st1", "sentinel-link")
+    try:
+        created = cluster.http.post(f"{sentinel}/endpoints", json={"name": "up", "url": up.url})
+        assert created.status_code == 201, created.text
+        tm = url(cluster, "st1", "transaction-manager")
+        set_up_account(cluster.http, tm)
+        first = [upload(tm, f"a{n}.csv") for n in range(4)]
+        delivered = [i for u in first for i in expected_ids(u["event_id"])]
+        wait_until(lambda: set(delivered) <= set(up.unique_states()), 60, "first files tracked")
+        # From now on one endpoint is down: what it has not received is lost with st1's
+        # node-local link data (records linked before it was added are not queued for it).
+        created = cluster.http.post(f"{sentinel}/endpoints",
+                                    json={"name": "down", "url": down.url})  # fmt: skip
+        assert created.status_code == 201, created.text
+        second = [upload(tm, f"b{n}.csv") for n in range(5)]
+        undelivered = [i for u in second for i in expected_ids(u["event_id"])]
+        wait_until(lambda: set(undelivered) <= set(up.unique_states()), 60, "all at 'up'")
+        link = cluster.http.get(f"{sentinel}/link").json()
+        assert link["mode"] == "passive_legacy" and link["link_db"] != "shared"
+        assert link["records"] == len(delivered) + len(undelivered)
+        assert link["undelivered_records"] == len(undelivered)
+        # The sentinel link reports it to the shared database about every second.
+        engine = make_engine(f"sqlite:///{cluster.state_dir / 'ferrylink.db'}")
+        try:
+
+            def reported() -> int:
+                with Session(engine) as session:
+                    return read_sentinel_undelivered(session, "st1")
+
+            wait_until(lambda: reported() == len(undelivered), 30, "the undelivered count")
+        finally:
+            engine.dispose()
+
+        coordinator = url(cluster, "st2", "cluster-coordinator")
+        answer = cluster.http.post(f"{coordinator}/cluster/failover", json={"to": "st2"},
+                                   timeout=60)  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        report = answer.json()
+        assert (report["previous_primary"], report["primary"]) == ("st1", "st2")
+        assert report["lost_sentinel_records"] == len(undelivered)
+        assert report["lost_events"] == 0
+        wait_until(lambda: WORK_SENTINEL_LINK in cluster.active("st2", "sentinel-link"), 30,
+                   "st2's sentinel link active")  # fmt: skip
+        wait_until(lambda: not cluster.active("st1", "sentinel-link"), 30, "st1's stopped")
+        # st2 starts with empty link data of its own: nothing of st1's reaches 'down'.
+        down.start()
+        wait_until(lambda: down.heartbeats(), 30, "st2 delivering to 'down' (heartbeats)")
+        assert not down.states()
     finally:
         up.stop()
         down.stop()
