@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = ["failover", "events", "memory"]
+BENCHMARKS = ["failover", "events", "memory", "sentinel"]
 
 
 def main() -> None:

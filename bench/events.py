@@ -18,7 +18,7 @@ import pika
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from bench.common import broker_url, local_cluster, report
+from bench.common import BenchCluster, broker_url, local_cluster, report
 from ferrylink.cluster import WORK_EVENTS
 from ferrylink.contracts import FileArrived
 from ferrylink.db import make_engine
@@ -72,6 +72,49 @@ def raw_rate(url: str, count: int) -> float:
     return count / elapsed
 
 
+def set_up_route(cluster: BenchCluster, server: str = "st1") -> None:
+    """Account `bench` with a route moving every file to `done`."""
+    base = f"http://127.0.0.1:{cluster.port(server, 'transaction-manager')}"
+    auth = cluster.headers
+    httpx.post(
+        f"{base}/accounts", json={"name": "bench", "password": "bench-pass"}, headers=auth
+    ).raise_for_status()
+    httpx.post(f"{base}/routes", json={"account": "bench", "pattern": "*", "steps": [
+        {"kind": "move", "folder": "done"}]}, headers=auth).raise_for_status()  # fmt: skip
+
+
+def events_per_second(cluster: BenchCluster, url: str, count: int, tag: str = "") -> float:
+    """Publish `count` file.arrived events for fresh files at once; events per second until
+    the transaction managers have processed them all."""
+    home = cluster.state_dir / "data" / "homes" / "bench"
+    events = []
+    for i in range(count):
+        (home / f"f{tag}{i}").write_text("x")
+        events.append(FileArrived(account="bench", path=f"f{tag}{i}"))
+    engine = make_engine(f"sqlite:///{cluster.state_dir / 'ferrylink.db'}")
+    publisher = Publisher([url]).start()
+    publisher.wait_connected(30)
+    queue = Topology(prefix=cluster.prefix).queue("events")
+    ids = [e.id for e in events]
+    started = time.perf_counter()
+    wait_all([publisher.publish("", queue, e.to_bytes(), message_id=e.id) for e in events], 120)
+
+    def processed() -> bool:
+        with Session(engine) as session:
+            n = session.exec(
+                select(func.count())
+                .select_from(ProcessedEvent)
+                .where(col(ProcessedEvent.event_id).in_(ids))
+            ).one()
+        return int(n) == count
+
+    wait_until(processed, 600, "every event processed", 0.05)
+    elapsed = time.perf_counter() - started
+    publisher.close()
+    engine.dispose()
+    return count / elapsed
+
+
 def end_to_end_rate(url: str, servers: int, count: int) -> float:
     with local_cluster(servers, "active_active", url) as cluster:
         for server in [f"st{i + 1}" for i in range(servers)]:
@@ -80,40 +123,8 @@ def end_to_end_rate(url: str, servers: int, count: int) -> float:
                 return WORK_EVENTS in cluster.active(server, "transaction-manager")
 
             wait_until(consuming, 60, f"{server} consuming")
-        base = f"http://127.0.0.1:{cluster.port('st1', 'transaction-manager')}"
-        auth = cluster.headers
-        httpx.post(
-            f"{base}/accounts", json={"name": "bench", "password": "bench-pass"}, headers=auth
-        ).raise_for_status()
-        httpx.post(f"{base}/routes", json={"account": "bench", "pattern": "*", "steps": [
-            {"kind": "move", "folder": "done"}]}, headers=auth).raise_for_status()  # fmt: skip
-        home = cluster.state_dir / "data" / "homes" / "bench"
-        events = []
-        for i in range(count):
-            (home / f"f{i}").write_text("x")
-            events.append(FileArrived(account="bench", path=f"f{i}"))
-        engine = make_engine(f"sqlite:///{cluster.state_dir / 'ferrylink.db'}")
-        publisher = Publisher([url]).start()
-        publisher.wait_connected(30)
-        queue = Topology(prefix=cluster.prefix).queue("events")
-        ids = [e.id for e in events]
-        started = time.perf_counter()
-        wait_all([publisher.publish("", queue, e.to_bytes(), message_id=e.id) for e in events], 120)
-
-        def processed() -> bool:
-            with Session(engine) as session:
-                n = session.exec(
-                    select(func.count())
-                    .select_from(ProcessedEvent)
-                    .where(col(ProcessedEvent.event_id).in_(ids))
-                ).one()
-            return int(n) == count
-
-        wait_until(processed, 600, "every event processed", 0.05)
-        elapsed = time.perf_counter() - started
-        publisher.close()
-        engine.dispose()
-    return count / elapsed
+        set_up_route(cluster)
+        return events_per_second(cluster, url, count)
 
 
 def run(count: int, raw_count: int) -> dict[str, Any]:

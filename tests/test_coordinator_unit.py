@@ -9,6 +9,7 @@ import pytest
 from sqlmodel import Session
 
 from ferrylink.cluster import Heartbeat
+from ferrylink.config import bump_config_version, read_config_version
 from ferrylink.db import create_tables
 from ferrylink.models import LeaderLease
 from ferrylink.runtime import ServiceRuntime
@@ -45,3 +46,43 @@ def test_a_coordinator_cut_off_from_the_broker_does_not_take_the_lease(
         lease = session.get(LeaderLease, 1)
         assert lease is not None and lease.holder == "" and lease.term == 0
     assert not coordinator.is_leader()
+
+
+def hear(coordinator: Coordinator, service: str, at: float, version: int) -> None:
+    heartbeat = Heartbeat(node="st1", service=service, pid=1, sent_at=at, config_version=version)
+    coordinator.tracker.record(heartbeat, at)
+
+
+@pytest.mark.parametrize(
+    ("sentinel_age", "sentinel_current", "synchronized"),
+    [
+        (0.0, True, True),  # every service on the current version
+        (0.0, False, False),  # a live service on an old version, past the grace
+        (4.0, False, False),  # late but within the 5 s timeout: still counts
+        (100.0, False, True),  # dead (not heard within the timeout): its version is ignored
+        (100.0, True, True),
+    ],
+)
+def test_only_services_heard_within_the_timeout_count_for_synchronization(
+    coordinator: Coordinator, sentinel_age: float, sentinel_current: bool, synchronized: bool
+) -> None:
+    engine = coordinator.runtime.engine
+    with Session(engine) as session:
+        current = bump_config_version(session)
+        session.commit()
+    assert read_config_version(engine) == current
+    old = current - 1
+    # The server counts as up without the sentinel link (a dead sentinel link is not fatal).
+    coordinator.settings.required_services = "transaction-manager,cluster-coordinator"
+    now = time.time()
+    hear(coordinator, "transaction-manager", now, current)
+    hear(coordinator, "cluster-coordinator", now, current)
+    sentinel_version = current if sentinel_current else old
+    hear(coordinator, "sentinel-link", now - sentinel_age, sentinel_version)
+    with Session(engine) as session:
+        # Behind since a moment past the grace period (3 heartbeat periods) ago.
+        coordinator.view(session, now - 3.5 * coordinator.settings.heartbeat_interval)
+        view = coordinator.view(session, now)
+    assert view.live == {"st1"}
+    assert ("st1" in view.synchronized) is synchronized
+    assert view.services["st1"]["sentinel-link"]["config_version"] == sentinel_version

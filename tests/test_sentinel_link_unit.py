@@ -5,8 +5,11 @@ real SQLite file (seq per cycle, repeats, outbox bounds), and delivery to real H
 from __future__ import annotations
 
 import random
+import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +18,12 @@ from sqlmodel import Session
 
 from ferrylink.contracts import TransferState
 from ferrylink.db import create_tables, make_engine
-from ferrylink.models import SentinelEndpoint
+from ferrylink.models import SentinelEndpoint, SentinelOutbox
+from ferrylink_ops.tracking_sink import TrackingSink
 from services.sentinel_link.api.endpoints import check_url
 from services.sentinel_link.delivery import DeliveryLoop
-from services.sentinel_link.link import LinkStore, excess, retry_delay
+from services.sentinel_link.link import LinkStore, retry_delay
 from tests.helpers import wait_until
-from tests.tracking_sink import TrackingSink
 
 
 def state(cycle: str, leg: str, status: str) -> TransferState:
@@ -46,11 +49,6 @@ def test_retry_delay_doubles_with_jitter_up_to_the_maximum(
         assert len(set(delays)) > 100  # jittered, so endpoints do not retry in lockstep
 
 
-@pytest.mark.parametrize(("backlog", "bound", "drop"), [(0, 5, 0), (5, 5, 0), (6, 5, 1), (9, 1, 8)])
-def test_excess(backlog: int, bound: int, drop: int) -> None:
-    assert excess(backlog, bound) == drop
-
-
 @pytest.mark.parametrize(
     "url",
     ["ftp://x/y", "file:///etc/passwd", "javascript:alert(1)", "http://", "http://u:p@host/x",
@@ -68,10 +66,16 @@ def test_plain_urls_pass(url: str) -> None:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> LinkStore:
-    engine = make_engine(f"sqlite:///{tmp_path / 'link.db'}")
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LinkStore]:
+    """On SQLite; `parametrize("store", ["postgresql"], indirect=True)` for PostgreSQL."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'link.db'}"
+    engine = make_engine(url)
     create_tables(engine)
-    return LinkStore(engine, engine)
+    yield LinkStore(engine, engine)
+    engine.dispose()
 
 
 def add_endpoint(store: LinkStore, name: str, url: str, **fields: Any) -> SentinelEndpoint:
@@ -173,3 +177,55 @@ def _status(store: LinkStore) -> list[dict[str, Any]]:
 
 def _status_of(store: LinkStore, name: str) -> dict[str, Any]:
     return {str(s["name"]): s for s in _status(store)}[name]
+
+
+def all_at_once(actions: Sequence[Callable[[], object]]) -> list[BaseException]:
+    """Run each action in its own thread, released together; the exceptions raised."""
+    start = threading.Barrier(len(actions))
+    errors: list[BaseException] = []
+
+    def run(action: Callable[[], object]) -> None:
+        try:
+            start.wait(10)
+            action()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(action,)) for action in actions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return errors
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_first_status_row_written_by_many_threads_at_once(store: LinkStore) -> None:
+    """The consumer (bounds) and the delivery worker both write an endpoint's status; the
+    first row is created by whichever comes first, the other never fails on it, and no
+    increment is lost."""
+    rounds, threads = 10, 4
+    for n in range(rounds):
+        endpoint = add_endpoint(store, f"e{n}", "http://127.0.0.1:1/", max_backlog=1)
+        assert endpoint.id is not None
+        endpoint_id = endpoint.id
+        for c in range(threads + 1):
+            store.link_state(state(f"c{n}-{c}", "receive", "RECEIVED"), [])
+        with Session(store.link) as session:
+            for c in range(threads + 1):
+                session.add(SentinelOutbox(endpoint_id=endpoint_id,
+                                           record_id=f"c{n}-{c}:receive:RECEIVED",
+                                           created_at=time.time()))  # fmt: skip
+            session.commit()
+        now = time.time()
+        errors = all_at_once(
+            [partial(store.failed, endpoint_id, "ConnectError", now)] * threads
+            + [partial(store.enforce_bounds, endpoint, now)] * threads
+        )
+        assert not errors, errors
+        status = store.status()[endpoint_id]
+        assert status["failures"] == threads
+        # The bound keeps the newest one; the 4 older ones dropped once, counted once.
+        assert status["dropped"] == threads and status["backlog"] == 1
+        batch = store.next_batch(endpoint_id, 10)
+        assert [r["cycle_id"] for _, r in batch] == [f"c{n}-{threads}"]

@@ -29,3 +29,23 @@ def bump_config_version(session: Session) -> int:
     row.updated_at = utcnow()
     session.add(row)
     return int(row.value)
+
+
+def sentinel_undelivered_key(node: str) -> str:
+    """Where a passive_legacy sentinel link reports how many of its records (node-local
+    link data) some endpoint has not received yet; a manual failover reports them lost."""
+    return f"sentinel_link.undelivered.{node}"
+
+
+def write_sentinel_undelivered(session: Session, node: str, count: int) -> None:
+    """Store the count in the caller's transaction (commit is the caller's)."""
+    key = sentinel_undelivered_key(node)
+    row = session.get(ClusterSetting, key) or ClusterSetting(key=key, value="0")
+    row.value = str(count)
+    row.updated_at = utcnow()
+    session.add(row)
+
+
+def read_sentinel_undelivered(session: Session, node: str) -> int:
+    row = session.get(ClusterSetting, sentinel_undelivered_key(node), populate_existing=True)
+    return int(row.value) if row is not None else 0

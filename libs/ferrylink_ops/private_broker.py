@@ -34,6 +34,7 @@ from typing import IO, TypeVar
 
 import pika
 import pika.exceptions
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
 __all__ = [
     "BrokerCommandError",
@@ -237,7 +238,9 @@ def is_broker_reachable(url: str, timeout: float = 2.0) -> bool:
     params.blocked_connection_timeout = timeout
     try:
         connection = pika.BlockingConnection(params)
-    except (pika.exceptions.AMQPError, OSError):
+    except (pika.exceptions.AMQPError, AMQPConnectorException, OSError):
+        # AMQPConnectorException: the port answered but the handshake timed out (a busy or
+        # wedged broker): not reachable either.
         return False
     with contextlib.suppress(pika.exceptions.AMQPError, OSError):
         connection.close()

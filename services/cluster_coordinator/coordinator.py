@@ -148,7 +148,10 @@ class Coordinator:
                 if node != server.id:
                     continue
                 last_heard[service] = at
-                versions.add(heartbeat.config_version)
+                # Only services heard within the timeout: a dead one's last (old) version
+                # would otherwise leave its server unsynchronized for good.
+                if now - at <= settings.connection_timeout:
+                    versions.add(heartbeat.config_version)
                 services[server.id][service] = {
                     "age": round(now - at, 3),
                     "pid": heartbeat.pid,

@@ -120,6 +120,11 @@ class DeliveryLoop:
             self._thread.join()
             self._thread = None
         self._reconcile([])
+        if self.on_pass is not None:
+            try:
+                self.on_pass()  # a last report, as this server stops delivering
+            except Exception:
+                log.exception("sentinel delivery: the last report failed")
 
     def _supervise(self) -> None:
         while not self._stop.is_set():

@@ -16,7 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func
+from sqlalchemy import func, or_, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
@@ -77,11 +79,6 @@ def retry_delay(
         return 0.0
     ceiling = min(maximum, initial * 2 ** min(failures - 1, 62))
     return ceiling * (rng or random).uniform(0.5, 1.0)
-
-
-def excess(backlog: int, max_backlog: int) -> int:
-    """How many of the oldest records to drop so the backlog fits its bound."""
-    return max(0, backlog - max_backlog)
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -150,27 +147,29 @@ class LinkStore:
         """Drop the oldest records past the endpoint's bounds; count them. Returns how many."""
         assert endpoint.id is not None
         with Session(self.link) as session:
+            # One DELETE, so the count and the choice of victims see the same rows (the
+            # consumer and the endpoint's worker both run this): everything but the newest
+            # `max_backlog`, and whatever is older than `max_age_seconds`.
             outbox = select(SentinelOutbox.id).where(SentinelOutbox.endpoint_id == endpoint.id)
-            backlog = session.exec(select(func.count()).select_from(outbox.subquery())).one()
-            victims: list[int | None] = []
-            over = excess(backlog, endpoint.max_backlog)
-            if over:
-                victims += session.exec(outbox.order_by(col(SentinelOutbox.id)).limit(over)).all()
-            too_old = now - endpoint.max_age_seconds
-            victims += session.exec(
-                outbox.where(SentinelOutbox.created_at < too_old).order_by(col(SentinelOutbox.id))
-            ).all()
-            ids = sorted({v for v in victims if v is not None})
-            if not ids:
-                return 0
-            session.exec(delete(SentinelOutbox).where(col(SentinelOutbox.id).in_(ids)))
-            status = self._status(session, endpoint.id)
-            status.dropped += len(ids)
-            session.add(status)
+            newest = outbox.order_by(col(SentinelOutbox.id).desc()).offset(endpoint.max_backlog)
+            result = session.exec(
+                delete(SentinelOutbox).where(
+                    col(SentinelOutbox.endpoint_id) == endpoint.id,
+                    or_(
+                        col(SentinelOutbox.id).in_(newest.scalar_subquery()),
+                        col(SentinelOutbox.created_at) < now - endpoint.max_age_seconds,
+                    ),
+                )
+            )
+            dropped = int(result.rowcount)
+            if dropped:
+                _update_status(session, endpoint.id, dropped=SentinelDelivery.dropped + dropped)
             session.commit()
+        if not dropped:
+            return 0
         log.warning("endpoint %s: backlog over its bound, dropped %d oldest", endpoint.name,
-                    len(ids))  # fmt: skip
-        return len(ids)
+                    dropped)  # fmt: skip
+        return dropped
 
     def next_batch(self, endpoint_id: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """The oldest queued records of an endpoint: (outbox id, record)."""
@@ -186,25 +185,23 @@ class LinkStore:
 
     def delivered(self, endpoint_id: int, outbox_ids: Sequence[int], now: float) -> None:
         with Session(self.link) as session:
-            if outbox_ids:
-                session.exec(delete(SentinelOutbox).where(col(SentinelOutbox.id).in_(outbox_ids)))
-            status = self._status(session, endpoint_id)
-            status.delivered += len(outbox_ids)
-            status.failures = 0
-            status.last_success_at = now
-            session.add(status)
+            # Only what this call removed counts (the bounds may have dropped some meanwhile):
+            # each outbox row is counted once, delivered or dropped.
+            count = _deleted(session, outbox_ids)
+            _update_status(session, endpoint_id, delivered=SentinelDelivery.delivered + count,
+                           failures=0, last_success_at=now)  # fmt: skip
             session.commit()
 
     def failed(self, endpoint_id: int, error: str, now: float) -> int:
         """Record a failed delivery; the number of consecutive failures."""
         with Session(self.link) as session:
-            status = self._status(session, endpoint_id)
-            status.failures += 1
-            status.last_error = error[:1000]
-            status.last_error_at = now
-            session.add(status)
+            _update_status(session, endpoint_id, failures=SentinelDelivery.failures + 1,
+                           last_error=error[:1000], last_error_at=now)  # fmt: skip
+            failures = session.exec(
+                select(SentinelDelivery.failures).where(SentinelDelivery.endpoint_id == endpoint_id)
+            ).one()
             session.commit()
-            return status.failures
+            return int(failures)
 
     def status(self) -> dict[int, dict[str, Any]]:
         """Per endpoint id: backlog and delivery status."""
@@ -248,8 +245,26 @@ class LinkStore:
             )
             session.commit()
 
-    @staticmethod
-    def _status(session: Session, endpoint_id: int) -> SentinelDelivery:
-        return session.get(SentinelDelivery, endpoint_id) or SentinelDelivery(
-            endpoint_id=endpoint_id
-        )
+
+def _deleted(session: Session, outbox_ids: Sequence[int]) -> int:
+    """Delete outbox rows; how many this transaction removed (another may have been first)."""
+    if not outbox_ids:
+        return 0
+    result = session.exec(delete(SentinelOutbox).where(col(SentinelOutbox.id).in_(outbox_ids)))
+    return int(result.rowcount)
+
+
+def _update_status(session: Session, endpoint_id: int, **values: Any) -> None:
+    """Change an endpoint's status row in place (increments are SQL expressions, so two
+    threads never lose each other's counts). The consumer (bounds) and the endpoint's worker
+    (deliveries) may both write the first row: it is created with INSERT .. ON CONFLICT DO
+    NOTHING, so neither fails on the other's insert."""
+    table = SentinelDelivery.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    session.exec(insert(table).values(endpoint_id=endpoint_id).on_conflict_do_nothing())
+    session.exec(
+        update(SentinelDelivery)
+        .where(col(SentinelDelivery.endpoint_id) == endpoint_id)
+        .values(**values)
+    )

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from ferrylink.config import write_sentinel_undelivered
 from ferrylink.contracts import WORK_SENTINEL_LINK, ClusterMode, TransferState
 from ferrylink.db import create_tables, make_engine
 from ferrylink.metrics import SENTINEL_BACKLOG
@@ -28,7 +29,6 @@ from services.sentinel_link.settings import Settings
 
 SERVICE_NAME = "sentinel-link"
 MODE_KEY = "cluster.mode"  # written by the coordinator (cluster_coordinator/store.py)
-UNDELIVERED_KEY = "sentinel_link.undelivered.{node}"  # read by the coordinator's failover
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +69,9 @@ def build(settings: Settings) -> SentinelLink:
                 SENTINEL_BACKLOG.labels(endpoint=names[endpoint_id]).set(status["backlog"])
         if not legacy:
             return  # shared link data: a failover loses nothing
+        # Read by the coordinator's manual failover (what it reports lost).
         with Session(runtime.engine) as session:
-            key = UNDELIVERED_KEY.format(node=settings.node_id)
-            row = session.get(ClusterSetting, key) or ClusterSetting(key=key, value="0")
-            row.value = str(store.undelivered_records())
-            session.add(row)
+            write_sentinel_undelivered(session, settings.node_id, store.undelivered_records())
             session.commit()
 
     delivery = DeliveryLoop(

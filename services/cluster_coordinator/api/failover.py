@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 
 from ferrylink.admin_auth import OPERATOR_MAY
 from ferrylink.audit import AuditDep
+from ferrylink.config import read_sentinel_undelivered
 from ferrylink.deps import SessionDep
 from ferrylink.messaging import connection_parameters
 from ferrylink.models import ClusterState
@@ -30,7 +31,9 @@ class FailoverReport(BaseModel):
     epoch: int
     lost_events: int = Field(description="Events queued on the old primary's own queue.")
     lost_sentinel_records: int = Field(
-        description="Transfer states queued on the old primary's own sentinel-link queue."
+        description="Transfer states the old primary's sentinel link will never deliver: "
+        "queued on its own transfer-states queue, or linked (node-local link data) but not "
+        "yet received by some endpoint, as it last reported."
     )
 
 
@@ -72,13 +75,14 @@ def post_failover(
         session.rollback()  # end the transaction, so the next read sees the leader's commit
         state = session.get(ClusterState, 1, populate_existing=True) or ClusterState(id=1)
         if state.primary == body.to:
-            lost_events, lost_records = _stranded_counts(coordinator, previous)
+            lost_events, queued_states = _stranded_counts(coordinator, previous)
+            undelivered = read_sentinel_undelivered(session, previous) if previous else 0
             return FailoverReport(
                 previous_primary=previous,
                 primary=body.to,
                 epoch=state.epoch,
                 lost_events=lost_events,
-                lost_sentinel_records=lost_records,
+                lost_sentinel_records=queued_states + undelivered,
             )
         time.sleep(0.1)
     raise HTTPException(503, "no coordinator leader applied the failover; is the cluster up?")

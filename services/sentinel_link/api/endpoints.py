@@ -140,7 +140,7 @@ def create_endpoint(
     audit.record(session, "endpoint.create", body.name, after=endpoint)
     _changed(runtime, session)
     session.refresh(endpoint)
-    response.headers["Location"] = f"/endpoints/{endpoint.name}"
+    response.headers["Location"] = f"{router.prefix}/{endpoint.name}"
     return _out(endpoint, None)
 
 

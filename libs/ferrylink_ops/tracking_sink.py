@@ -1,6 +1,6 @@
-"""A real HTTP tracking receiver for sentinel-link tests: accepts `POST` of JSON batches
-(`{"node", "records": [...]}`) and keeps every record it got, repeats included. It can be
-taken down (the port refuses connections) and brought back on the same port."""
+"""A real HTTP tracking receiver for sentinel-link tests and benchmarks: accepts `POST` of
+JSON batches (`{"node", "records": [...]}`) and keeps every record it got, repeats included.
+It can be taken down (the port refuses connections) and brought back on the same port."""
 
 from __future__ import annotations
 
