@@ -42,6 +42,13 @@ from services.edge_proxy.backends import (
 
 log = logging.getLogger(__name__)
 DISC_BY_APPLICATION = 11
+# Channel flow control offered to clients. OpenSSH's `sftp` sends 32 KiB writes, each a little
+# over 32 KiB with its header: with asyncssh's default 32 KiB packets every write took two
+# SSH packets (one of ~50 bytes), each decrypted and dispatched on its own. Larger packets
+# carry several writes at once (measured with `python -m bench edge`: about 15 % less CPU
+# per GB); a larger window keeps the client's 64 requests in flight.
+CHANNEL_MAX_PACKET = 128 * 1024
+CHANNEL_WINDOW = 8 * 1024 * 1024
 
 
 class EdgeSSHServer(asyncssh.SSHServer):
@@ -304,4 +311,6 @@ async def start_sftp(
         login_timeout=login_timeout,
         keepalive_interval=30,
         keepalive_count_max=4,
+        window=CHANNEL_WINDOW,
+        max_pktsize=CHANNEL_MAX_PACKET,
     )
