@@ -18,6 +18,7 @@ from ferrylink.runtime import ServiceRuntime, create_app, serve
 from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, router
 from services.transaction_manager.dead_letters import DeadLetterKeeper
+from services.transaction_manager.edge_limits_api import router as edge_limits_router
 from services.transaction_manager.edge_link import EdgeLink, offers_sessions
 from services.transaction_manager.handlers import EventHandler
 from services.transaction_manager.routing import RouteRunner
@@ -59,7 +60,7 @@ def app(settings: Settings) -> FastAPI:
                                 settings.node_id),
         settings.edge_idle_connections, settings.edge_token_lifetime,
     )  # fmt: skip
-    api = create_app(runtime, routers=[router], description=__doc__ or "",
+    api = create_app(runtime, routers=[router, edge_limits_router], description=__doc__ or "",
                      on_start=[edge_link.start], on_stop=[edge_link.stop])  # fmt: skip
     api.state.tm = tm
     return api
