@@ -36,6 +36,8 @@ PERMISSION_DENIED = "permission_denied"
 BAD_REQUEST = "bad_request"
 AUTH_FAILED = "auth_failed"
 FAILURE = "failure"
+TOO_LARGE = "too_large"  # the file is larger than the edges' max file size
+QUOTA_EXCEEDED = "quota_exceeded"  # the account's home would exceed its quota
 
 
 class WireError(Exception):

@@ -523,3 +523,18 @@ class ServiceUrl(SQLModel, table=True):
     service: str = Field(primary_key=True, max_length=64)
     url: str = Field(max_length=512)
     updated_at: datetime = Field(default_factory=utcnow)
+
+
+class EdgeLimits(SQLModel, table=True):
+    """Limits every edge applies to partner sessions (one row, id 1; 0 means no limit).
+    Edges hold no database: a backend reads this row at each login and sends it with the
+    login's answer, so a change applies to every new session on every edge at once."""
+
+    __tablename__ = "edge_limits"
+
+    id: int = Field(default=1, primary_key=True)
+    sessions_per_account: int = Field(default=0)  # concurrent sessions of one account, per edge
+    idle_timeout_s: int = Field(default=0)  # an SFTP session without a request for this long
+    max_file_bytes: int = Field(default=0, sa_type=BigInteger)  # one uploaded file
+    quota_bytes: int = Field(default=0, sa_type=BigInteger)  # all files in one account's home
+    updated_at: datetime = Field(default_factory=utcnow)

@@ -55,6 +55,10 @@ class BackendRefused(Exception):
         self.code = code
 
 
+class TooManySessions(Exception):
+    """The account already has as many sessions on this edge as the limit allows."""
+
+
 class BackendConnection:
     """One TCP connection a transaction manager opened to this edge."""
 
@@ -111,14 +115,17 @@ class BackendConnection:
             f"the server {self.node} handling this session went away; please reconnect"
         )
 
+    def _write_frame(self, meta: dict[str, Any], data: bytes) -> None:
+        # One write of header and data: each write to an empty transport buffer is a send
+        # system call, and copying a chunk costs less than a second call.
+        self.writer.write(encode_frame(meta, data) + data if data else encode_frame(meta))
+
     async def send(self, meta: dict[str, Any], data: bytes = b"") -> None:
         """A request without an answer (a file write); waits only for buffer room."""
         if self.closed:
             raise self._gone()
         meta["noreply"] = True
-        self.writer.write(encode_frame(meta, data))
-        if data:
-            self.writer.write(data)
+        self._write_frame(meta, data)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError) as exc:
@@ -139,9 +146,7 @@ class BackendConnection:
             asyncio.get_running_loop().create_future()
         )
         self._pending[request_id] = future
-        self.writer.write(encode_frame(meta, data))
-        if data:
-            self.writer.write(data)
+        self._write_frame(meta, data)
         try:
             await self.writer.drain()
         except (ConnectionError, OSError):
@@ -169,6 +174,7 @@ class BackendHub:
         self.backend_wait = backend_wait
         self.idle: dict[str, list[BackendConnection]] = {}
         self.sessions: dict[str, int] = {}
+        self.account_sessions: dict[str, int] = {}  # logged-in sessions per account
         self._changed: asyncio.Condition | None = None
         self._server: asyncio.Server | None = None
 
@@ -274,18 +280,38 @@ class BackendHub:
 
     async def login(
         self, credentials: dict[str, Any], current: BackendConnection | None
-    ) -> tuple[BackendConnection, bool]:
+    ) -> tuple[BackendConnection, dict[str, Any] | None]:
         """Log in on `current` (or a fresh connection); returns the connection the session
-        keeps and whether the login succeeded. Retries on another connection only when the
-        one taken turned out to be closing (nothing was checked on it yet)."""
+        keeps and the backend's answer (the account and the edge limits), None when the
+        login failed. Retries on another connection only when the one taken turned out to
+        be closing (nothing was checked on it yet)."""
         for _attempt in range(LOGIN_ATTEMPTS):
             connection = current if current is not None else await self.acquire()
             try:
-                await connection.request({"op": "login", **credentials})
-                return connection, True
+                answer, _ = await connection.request({"op": "login", **credentials})
+                return connection, answer
             except BackendRefused:
-                return connection, False
+                return connection, None
             except BackendGone:
                 self.release(connection)
                 current = None
         raise NoBackend("no backend server answered; try again later")
+
+    def admit(self, account: str, limits: dict[str, Any]) -> None:
+        """Count a logged-in session of `account`; TooManySessions past the limit the
+        backend sent with the login (0: none). Every admitted session must `leave`."""
+        limit = int(limits.get("sessions_per_account") or 0)
+        running = self.account_sessions.get(account, 0)
+        if limit and running >= limit:
+            raise TooManySessions(
+                f"account {account} already has {running} session(s) on this edge, the most "
+                f"allowed; close one and try again"
+            )
+        self.account_sessions[account] = running + 1
+
+    def leave(self, account: str) -> None:
+        left = self.account_sessions.get(account, 0) - 1
+        if left > 0:
+            self.account_sessions[account] = left
+        else:
+            self.account_sessions.pop(account, None)

@@ -16,24 +16,34 @@ import base64
 import binascii
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from ferrylink.edge_wire import AUTH_FAILED, BAD_REQUEST, NO_SUCH_FILE, PERMISSION_DENIED
+from ferrylink.edge_wire import (
+    AUTH_FAILED,
+    BAD_REQUEST,
+    NO_SUCH_FILE,
+    PERMISSION_DENIED,
+    QUOTA_EXCEEDED,
+    TOO_LARGE,
+)
 from services.edge_proxy.backends import (
     BackendConnection,
     BackendGone,
     BackendHub,
     BackendRefused,
     NoBackend,
+    TooManySessions,
 )
 
 log = logging.getLogger(__name__)
 READ_CHUNK = 256 * 1024
-STATUS = {NO_SUCH_FILE: 404, PERMISSION_DENIED: 403, BAD_REQUEST: 400, AUTH_FAILED: 401}
+STATUS = {NO_SUCH_FILE: 404, PERMISSION_DENIED: 403, BAD_REQUEST: 400, AUTH_FAILED: 401,
+          TOO_LARGE: 413, QUOTA_EXCEEDED: 507}  # fmt: skip
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Basic realm="ferrylink"'}
 
 
@@ -61,19 +71,38 @@ def _credentials(request: Request) -> dict[str, Any]:
                         UNAUTHORIZED_HEADERS)  # fmt: skip
 
 
-async def _session(request: Request, hub: BackendHub) -> BackendConnection:
+@dataclass
+class PartnerSession:
+    """One HTTPS request's session: a logged-in backend connection, counted per account."""
+
+    hub: BackendHub
+    backend: BackendConnection
+    account: str
+
+    def end(self) -> None:
+        self.hub.leave(self.account)
+        self.hub.release(self.backend)
+
+
+async def _session(request: Request, hub: BackendHub) -> PartnerSession:
     credentials = _credentials(request)
     credentials.update(
         client_address=request.client.host if request.client else "?", protocol="https"
     )
     try:
-        backend, ok = await hub.login(credentials, None)
+        backend, answer = await hub.login(credentials, None)
     except NoBackend as exc:
         raise HTTPException(503, str(exc)) from None
-    if not ok:
+    if answer is None:
         hub.release(backend)
         raise HTTPException(401, "authentication failed", UNAUTHORIZED_HEADERS)
-    return backend
+    account = str(answer["account"])
+    try:
+        hub.admit(account, answer.get("limits") or {})
+    except TooManySessions as exc:
+        hub.release(backend)
+        raise HTTPException(429, str(exc)) from None
+    return PartnerSession(hub, backend, account)
 
 
 def _http_error(exc: Exception) -> HTTPException:
@@ -86,28 +115,32 @@ def _http_error(exc: Exception) -> HTTPException:
 
 @router.post("/session", tags=["session"], summary="Log in once; returns a Bearer token")
 async def create_session(request: Request, hub: HubDep) -> dict[str, Any]:
-    backend = await _session(request, hub)
+    session = await _session(request, hub)
     try:
-        answer, _ = await backend.request({"op": "issue_token"})
+        answer, _ = await session.backend.request({"op": "issue_token"})
     except (BackendRefused, BackendGone) as exc:
         raise _http_error(exc) from None
     finally:
-        hub.release(backend)
+        session.end()
     return {"token": answer["token"], "expires_in": answer["expires_in"]}
 
 
 @router.put("/files/{path:path}", status_code=201, tags=["files"], summary="Upload (streamed)")
 async def upload(path: str, request: Request, hub: HubDep) -> dict[str, Any]:
-    backend = await _session(request, hub)
+    session = await _session(request, hub)
+    backend = session.backend
     try:
         opened, _ = await backend.request(
             {"op": "open", "path": path, "mode": "write", "make_parents": True}
         )
         handle, offset = opened["handle"], 0
+        max_bytes = (opened.get("limit") or {}).get("max_bytes")
         async for chunk in request.stream():
             if chunk:
                 await backend.send({"op": "write", "handle": handle, "offset": offset}, chunk)
                 offset += len(chunk)
+                if max_bytes is not None and offset > max_bytes:
+                    break  # the backend refused it too: its close says why (413 / 507)
         answer, _ = await backend.request({"op": "close", "handle": handle})
     except (BackendRefused, BackendGone) as exc:
         raise _http_error(exc) from None
@@ -115,25 +148,26 @@ async def upload(path: str, request: Request, hub: HubDep) -> dict[str, Any]:
         log.info("HTTPS upload of %s interrupted by the client", path)
         raise HTTPException(400, "the upload was interrupted") from None
     finally:
-        hub.release(backend)  # an unclosed upload is kept by the backend as a partial
+        session.end()  # an unclosed upload is kept by the backend as a partial
     return {"path": path, "bytes": answer["bytes"], "event_id": answer["event_id"]}
 
 
 @router.get("/files/{path:path}", tags=["files"], summary="Download a file, or list a folder")
 async def download(path: str, request: Request, hub: HubDep) -> Response:
-    backend = await _session(request, hub)
+    session = await _session(request, hub)
+    backend = session.backend
     try:
         found, _ = await backend.request({"op": "stat", "path": path})
         if found["attrs"]["is_dir"]:
             listing, _ = await backend.request({"op": "list", "path": path})
-            hub.release(backend)
+            session.end()
             return JSONResponse({"path": path, "entries": listing["entries"]})
         opened, _ = await backend.request({"op": "open", "path": path, "mode": "read"})
     except (BackendRefused, BackendGone) as exc:
-        hub.release(backend)
+        session.end()
         raise _http_error(exc) from None
     except BaseException:
-        hub.release(backend)
+        session.end()
         raise
 
     async def body() -> AsyncIterator[bytes]:
@@ -149,7 +183,7 @@ async def download(path: str, request: Request, hub: HubDep) -> Response:
                 offset += len(data)
                 yield data
         finally:
-            hub.release(backend)
+            session.end()
 
     return StreamingResponse(
         body(), media_type="application/octet-stream",
@@ -159,11 +193,11 @@ async def download(path: str, request: Request, hub: HubDep) -> Response:
 
 @router.delete("/files/{path:path}", status_code=204, tags=["files"], summary="Delete a file")
 async def delete(path: str, request: Request, hub: HubDep) -> Response:
-    backend = await _session(request, hub)
+    session = await _session(request, hub)
     try:
-        await backend.request({"op": "remove", "path": path})
+        await session.backend.request({"op": "remove", "path": path})
     except (BackendRefused, BackendGone) as exc:
         raise _http_error(exc) from None
     finally:
-        hub.release(backend)
+        session.end()
     return Response(status_code=204)

@@ -52,15 +52,18 @@ from ferrylink.edge_wire import (
     NO_SUCH_FILE,
     PERMISSION_DENIED,
     PROTOCOL_VERSION,
+    QUOTA_EXCEEDED,
+    TOO_LARGE,
     BlockingFrames,
     WireError,
     set_keepalive,
 )
 from ferrylink.login_guard import LoginRefused
-from ferrylink.models import Account
+from ferrylink.models import Account, EdgeLimits
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.telemetry import extract_context, tracer
 from services.transaction_manager.api import TransactionManager
+from services.transaction_manager.api.edge_limits import read_edge_limits
 from services.transaction_manager.logins import check_token, issue_token, verify_login
 from services.transaction_manager.transfer_log import FAILED, RECEIVED, RECEIVING
 
@@ -94,6 +97,11 @@ class OpenFile:
     digest: Any = None  # sha256 while the writes come in order, else None (computed at close)
     event: FileArrived | None = None
     error: str | None = None
+    error_code: str = FAILURE
+    # The most bytes this upload may hold (the edges' max file size, the account's quota).
+    max_bytes: int | None = None
+    limit_code: str = TOO_LARGE
+    limit_message: str = ""
 
 
 @dataclass
@@ -110,6 +118,7 @@ class EdgeSession:
     protocol: str = "sftp"
     files: dict[int, OpenFile] = field(default_factory=dict)
     next_handle: int = 1
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
 
     def run(self, first: tuple[dict[str, Any], bytes]) -> None:
         request: tuple[dict[str, Any], bytes] | None = first
@@ -187,9 +196,18 @@ class EdgeSession:
                 raise SessionError(AUTH_FAILED, "authentication failed")
             home = confined(self.tm.data_dir, found.home)
             self.account = found.name
+            # Read at each login: a change applies to every new session on every edge.
+            self.limits = read_edge_limits(session)
         home.mkdir(parents=True, exist_ok=True)
         self.home = home
-        return {"account": self.account}, b""
+        limits = self.limits
+        return {
+            "account": self.account,
+            "limits": {
+                "sessions_per_account": limits.sessions_per_account,
+                "idle_timeout_s": limits.idle_timeout_s,
+            },
+        }, b""
 
     def _verify(self, session: Session, name: str, meta: dict[str, Any]) -> Account | None:
         """A password or key login behind this process's failed-login defender, keyed by the
@@ -326,7 +344,13 @@ class EdgeSession:
         handle = self.next_handle
         self.next_handle += 1
         self.files[handle] = opened
-        return {"handle": handle}, b""
+        if opened.max_bytes is None:
+            return {"handle": handle}, b""
+        # The edge stops the client at the limit itself (it still forwards the write that
+        # crosses it, so this side fails the upload too).
+        limit = {"max_bytes": opened.max_bytes, "code": opened.limit_code,
+                 "error": opened.limit_message}  # fmt: skip
+        return {"handle": handle, "limit": limit}, b""
 
     def _open_for_writing(self, target: Path, meta: dict[str, Any]) -> OpenFile:
         assert self.home is not None and self.account is not None
@@ -348,6 +372,7 @@ class EdgeSession:
             if not resumed and target.is_file():
                 shutil.copyfile(target, temporary)
                 resumed = True
+        max_bytes, limit_code, limit_message = self._upload_limit(target)
         stream: BinaryIO = temporary.open("r+b" if resumed else "wb")
         digest = hashlib.sha256()
         position = 0
@@ -374,13 +399,40 @@ class EdgeSession:
             position=position,
             digest=digest,
             event=event,
+            max_bytes=max_bytes,
+            limit_code=limit_code,
+            limit_message=limit_message,
         )
+
+    def _upload_limit(self, target: Path) -> tuple[int | None, str, str]:
+        """(the most bytes this upload may hold or None, the error code, the message)."""
+        assert self.home is not None
+        found: list[tuple[int, str, str]] = []
+        if self.limits.max_file_bytes:
+            size = self.limits.max_file_bytes
+            found.append((size, TOO_LARGE, f"the file is larger than the maximum of {size} bytes"))
+        if self.limits.quota_bytes:
+            # The file being replaced (or continued) frees its own bytes. Concurrent uploads
+            # of one account are each checked against the usage at their open.
+            replaced = target.stat().st_size if target.is_file() else 0
+            with contextlib.suppress(FileNotFoundError):
+                replaced = max(replaced, partial_name(target).stat().st_size)
+            room = max(0, self.limits.quota_bytes - (_usage(self.home) - replaced))
+            message = f"the account's quota of {self.limits.quota_bytes} bytes would be exceeded"
+            found.append((room, QUOTA_EXCEEDED, message))
+        if not found:
+            return None, TOO_LARGE, ""
+        return min(found)
 
     def op_write(self, meta: dict[str, Any], data: bytes) -> tuple[dict[str, Any], bytes]:
         opened = self._file(meta)
         if not opened.writing or opened.error:
             return {}, b""
         offset = int(meta.get("offset", 0))
+        if opened.max_bytes is not None and offset + len(data) > opened.max_bytes:
+            # Nothing more is written; the close fails and the upload is discarded.
+            opened.error, opened.error_code = opened.limit_message, opened.limit_code
+            return {}, b""
         try:
             if offset != opened.position:
                 opened.stream.seek(offset)
@@ -431,7 +483,7 @@ class EdgeSession:
             opened.stream.close()
             opened.temporary.unlink(missing_ok=True)
             self._record(event, FAILED, detail=f"upload failed: {exc}")
-            raise SessionError(FAILURE, f"upload failed: {exc}") from exc
+            raise SessionError(opened.error_code, f"upload failed: {exc}") from exc
         # The file is complete under its name; the partner hears "done" only once the event
         # is confirmed by the broker.
         event.size = size
@@ -466,12 +518,19 @@ class EdgeSession:
         with contextlib.suppress(OSError):
             opened.stream.close()
         if opened.writing and opened.temporary is not None and opened.event is not None:
+            refused = opened.error_code in (TOO_LARGE, QUOTA_EXCEEDED)
             with contextlib.suppress(OSError):
-                os.replace(opened.temporary, partial_name(opened.path))
+                if refused:  # over a limit: nothing to resume
+                    opened.temporary.unlink()
+                else:
+                    os.replace(opened.temporary, partial_name(opened.path))
             with contextlib.suppress(Exception):
-                self._record(
-                    opened.event, FAILED, detail="upload interrupted; resume it or upload again"
+                detail = (
+                    f"upload refused: {opened.error}"
+                    if refused
+                    else "upload interrupted; resume it or upload again"
                 )
+                self._record(opened.event, FAILED, detail=detail)
 
     def _record(self, event: FileArrived, status: str, **fields: Any) -> None:
         with Session(self.tm.runtime.engine) as session:
@@ -484,6 +543,16 @@ class EdgeSession:
                 account=event.account,
                 **fields,
             )
+
+
+def _usage(home: Path) -> int:
+    """Bytes of every file in an account's home (unfinished uploads included)."""
+    total = 0
+    for folder, _dirs, files in os.walk(home):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
 
 
 def _sha256(path: Path) -> str:
