@@ -66,6 +66,8 @@ class Chaos:
         self.options = options
         self.bounds = options.bounds
         self.rng = rng
+        self.broken_before: set[str] = set()
+        self.checking = ""  # the invariant being checked
 
     # ---- looking at the cluster --------------------------------------------------------
 
@@ -128,8 +130,8 @@ class Chaos:
         """SIGKILL every process of the primary; another takes over; start it again."""
         assert self.cluster is not None
         primary = self.primary()
-        killed_at = time.monotonic()
         self.cluster.run("server", "kill", primary)
+        killed_at = time.monotonic()  # the CLI returns once every process of it is gone
         self.observer.killed(primary, list(BACKEND_SERVICES), time.time())
         successor = wait_until(lambda: self.working_primary((primary,)), self.bounds.failover,
                                "another primary working")  # fmt: skip
@@ -226,6 +228,12 @@ class Chaos:
 
     # ---- invariants --------------------------------------------------------------------
 
+    def deadline(self) -> float:
+        """The delivery bound; a sixth of it for an invariant an earlier check already found
+        broken (what was missing then stays missing: the report says so, the run goes on)."""
+        full = self.bounds.delivery
+        return full / 6 if self.checking in self.broken_before else full
+
     def delivered_names(self) -> set[str]:
         assert self.world.sink is not None
         return {r.path.lstrip("/") for r in self.world.sink.requests
@@ -243,6 +251,7 @@ class Chaos:
         ]
         accepted = self.load.snapshot()
         for name, check in checks:
+            self.checking = name
             began = time.monotonic()
             try:
                 result = check(accepted)
@@ -252,6 +261,8 @@ class Chaos:
                 result = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
             result["seconds"] = round(time.monotonic() - began, 2)
             results[name] = result
+            if not result["ok"]:
+                self.broken_before.add(name)
         self.observer.poll()
         results["one_primary_per_epoch"] = self.observer.one_primary_per_epoch()
         results["no_overlapping_primary_work"] = self.observer.overlaps(self.bounds.wake_margin)
@@ -290,7 +301,7 @@ class Chaos:
         archive = self.world.workdir / "state" / "data" / "archive"
         with_deadline = True
         try:
-            wait_until(lambda: set(accepted) <= self.delivered_names(), self.bounds.delivery,
+            wait_until(lambda: set(accepted) <= self.delivered_names(), self.deadline(),
                        "every accepted upload at the partner", interval=0.5)  # fmt: skip
         except WaitTimeout:
             with_deadline = False
@@ -326,7 +337,7 @@ class Chaos:
 
         with_deadline = True
         try:
-            wait_until(complete, self.bounds.delivery, "a SENT push leg for every upload",
+            wait_until(complete, self.deadline(), "a SENT push leg for every upload",
                        interval=1.0)  # fmt: skip
         except WaitTimeout:
             with_deadline = False
@@ -358,7 +369,7 @@ class Chaos:
                     if r[3] in ("RECEIVED", "SENT", "ROUTED")}  # fmt: skip
         with_deadline = True
         try:
-            wait_until(lambda: expected <= set(tracker.unique_states()), self.bounds.delivery,
+            wait_until(lambda: expected <= set(tracker.unique_states()), self.deadline(),
                        "every leg at the tracking receiver", interval=0.5)  # fmt: skip
         except WaitTimeout:
             with_deadline = False
