@@ -241,3 +241,25 @@ def test_status_shows_the_coordinators_view(
     assert header.split()[:6] == ["server", "state", "role", "seen", "as", "synced"]
     st2_rows = [line.split() for line in out.splitlines() if line.startswith("st2")]
     assert all(row[2:5] == ["primary", "up", "yes"] for row in st2_rows)
+
+
+def test_per_server_environment_overrides_and_database_url(tmp_path: Path) -> None:
+    database = "postgresql+psycopg2://postgres@127.0.0.1/shared"
+    cluster = LocalCluster(tmp_path, 2, "passive", base_port=9000, database_url=database)
+    assert cluster.to_json()["database_url"] == database
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / "st2.env").write_text(
+        "# st2 reaches the broker and the database through its own proxies\n\n"
+        "FERRYLINK_AMQP_URL=amqp://guest:guest@127.0.0.1:7001/%2F\n"
+        "FERRYLINK_DATABASE_URL = postgresql+psycopg2://postgres@127.0.0.1:7002/shared\n"
+    )
+    st1 = cluster.environment(cluster.server("st1").services["scheduler"])
+    st2 = cluster.environment(cluster.server("st2").services["scheduler"])
+    assert st1["FERRYLINK_DATABASE_URL"] == database
+    assert st2["FERRYLINK_DATABASE_URL"] == "postgresql+psycopg2://postgres@127.0.0.1:7002/shared"
+    assert st2["FERRYLINK_AMQP_URL"] == "amqp://guest:guest@127.0.0.1:7001/%2F"
+    assert st2["FERRYLINK_NODE_ID"] == "st2"  # the rest is the runner's
+
+    (tmp_path / "env" / "st1.env").write_text("FERRYLINK_AMQP_URL amqp://x\n")
+    with pytest.raises(ClusterError, match=r"st1\.env:1: expected KEY=VALUE"):
+        cluster.environment(cluster.server("st1").services["scheduler"])

@@ -65,3 +65,18 @@ def test_primary_work_waits_for_not_before() -> None:
     finally:
         follower.stop()
     assert not scheduler.is_set and not events.is_set  # stop() switches everything off
+
+
+def test_an_assignment_arriving_during_shutdown_starts_nothing() -> None:
+    # Seen in the chaos suite: a scheduler being stopped got its assignment re-sent by the
+    # coordinator between "stopped scheduler.jobs" and its consumers closing, and started
+    # its primary-only work again on its way out.
+    follower, scheduler, events = make_follower()
+    follower.start()
+    follower.offer(assignment(1, "st2"))
+    assert scheduler.is_set
+    follower.stop()
+    assert not scheduler.is_set and not events.is_set
+    follower.offer(assignment(1, "st2"))
+    assert not scheduler.is_set and not events.is_set
+    assert follower.active() == []

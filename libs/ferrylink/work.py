@@ -152,6 +152,9 @@ class WorkFollower:
         """Start and stop work to match the assignment as of now."""
         with self._switching:
             now = time.time()
+            # Once stopping, an assignment still arriving (re-sent every heartbeat) must not
+            # start work again on the way out.
+            stopping = stopping or self._stop.is_set()
             with self._lock:
                 assignment = self._assignment
                 if assignment is None and not stopping:

@@ -2,7 +2,7 @@
 
     ferrylink service NAME
     ferrylink up --servers N --mode MODE [--edges N] [--state-dir DIR] [--base-port P]
-                 [--prefix NAME] [--ready-timeout S] [--detach]
+                 [--prefix NAME] [--database-url URL] [--ready-timeout S] [--detach]
     ferrylink down [--state-dir DIR]
     ferrylink server {stop,start,kill} ID [--state-dir DIR]
     ferrylink status [--state-dir DIR] [--json]
@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PREFIX,
         metavar="NAME",
         help=f"broker queue/exchange name prefix (default {DEFAULT_PREFIX})",
+    )
+    up.add_argument(
+        "--database-url",
+        default=None,
+        metavar="URL",
+        help="the database every server shares, e.g. postgresql+psycopg2://... "
+        "(default: STATE_DIR/ferrylink.db, SQLite)",
     )
     up.add_argument(
         "--ready-timeout",
@@ -222,13 +229,15 @@ def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "--ready-timeout",
             str(args.ready_timeout),
         ]
+        if args.database_url:
+            argv += ["--database-url", args.database_url]
         return start_detached(argv, state_dir, args.ready_timeout + 60, out=_say)
     # Our own notices at INFO; the libraries' chatter (pika, httpx) only from WARNING.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("ferrylink").setLevel(logging.INFO)
     cluster = LocalCluster(
         state_dir, args.servers, args.mode, base_port=args.base_port, prefix=args.prefix,
-        edges=args.edges,
+        edges=args.edges, database_url=args.database_url,
     )  # fmt: skip
     return Supervisor(cluster, ready_timeout=args.ready_timeout, out=_say).run()
 

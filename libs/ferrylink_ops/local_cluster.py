@@ -11,6 +11,16 @@ Layout of a state directory (default `.ferrylink`)::
       control/              requests to the supervisor (see below)
       logs/<server>-<service>.log, logs/supervisor.log
       broker/               a private RabbitMQ node, only when no broker answered
+      env/<id>.env          optional: per-server (or per-edge) environment overrides
+
+Database: the SQLite file above, unless `ferrylink up --database-url URL` names another
+(e.g. a PostgreSQL database shared by every server).
+
+Per-server environment overrides: `STATE_DIR/env/<id>.env` (`st2.env`, `edge1.env`), lines
+`KEY=VALUE` (blank lines and `#` comments ignored), is read each time that server's
+services are started and applied over what the runner sets. Fault tests use it to give one
+server its own way to the broker and the database (`FERRYLINK_AMQP_URL`,
+`FERRYLINK_DATABASE_URL` through TCP proxies they can cut): a network partition on loopback.
 
 Processes. `ferrylink up` is the *supervisor*: it starts every backend service of every
 server as its own child process (`python -m ferrylink_ops.cli service NAME`), each in its own
@@ -333,6 +343,7 @@ class LocalCluster:
         abort: Callable[[], bool] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         edges: int = 0,
+        database_url: str | None = None,
     ) -> None:
         if mode not in MODES:
             raise ClusterError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -351,7 +362,7 @@ class LocalCluster:
         self.base_port = base_port
         self.prefix = prefix
         self.amqp_url = amqp_url or os.environ.get("FERRYLINK_AMQP_URL") or DEFAULT_AMQP_URL
-        self.database_url = f"sqlite:///{self.state_dir / 'ferrylink.db'}"
+        self.database_url = database_url or f"sqlite:///{self.state_dir / 'ferrylink.db'}"
         self.abort = abort or (lambda: False)
         self.sleep = sleep
         self.broker: BrokerNode | None = None
@@ -482,7 +493,31 @@ class LocalCluster:
 
     # ---- processes ---------------------------------------------------------------------------
 
+    def env_overrides(self, server_id: str) -> dict[str, str]:
+        """`STATE_DIR/env/<server_id>.env` as a dict (empty when there is no such file)."""
+        path = self.state_dir / "env" / f"{server_id}.env"
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return {}
+        overrides = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            key = key.strip()
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ClusterError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+            overrides[key] = value.strip()
+        return overrides
+
     def environment(self, proc: ServiceProcess) -> dict[str, str]:
+        env = self._base_environment(proc)
+        env.update(self.env_overrides(proc.server_id))
+        return env
+
+    def _base_environment(self, proc: ServiceProcess) -> dict[str, str]:
         env = dict(os.environ)
         if isinstance(proc, EdgeProcess):
             env.update(
