@@ -28,6 +28,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic, BasicProperties
 
 from ferrylink.contracts import RETRIES_HEADER, DeadLetterInfo, RejectMessage, RetryLater
+from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.messaging import (
     CONNECTION_ERRORS,
     Backoff,
@@ -359,6 +360,16 @@ class ConsumerManager:
             if self._delay(delivery, props, exc):
                 return lambda: channel.basic_ack(tag)
             return lambda: channel.basic_nack(tag, requeue=True)
+        except INFRASTRUCTURE_ERRORS as exc:
+            # Not the message's fault (the database or the broker): back off before it comes
+            # again, so an outage does not burn through the delivery limit in seconds. The
+            # worker waits (this queue's order may matter, e.g. the sentinel link's).
+            attempts = delivery.delivery_count + 1
+            reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"
+            if attempts < self._delivery_limit:
+                log.warning("%s: %s: %s; backing off", self._name, running.spec.name, reason)
+                self._stopping.wait(backoff(delivery.delivery_count))
+                return lambda: channel.basic_nack(tag, requeue=True)
         except Exception as exc:  # a handler bug or a passing fault: retry, up to the limit
             attempts = delivery.delivery_count + 1
             reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"

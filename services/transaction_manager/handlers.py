@@ -23,12 +23,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import assert_never
 
-import pika.exceptions
 from opentelemetry import trace
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
+from ferrylink import errors as ferrylink_errors
 from ferrylink.clock import as_utc
 from ferrylink.contracts import (
     Event,
@@ -50,12 +49,7 @@ tracer = trace.get_tracer("ferrylink.transaction-manager")
 
 # Errors of the infrastructure, not of the event: retried without counting.
 INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
-    sa_exc.OperationalError,  # locked, unreachable, connection lost
-    sa_exc.InterfaceError,
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,  # the connection pool
-    pika.exceptions.AMQPError,
-    TimeoutError,  # a publish not confirmed in time
+    *ferrylink_errors.INFRASTRUCTURE_ERRORS,
     claims.ClaimLost,
 )
 

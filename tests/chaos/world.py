@@ -22,6 +22,7 @@ import psycopg2
 from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink_ops.local_cluster import edge_ports
 from ferrylink_ops.private_broker import BrokerNode, start_broker_cluster, stop_all
+from ferrylink_ops.tracking_sink import TrackingSink
 from tests.cluster_support import (
     BOOT_TIMEOUT,
     Cluster,
@@ -31,7 +32,6 @@ from tests.cluster_support import (
 )
 from tests.http_sink import HttpSink
 from tests.tcp_proxy import TcpProxy
-from tests.tracking_sink import TrackingSink
 
 SERVERS = ["st1", "st2", "st3"]
 PARTNER = "sink"
