@@ -23,7 +23,7 @@ lint: install
 	$(PY) -m mypy -p ferrylink -p ferrylink_ops -p services -p tests -p bench
 
 test: lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -n 2 --dist loadfile --durations=20
 
 bench: install
 	$(PY) -m bench

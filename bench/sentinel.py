@@ -47,7 +47,7 @@ def transfer_states_waiting(cluster: BenchCluster) -> int:
 
 def endpoints(cluster: BenchCluster) -> dict[str, dict[str, Any]]:
     url = f"http://127.0.0.1:{cluster.port('st1', 'sentinel-link')}/endpoints"
-    listed = httpx.get(url, headers=cluster.headers, timeout=10).json()
+    listed = httpx.get(url, headers=cluster.headers, timeout=10).json()["items"]
     return {e["name"]: e for e in listed}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
 from ferrylink.contracts import AuditLogPurge, MaintenanceRun
@@ -186,8 +187,20 @@ def test_scheduler_watch_and_job_updates_are_audited(env: str, tmp_path: Path) -
     from services.scheduler.settings import Settings as SchedulerSettings
 
     engine = make_engine(env)
-    jobs = scheduler_app(SchedulerSettings())
-    client = TestClient(jobs, headers=admin_headers(engine))
+    # Started (with): a configuration change is announced on the broker, so the runtimes run.
+    with (
+        TestClient(scheduler_app(SchedulerSettings()), headers=admin_headers(engine)) as client,
+        TestClient(
+            monitor_app(MonitorSettings()), headers=admin_headers(engine, "second")
+        ) as monitor,
+    ):
+        _audited_updates(engine, client, monitor, tmp_path)
+    engine.dispose()
+
+
+def _audited_updates(
+    engine: Engine, client: TestClient, monitor: TestClient, tmp_path: Path
+) -> None:
     job = {"name": "purge", "kind": "audit_log_purge", "cron": "0 3 * * *"}
     created = client.post("/jobs", json=job)
     assert created.status_code == 201 and created.headers["location"].startswith("/jobs/")
@@ -213,8 +226,6 @@ def test_scheduler_watch_and_job_updates_are_audited(env: str, tmp_path: Path) -
 
         session.add(Account(name="acme", password_hash="x", home="homes/acme"))
         session.commit()
-    watches = monitor_app(MonitorSettings())
-    monitor = TestClient(watches, headers=admin_headers(engine, "second"))
     watch = monitor.post("/watches", json={"account": "acme", "path": "homes/acme/in"})
     assert (
         watch.status_code == 201 and watch.headers["location"] == f"/watches/{watch.json()['id']}"
@@ -233,7 +244,6 @@ def test_scheduler_watch_and_job_updates_are_audited(env: str, tmp_path: Path) -
     assert trail[1]["after"]["folder"] == "homes/acme/in"
     assert trail[0]["before"]["folder"] == "homes/acme/in"
     assert trail[0]["after"]["folder"] == "homes/acme/out"
-    engine.dispose()
 
 
 def test_audit_log_purge_job_removes_old_records(env: str, tmp_path: Path) -> None:

@@ -56,7 +56,8 @@ def test_twenty_consumer_cancels_park_nothing(tmp_path: Path, prefix: str, amqp_
                                   assignment.model_dump_json().encode())  # fmt: skip
 
             def switched(on: bool = on) -> bool:
-                return (WORK_EVENTS in httpx.get(f"{tm.url}/work").json()["active"]) == on
+                work = httpx.get(f"{tm.url}/work", headers=site.admin, timeout=5).json()
+                return (WORK_EVENTS in work["active"]) == on
 
             wait_until(switched, 10, f"consumer {'on' if on else 'off'} at epoch {epoch}")
             cancels += not on

@@ -165,13 +165,15 @@ def test_maintenance_patterns_cannot_match_everything(env: str, tmp_path: Path) 
     from services.scheduler.settings import Settings
 
     app = app_from(Settings())
-    client = TestClient(app, headers=admin_headers(app.state.engine))
-    job = {"name": "clean", "kind": "temp_file_cleanup", "cron": "0 3 * * *"}
-    for patterns in ("*.*", "*", "?*", "*.csv", "*.*,*.part", "[a-z]*.[a-z]*", "*.t*"):
-        response = client.post("/jobs", json={**job, "params": {"patterns": patterns}})
-        refused(response, 422, "would match every file")
-    refused(client.post("/jobs", json={**job, "params": {"patterns": "../*.part"}}), 422, "'/'")
-    refused(client.post("/jobs", json={**job, "params": {"folder": "../.."}}), 422, "'..'")
-    ok = client.post("/jobs", json={**job, "params": {"patterns": "*.part,*.tmp,~*"}})
-    assert ok.status_code == 201, ok.text
+    # Started (with): a created job is a configuration change, announced on the broker.
+    with TestClient(app, headers=admin_headers(app.state.engine)) as client:
+        job = {"name": "clean", "kind": "temp_file_cleanup", "cron": "0 3 * * *"}
+        for patterns in ("*.*", "*", "?*", "*.csv", "*.*,*.part", "[a-z]*.[a-z]*", "*.t*"):
+            response = client.post("/jobs", json={**job, "params": {"patterns": patterns}})
+            refused(response, 422, "would match every file")
+        bad_pattern = {**job, "params": {"patterns": "../*.part"}}
+        refused(client.post("/jobs", json=bad_pattern), 422, "'/'")
+        refused(client.post("/jobs", json={**job, "params": {"folder": "../.."}}), 422, "'..'")
+        ok = client.post("/jobs", json={**job, "params": {"patterns": "*.part,*.tmp,~*"}})
+        assert ok.status_code == 201, ok.text
     app.state.engine.dispose()

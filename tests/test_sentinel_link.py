@@ -157,7 +157,7 @@ def test_one_endpoint_down_under_load_gets_its_whole_backlog_once_in_order(
 
         def status(name: str) -> dict[str, Any]:
             found: dict[str, Any] = next(
-                e for e in cluster.http.get(endpoints_url).json() if e["name"] == name
+                e for e in cluster.http.get(endpoints_url).json()["items"] if e["name"] == name
             )
             return found
 

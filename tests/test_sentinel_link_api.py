@@ -60,7 +60,9 @@ def test_endpoints_create_list_pause_resume_delete(client: TestClient) -> None:
 
     fetched = client.get(created.headers["Location"], headers=auth)
     assert fetched.status_code == 200 and fetched.json()["url"] == "http://127.0.0.1:9/in"
-    assert [e["name"] for e in client.get("/endpoints", headers=auth).json()] == ["tracker"]
+    assert [e["name"] for e in client.get("/endpoints", headers=auth).json()["items"]] == [
+        "tracker"
+    ]
 
     paused = client.post("/endpoints/tracker/pause", headers=auth)
     assert paused.status_code == 200 and paused.json()["paused"] is True
@@ -73,7 +75,7 @@ def test_endpoints_create_list_pause_resume_delete(client: TestClient) -> None:
     deleted = client.delete("/endpoints/tracker", headers=auth)
     assert deleted.status_code == 204
     assert client.get("/endpoints/tracker", headers=auth).status_code == 404
-    assert client.get("/endpoints", headers=auth).json() == []
+    assert client.get("/endpoints", headers=auth).json()["items"] == []
     assert read_config_version(engine(client)) == version + 4
 
 
@@ -83,7 +85,7 @@ def test_duplicate_name_is_409_and_unknown_names_404(client: TestClient) -> None
     assert client.post("/endpoints", headers=auth, json=first).status_code == 201
     again = client.post("/endpoints", headers=auth,
                         json={"name": "tracker", "url": "https://other.example/b"})  # fmt: skip
-    assert again.status_code == 409 and "exists" in again.json()["detail"]
+    assert again.status_code == 409 and "exists" in again.json()["error"]["message"]
     # The first one is unchanged.
     assert client.get("/endpoints/tracker", headers=auth).json()["url"] == first["url"]
     for method, path in (("GET", "/endpoints/nope"), ("DELETE", "/endpoints/nope"),
@@ -91,7 +93,7 @@ def test_duplicate_name_is_409_and_unknown_names_404(client: TestClient) -> None
                          ("POST", "/endpoints/nope/resume")):  # fmt: skip
         response = client.request(method, path, headers=auth)
         assert response.status_code == 404, (method, path)
-        assert "nope" in response.json()["detail"]
+        assert "nope" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -109,8 +111,8 @@ def test_hostile_urls_get_422_with_the_reason(client: TestClient, url: str, reas
     auth = headers(client)
     refused = client.post("/endpoints", headers=auth, json={"name": "evil", "url": url})
     assert refused.status_code == 422
-    assert reason in str(refused.json()["detail"])
-    assert client.get("/endpoints", headers=auth).json() == []
+    assert reason in str(refused.json()["error"]["message"])
+    assert client.get("/endpoints", headers=auth).json()["items"] == []
 
 
 @pytest.mark.parametrize(
@@ -142,7 +144,7 @@ def test_every_route_needs_a_token_and_writes_need_the_admin_role(client: TestCl
     denied = client.post("/endpoints", headers=operator,
                          json={"name": "t", "url": "http://t.example/"})  # fmt: skip
     assert denied.status_code == 403
-    assert client.get("/endpoints", headers=operator).json() == []
+    assert client.get("/endpoints", headers=operator).json()["items"] == []
 
 
 def test_get_link_reports_mode_database_and_counts(client: TestClient) -> None:

@@ -70,7 +70,7 @@ def in_sync(cluster: Cluster) -> Callable[[], dict[str, Any] | None]:
 
 
 def set_route(cluster: Cluster, base: str, folder: str) -> None:
-    for route in cluster.http.get(f"{base}/routes").json():
+    for route in cluster.http.get(f"{base}/routes").json()["items"]:
         assert cluster.http.delete(f"{base}/routes/{route['id']}").status_code == 204
     created = cluster.http.post(
         f"{base}/routes",

@@ -168,7 +168,7 @@ class World:
         tm = self.url("st2", "transaction-manager")  # configured on a secondary on purpose
         partner = {"name": PARTNER, "protocol": "http", "url": self.sink.url}
         _expect(cluster.http.post(f"{tm}/partners", json=partner), 201)
-        for route in cluster.http.get(f"{tm}/routes", params={"account": "demo"}).json():
+        for route in cluster.http.get(f"{tm}/routes", params={"account": "demo"}).json()["items"]:
             _expect(cluster.http.delete(f"{tm}/routes/{route['id']}"), 204)
         steps = [{"kind": "copy", "folder": "archive"}, {"kind": "push", "partner": PARTNER}]
         route = {"account": "demo", "pattern": "*", "steps": steps}

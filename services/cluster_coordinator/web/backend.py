@@ -105,9 +105,10 @@ def call(method: str, url: str, headers: dict[str, str], timeout: float = CALL_T
 
 
 def error_of(response: httpx.Response) -> str:
-    """The service's own message for a 4xx/5xx (`detail`), or the status line."""
+    """The service's own message for a 4xx/5xx (the error shape's `message`), or the status
+    line."""
     try:
-        detail = response.json().get("detail")
+        detail = response.json().get("error", {}).get("message")
     except (ValueError, AttributeError):
         detail = None
     if isinstance(detail, list):  # a validation error

@@ -337,7 +337,7 @@ def _dead(web: WebSession, coordinator: Coordinator, session: Session
         return [], str(exc)
     if response.status_code != 200:
         return [], backend.error_of(response)
-    dead: list[dict[str, Any]] = response.json()
+    dead: list[dict[str, Any]] = response.json()["items"]
     return dead, ""
 
 
