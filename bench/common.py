@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -18,10 +17,9 @@ from typing import Any
 
 import httpx
 
-from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink.settings import DEFAULT_AMQP_URL
 from ferrylink_ops.admin_setup import auth_headers
-from ferrylink_ops.local_cluster import broker_reachable, edge_ports, port_free, service_port
+from ferrylink_ops.local_cluster import broker_reachable, pick_free_base_port
 from ferrylink_ops.private_broker import BrokerNode, start_private_broker
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,17 +50,8 @@ def broker_url() -> Iterator[str]:
 
 
 def free_base_port(servers: int) -> int:
-    """A random base port whose servers' and edge's ports are all free now. Random, so
-    benchmarks and tests of other runs on the machine rarely race for the same range."""
-    # Below the kernel's ephemeral port range (32768+), where outgoing connections bind.
-    for _ in range(200):
-        base = random.randrange(20000, 32000, 100)
-        ports = [
-            service_port(base, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
-        ] + list(edge_ports(base, servers, 0))
-        if all(port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range")
+    """A base port whose servers' and one edge's ports are all free now."""
+    return pick_free_base_port(servers, edges=1)
 
 
 @dataclass

@@ -6,7 +6,6 @@ import contextlib
 import functools
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -22,7 +21,11 @@ from ferrylink.cluster import PRIMARY_ONLY_WORK
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink_ops.admin_setup import auth_headers
-from ferrylink_ops.local_cluster import edge_ports, pid_alive, port_free, service_port
+from ferrylink_ops.local_cluster import (
+    SPARE_BASE_PORT_RANGE,
+    pick_free_base_port,
+    pid_alive,
+)
 from tests.helpers import wait_until
 
 BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
@@ -63,15 +66,14 @@ def delete_broker_objects(prefix: str, amqp_url: str, servers: int = 5) -> None:
 
 
 def free_base_port(servers: int, edges: int = 1) -> int:
-    """A random base port whose whole range (servers' and edges' ports) is free now."""
-    for _ in range(200):
-        base = random.randrange(20000, 32000, 100)
-        ports = [
-            service_port(base, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
-        ] + [port for e in range(edges) for port in edge_ports(base, servers, e)]
-        if all(port_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port range")
+    """A free base port from this pytest-xdist worker's own slice of the spare range: two
+    workers' free-checks would otherwise race for the same ports."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    count = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
+    index = int(worker) if worker.isdigit() else 0
+    low, high = SPARE_BASE_PORT_RANGE
+    width = (high - low) // count
+    return pick_free_base_port(servers, edges, (low + index * width, low + (index + 1) * width))
 
 
 def ferrylink(*args: str, timeout: float = 240.0) -> subprocess.CompletedProcess[str]:

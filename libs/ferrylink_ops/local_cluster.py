@@ -56,6 +56,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import select
@@ -302,6 +303,36 @@ def edge_ports(base_port: int, servers: int, edge_index: int) -> tuple[int, int,
     after the servers' (with 3 servers at base 8100, edge1 has 8131..8134)."""
     first = base_port + PORTS_PER_SERVER * (servers + edge_index) + 1
     return first, first + 1, first + 2, first + 3
+
+
+# Base ports for clusters started by tests and benchmarks: below the private brokers' range
+# (`private_broker.PORT_RANGE`, 20000-32000), so a broker node started elsewhere cannot take
+# a port between the free-check and the supervisor's bind.
+SPARE_BASE_PORT_RANGE = (10000, 20000)
+_PORTS_TO_AVOID = frozenset({15672, 15674, 15675, 15692})  # RabbitMQ plugins' usual ports
+
+
+def cluster_ports(base_port: int, servers: int, edges: int) -> list[int]:
+    """Every port a cluster of `servers` servers and `edges` edges binds."""
+    backend = [
+        service_port(base_port, i, j) for i in range(servers) for j in range(len(BACKEND_SERVICES))
+    ]
+    return backend + [port for e in range(edges) for port in edge_ports(base_port, servers, e)]
+
+
+def pick_free_base_port(
+    servers: int, edges: int = 1, port_range: tuple[int, int] = SPARE_BASE_PORT_RANGE
+) -> int:
+    """A random base port in `port_range` whose whole cluster range is free now. Random, so
+    concurrent runs on one machine rarely race for the same range."""
+    low, high = port_range
+    span = PORTS_PER_SERVER * (servers + edges) + 1
+    for _ in range(200):
+        base = random.randrange(low, high - span, 100)
+        ports = cluster_ports(base, servers, edges)
+        if not _PORTS_TO_AVOID.intersection(ports) and all(port_free(p) for p in ports):
+            return base
+    raise RuntimeError(f"no free range of {span} ports in {port_range}")
 
 
 @dataclass
