@@ -39,11 +39,13 @@ def test_killing_the_backend_during_an_upload_loop(make_cluster: Any, tmp_path: 
         path.write_bytes(os.urandom(SIZE))
         sources.append(path)
     told: dict[str, bool] = {}
+    errors: dict[str, str] = {}
 
     def upload_loop() -> None:
         for path in sources:
             result = sftp(cluster, f"put {path}\n", "-l", "16000")
             told[path.name] = result.returncode == 0
+            errors[path.name] = result.stderr
 
     loop = threading.Thread(target=upload_loop)
     loop.start()
@@ -62,6 +64,9 @@ def test_killing_the_backend_during_an_upload_loop(make_cluster: Any, tmp_path: 
     succeeded = [name for name, ok in told.items() if ok]
     assert failed, "the kill should have cut at least one upload"
     assert len(failed) <= 5, f"new sessions should go to the live server: {failed}"
+    # The cut session was told why, not just "Connection closed".
+    assert any(f"the server {victim} handling this session went away" in errors[name]
+               for name in failed), {name: errors[name] for name in failed}  # fmt: skip
     after_kill = [p.name for p in sources[-8:]]
     assert all(told[name] for name in after_kill), told
 

@@ -46,6 +46,20 @@ def _open_session(cluster: Cluster) -> subprocess.Popen[str]:
     return client
 
 
+def _ssh_children(pid: int) -> list[str]:
+    """The live (not zombie) child processes of `sftp` (its `ssh`), from /proc."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    pids = children.read_text().split() if children.exists() else []
+    return [c for c in pids if _process_state(c) not in ("Z", "X", "")]
+
+
+def _process_state(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
 def _pwd(client: subprocess.Popen[str]) -> bool:
     """Send `pwd`; True once the answer came (False if the session ended first)."""
     assert client.stdin is not None and client.stdout is not None
@@ -63,11 +77,6 @@ def _end(client: subprocess.Popen[str]) -> tuple[str, str]:
     return out, err
 
 
-# See the closing note of this round; the issue stays open.
-@pytest.mark.xfail(
-    strict=False,
-    reason="known failure since the merges: idle-timeout reason not shown",
-)
 def test_edge_limits_apply_without_restart(make_cluster: Any, tmp_path: Path) -> None:
     cluster = make_cluster("active_active", servers=1)
     edge_pid = cluster.doc()["edges"][0]["pid"]
@@ -123,6 +132,9 @@ def test_edge_limits_apply_without_restart(make_cluster: Any, tmp_path: Path) ->
         # log says when it happened.
         wait_until(lambda: "idle for 2 s: disconnecting" in edge_log.read_text(), 30,
                    "the idle session to be disconnected")  # fmt: skip
+        # The edge logs before it disconnects: the client's ssh child, which prints the
+        # reason, exits once it has read the disconnect.
+        wait_until(lambda: not _ssh_children(idle.pid), 30, "the client's ssh to end")
     finally:
         _out, err = _end(idle)
     assert "session closed (idle timeout)" in err, err

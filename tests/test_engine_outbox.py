@@ -16,10 +16,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 
 
 # See the closing note of this round; the issue stays open.
-@pytest.mark.xfail(
-    strict=False,
-    reason="known failure since the merges: relayed event not routed",
-)
 def test_upload_killed_after_received_is_still_routed(
     tmp_path: Path, prefix: str, amqp_url: str
 ) -> None:

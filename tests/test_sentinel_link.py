@@ -210,10 +210,6 @@ def test_one_endpoint_down_under_load_gets_its_whole_backlog_once_in_order(
 
 
 # See the closing note of this round; the issue stays open.
-@pytest.mark.xfail(
-    strict=False,
-    reason="known failure since the merges: st1's sentinel link not activated",
-)
 def test_passive_legacy_failover_reports_the_records_the_old_primary_had_not_delivered(
     make_cluster: Any,
 ) -> None:

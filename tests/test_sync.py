@@ -79,11 +79,6 @@ def set_route(cluster: Cluster, base: str, folder: str) -> None:
     assert created.status_code == 201, created.text
 
 
-# See the closing note of this round; the issue stays open.
-@pytest.mark.xfail(
-    strict=False,
-    reason="known failure since the merges: stale server not out of sync",
-)
 def test_dynamic_and_manual_sync(make_cluster: Any, tmp_path: Path) -> None:
     cluster: Cluster = make_cluster("active_active", servers=2, edges=0)
     data = cluster.state_dir / "data"

@@ -336,7 +336,8 @@ class ServiceRuntime:
             ", ".join(redact_url(u) for u in self.settings.amqp_urls),
         )
         create_tables(self.engine)
-        self.config_version = read_config_version(self.engine)
+        # config_version stays 0 ("never synchronized") until the first full sync addressed
+        # to this process: a server that starts or comes back consumes no events before.
         register_service_url(self.engine, self.settings.node_id, self.service_name,
                              self.settings.api_url)  # fmt: skip
         self.publisher.start()

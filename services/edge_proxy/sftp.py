@@ -65,6 +65,7 @@ class EdgeSSHServer(asyncssh.SSHServer):
         self._accepted_key: tuple[str, str] | None = None
         self.last_activity = 0.0
         self._idle_watch: asyncio.Task[None] | None = None
+        self.sftp: EdgeSFTPServer | None = None  # the session's SFTP server, once started
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -77,8 +78,9 @@ class EdgeSSHServer(asyncssh.SSHServer):
         if self._idle_watch is not None:
             self._idle_watch.cancel()
         if self.backend is not None:
-            self.hub.release(self.backend)
-            self.backend = None
+            # Forget it first: releasing closes it, which must not read as the backend lost.
+            backend, self.backend = self.backend, None
+            self.hub.release(backend)
 
     def begin_auth(self, username: str) -> bool:
         return True
@@ -145,10 +147,16 @@ class EdgeSSHServer(asyncssh.SSHServer):
             await asyncio.sleep(left)
         log.info("SFTP session of %s from %s idle for %g s: disconnecting",
                  self.account, self.client_address, timeout)  # fmt: skip
+        self.end_session(f"no request for {timeout:g} s: session closed (idle timeout)")
+
+    def end_session(self, reason: str) -> None:
+        """Disconnect, telling the client why. The reason also goes to the SFTP channel's
+        stderr first: OpenSSH closes the channel and exits before it reads the disconnect
+        message that follows the channel close."""
+        if self.sftp is not None:
+            self.sftp.tell(reason)
         if self.conn is not None:
-            self.conn.disconnect(
-                DISC_BY_APPLICATION, f"no request for {timeout:g} s: session closed (idle timeout)"
-            )
+            self.conn.disconnect(DISC_BY_APPLICATION, reason)
 
     def _backend_lost(self, backend: BackendConnection) -> None:
         if backend is not self.backend or self.conn is None:
@@ -157,12 +165,9 @@ class EdgeSSHServer(asyncssh.SSHServer):
             "backend %s went away: ending the SFTP session of %s from %s",
             backend.node, self.account, self.client_address,
         )  # fmt: skip
-        conn = self.conn
         message = f"the server {backend.node} handling this session went away; please reconnect"
         # A moment for the failed request's own status to reach the client first.
-        asyncio.get_running_loop().call_later(
-            0.2, lambda: conn.disconnect(DISC_BY_APPLICATION, message)
-        )
+        asyncio.get_running_loop().call_later(0.2, lambda: self.end_session(message))
 
 
 @dataclass
@@ -205,8 +210,9 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
         owner = chan.get_connection().get_owner()
         assert isinstance(owner, EdgeSSHServer)
         self.owner = owner
+        owner.sftp = self
 
-    def _tell(self, message: str) -> None:
+    def tell(self, message: str) -> None:
         """Show the client why a request failed: OpenSSH's `sftp` prints only the status
         code's generic text ("Failure"), but passes the channel's stderr through."""
         with contextlib.suppress(Exception):
@@ -224,7 +230,7 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
         except BackendRefused as exc:
             # (A missing file is routine: `put` looks whether the target is a folder.)
             if not quiet and exc.code != NO_SUCH_FILE:
-                self._tell(str(exc))
+                self.tell(str(exc))
             raise _sftp_error(exc) from None
         except BackendGone as exc:
             raise SFTPFailure(str(exc)) from None
@@ -317,7 +323,7 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
         if file_obj.max_bytes is not None and offset + len(data) > file_obj.max_bytes:
             # The backend refused this write too (and fails the close): stop the client now.
             if not file_obj.told:
-                self._tell(file_obj.limit_error)
+                self.tell(file_obj.limit_error)
                 file_obj.told = True
             raise SFTPFailure(file_obj.limit_error)
         return len(data)
