@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ferrylink_ops.polling import wait_until
 from tests.cluster_support import Cluster
 from tests.edge_support import curl, demo, demo_home, https_url, sftp, status_and_body
