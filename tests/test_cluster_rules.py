@@ -6,6 +6,7 @@ import pytest
 
 from ferrylink.cluster import (
     PRIMARY_ONLY_WORK,
+    WORK_DEAD_LETTERS_LOCAL,
     WORK_EVENTS,
     WORK_EVENTS_LOCAL,
     WORK_SCHEDULER,
@@ -143,8 +144,14 @@ def test_work_table_passive() -> None:
 
 def test_work_table_passive_legacy() -> None:
     work = desired_work("passive_legacy", SERVERS, ALL, ALL, "st1")
-    assert work["st1"] == [WORK_EVENTS_LOCAL, *sorted(PRIMARY_ONLY_WORK)]
-    assert work["st2"] == [WORK_EVENTS_LOCAL]
+    assert work["st1"] == [WORK_EVENTS_LOCAL, WORK_DEAD_LETTERS_LOCAL, *sorted(PRIMARY_ONLY_WORK)]
+    assert work["st2"] == [WORK_EVENTS_LOCAL, WORK_DEAD_LETTERS_LOCAL]
+    # A live server not yet in sync keeps its own dead letters, consumes no events.
+    work = desired_work("passive_legacy", SERVERS, ALL, {"st1"}, "st1")
+    assert work["st2"] == [WORK_DEAD_LETTERS_LOCAL]
+    # A server not heard runs nothing.
+    work = desired_work("passive_legacy", SERVERS, {"st1"}, ALL, "st1")
+    assert work["st2"] == [] and work["st3"] == []
 
 
 def make_assignment(**overrides: object) -> Assignment:

@@ -138,6 +138,27 @@ def test_passive_legacy_waits_for_a_manual_failover(make_cluster: Any) -> None:
     after = wait_primary(cluster, "st2", 10, exclude=("st1",))
     assert after["epoch"] > before["epoch"]
 
+    # A malformed event on st2's own queue is parked in its node-local dead-letter queue,
+    # kept by st2 and listed with the others.
+    connection = pika.BlockingConnection(pika.URLParameters(cluster.amqp_url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("", topology.node_queue("events", "st2"), b"not json",
+                              pika.BasicProperties(message_id="legacy-poison"),
+                              mandatory=True)  # fmt: skip
+    finally:
+        connection.close()
+    tm2 = f"http://127.0.0.1:{cluster.port('st2', 'transaction-manager')}"
+
+    def listed() -> dict[str, Any] | None:
+        items = cluster.http.get(f"{tm2}/events/dead", timeout=10).json()["items"]
+        return next((item for item in items if item["id"] == "legacy-poison"), None)
+
+    poison = wait_until(listed, 30, "the node-local dead letter listed")
+    assert poison["queue"] == topology.node_queue("events", "st2"), poison
+    assert "invalid JSON" in poison["reason"], poison
+
     # st1 comes back: no automatic fail-back in passive_legacy.
     cluster.run("server", "start", "st1")
     wait_until(lambda: cluster.view()["servers"][0]["state"] == "up", 30, "st1 up again")

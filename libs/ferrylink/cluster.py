@@ -19,6 +19,7 @@ from ferrylink.contracts import (
     CLUSTER_MODES,
     PRIMARY_ONLY_WORK,
     WORK_DEAD_LETTERS,
+    WORK_DEAD_LETTERS_LOCAL,
     WORK_EVENTS,
     WORK_EVENTS_LOCAL,
     WORK_FOLDER_MONITOR,
@@ -32,10 +33,10 @@ from ferrylink.contracts import (
 
 # Re-exported: the rules and the names they speak of are read together.
 __all__ = [
-    "CLUSTER_MODES", "PRIMARY_ONLY_WORK", "WORK_DEAD_LETTERS", "WORK_EVENTS",
-    "WORK_EVENTS_LOCAL", "WORK_FOLDER_MONITOR", "WORK_SCHEDULER", "WORK_SENTINEL_LINK",
-    "WORK_TRANSFER_LOG", "Assignment", "ClusterMode", "Heartbeat", "PrimaryDecision",
-    "decide_primary", "desired_work", "live_servers",
+    "CLUSTER_MODES", "PRIMARY_ONLY_WORK", "WORK_DEAD_LETTERS", "WORK_DEAD_LETTERS_LOCAL",
+    "WORK_EVENTS", "WORK_EVENTS_LOCAL", "WORK_FOLDER_MONITOR", "WORK_SCHEDULER",
+    "WORK_SENTINEL_LINK", "WORK_TRANSFER_LOG", "Assignment", "ClusterMode", "Heartbeat",
+    "PrimaryDecision", "decide_primary", "desired_work", "live_servers",
 ]  # fmt: skip
 
 
@@ -119,6 +120,9 @@ def desired_work(
         elif ready and mode == "passive_legacy":
             # Every TM listens on its own node-local queue; only the primary gets traffic.
             work[server].append(WORK_EVENTS_LOCAL)
+        if server in live and mode == "passive_legacy":
+            # Its own queue's dead letters are kept by it (listed with the shared ones).
+            work[server].append(WORK_DEAD_LETTERS_LOCAL)
         if server == primary:
             work[server].extend(sorted(PRIMARY_ONLY_WORK))
     return work

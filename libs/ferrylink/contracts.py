@@ -62,6 +62,8 @@ WORK_EVENTS = "transaction-manager.events"  # the shared event queue
 WORK_EVENTS_LOCAL = "transaction-manager.events-local"  # a node's own queue (passive_legacy)
 WORK_TRANSFER_LOG = "transaction-manager.transfer-log"  # serving the consolidated log
 WORK_DEAD_LETTERS = "transaction-manager.dead-letters"  # keeping parked events for the API
+# Keeping the parked events of a node's own queue (passive_legacy): every live server.
+WORK_DEAD_LETTERS_LOCAL = "transaction-manager.dead-letters-local"
 WORK_FOLDER_MONITOR = "folder-monitor.watch"
 WORK_SCHEDULER = "scheduler.jobs"
 WORK_SENTINEL_LINK = "sentinel-link.deliver"

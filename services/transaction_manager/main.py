@@ -11,6 +11,7 @@ from ferrylink import secrets_box
 from ferrylink.contracts import (
     EVENT,
     WORK_DEAD_LETTERS,
+    WORK_DEAD_LETTERS_LOCAL,
     WORK_EVENTS,
     WORK_EVENTS_LOCAL,
     WORK_TRANSFER_LOG,
@@ -49,6 +50,9 @@ def build(settings: Settings) -> TransactionManager:
     runtime.consume(WORK_EVENTS_LOCAL, "events", events.handle, EVENT, node_local=True,
                     prefetch=prefetch, workers=workers)  # fmt: skip
     runtime.consume_raw(WORK_DEAD_LETTERS, "events.dead", dead_letters)
+    own_queue = runtime.topology.node_queue("events", settings.node_id)
+    runtime.consume_raw(WORK_DEAD_LETTERS_LOCAL, "events.dead",
+                        DeadLetterKeeper(runtime.engine, own_queue), node_local=True)  # fmt: skip
     runtime.loop(WORK_TRANSFER_LOG, serves_transfer_log)
     runtime.relay_outbox()  # uploads stage their event with RECEIVED (on every server)
     destinations = DestinationPolicy.from_settings(settings.partner_allow, settings.partner_deny)
