@@ -173,3 +173,33 @@ def test_in_passive_mode_only_the_primary_takes_sessions(make_cluster: Any, mode
     assert not [b for b in backends() if b["node"] == "st2" and b["idle"]]
     result = sftp(cluster, "ls\n")
     assert result.returncode == 0, result.stderr
+
+
+def test_a_banned_address_is_refused_through_the_edge_with_a_reason(
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # A small threshold and short delays (the services inherit the environment).
+    monkeypatch.setenv("FERRYLINK_LOGIN_ADDRESS_THRESHOLD", "3")
+    monkeypatch.setenv("FERRYLINK_LOGIN_FAILURE_DELAY", "0.05")
+    monkeypatch.setenv("FERRYLINK_LOGIN_MAX_DELAY", "0.2")
+    cluster = make_cluster("active_active", servers=1)
+    password = Path(demo(cluster)["password_file"]).read_text().strip()
+    for attempt in range(3):
+        result = sftp_with_password(cluster, f"wrong-{attempt}", "ls\n")
+        assert result.returncode != 0 and "Permission denied" in result.stderr, result.stderr
+
+    # Banned: even the right password (and the account's key) is refused, with the reason.
+    result = sftp_with_password(cluster, password, "ls\n")
+    assert result.returncode != 0
+    assert "too many failed logins; try again in" in result.stderr, result.stderr
+    result = sftp(cluster, "ls\n")
+    assert result.returncode != 0 and "too many failed logins" in result.stderr, result.stderr
+    source = _file(tmp_path / "refused.csv", 1000)
+    result = curl(cluster, "-D", "-", "-T", str(source), https_url(cluster, "refused.csv"))
+    status, body = status_and_body(result)
+    assert status == 429 and "too many failed logins; try again in" in body, body
+    assert "retry-after:" in body.lower(), body
+    assert not (demo_home(cluster) / "refused.csv").exists()
+    tm_log = (cluster.state_dir / "logs" / "st1-transaction-manager.log").read_text()
+    assert "banned address 127.0.0.1" in tm_log
+    assert password not in tm_log and "wrong-0" not in tm_log

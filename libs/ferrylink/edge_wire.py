@@ -35,6 +35,8 @@ NO_SUCH_FILE = "no_such_file"
 PERMISSION_DENIED = "permission_denied"
 BAD_REQUEST = "bad_request"
 AUTH_FAILED = "auth_failed"
+# Too many failed logins from the address or for the account: `retry_after` seconds.
+LOGIN_BANNED = "login_banned"
 FAILURE = "failure"
 TOO_LARGE = "too_large"  # the file is larger than the edges' max file size
 QUOTA_EXCEEDED = "quota_exceeded"  # the account's home would exceed its quota

@@ -24,6 +24,7 @@ from typing import Any
 
 from ferrylink.edge_wire import (
     HEADER,
+    LOGIN_BANNED,
     PROTOCOL_VERSION,
     WireError,
     decode_header,
@@ -50,9 +51,18 @@ class NoBackend(Exception):
 class BackendRefused(Exception):
     """The backend answered a request with an error (`code` says which kind)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, answer: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.answer = answer or {}
+
+
+class LoginBanned(Exception):
+    """Too many failed logins from the client's address or for the account."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TooManySessions(Exception):
@@ -153,7 +163,9 @@ class BackendConnection:
             self._lost()
         answer, payload = await future
         if not answer.get("ok"):
-            raise BackendRefused(str(answer.get("code", "failure")), str(answer.get("error", "")))
+            raise BackendRefused(
+                str(answer.get("code", "failure")), str(answer.get("error", "")), answer
+            )
         return answer, payload
 
     def close(self) -> None:
@@ -283,14 +295,19 @@ class BackendHub:
     ) -> tuple[BackendConnection, dict[str, Any] | None]:
         """Log in on `current` (or a fresh connection); returns the connection the session
         keeps and the backend's answer (the account and the edge limits), None when the
-        login failed. Retries on another connection only when the one taken turned out to
-        be closing (nothing was checked on it yet)."""
+        login failed; LoginBanned (the connection released) when the backend's failed-login
+        defender refuses the address or account. Retries on another connection only when
+        the one taken turned out to be closing (nothing was checked on it yet)."""
         for _attempt in range(LOGIN_ATTEMPTS):
             connection = current if current is not None else await self.acquire()
             try:
                 answer, _ = await connection.request({"op": "login", **credentials})
                 return connection, answer
-            except BackendRefused:
+            except BackendRefused as exc:
+                if exc.code == LOGIN_BANNED:
+                    if current is None:
+                        self.release(connection)
+                    raise LoginBanned(str(exc), int(exc.answer.get("retry_after") or 60)) from None
                 return connection, None
             except BackendGone:
                 self.release(connection)

@@ -36,6 +36,7 @@ from services.edge_proxy.backends import (
     BackendGone,
     BackendHub,
     BackendRefused,
+    LoginBanned,
     NoBackend,
     TooManySessions,
 )
@@ -93,6 +94,8 @@ async def _session(request: Request, hub: BackendHub) -> PartnerSession:
         backend, answer = await hub.login(credentials, None)
     except NoBackend as exc:
         raise HTTPException(503, str(exc)) from None
+    except LoginBanned as exc:
+        raise HTTPException(429, str(exc), {"Retry-After": str(exc.retry_after)}) from None
     if answer is None:
         hub.release(backend)
         raise HTTPException(401, "authentication failed", UNAUTHORIZED_HEADERS)

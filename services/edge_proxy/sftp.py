@@ -38,6 +38,7 @@ from services.edge_proxy.backends import (
     BackendGone,
     BackendHub,
     BackendRefused,
+    LoginBanned,
     NoBackend,
     TooManySessions,
 )
@@ -115,6 +116,12 @@ class EdgeSSHServer(asyncssh.SSHServer):
             log.warning("SFTP login of %r from %s: %s", username, self.client_address, exc)
             if self.conn is not None:
                 self.conn.disconnect(asyncssh.DISC_SERVICE_NOT_AVAILABLE, str(exc))
+            return False
+        except LoginBanned as exc:
+            log.warning("SFTP login of %r from %s refused: %s", username,
+                        self.client_address, exc)  # fmt: skip
+            if self.conn is not None:  # said now: the client would only see "Permission denied"
+                self.conn.disconnect(asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, str(exc))
             return False
         if self.backend is not backend:
             self.backend = backend

@@ -49,6 +49,7 @@ from ferrylink.edge_wire import (
     AUTH_FAILED,
     BAD_REQUEST,
     FAILURE,
+    LOGIN_BANNED,
     NO_SUCH_FILE,
     PERMISSION_DENIED,
     PROTOCOL_VERSION,
@@ -77,9 +78,10 @@ MAX_READ = 1 << 20
 class SessionError(Exception):
     """Answered to the edge as `{"ok": false, "code", "error"}`; the session goes on."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, **details: Any) -> None:
         super().__init__(message)
         self.code = code
+        self.details = details  # more fields of the answer (e.g. `retry_after`)
 
 
 def partial_name(target: Path) -> Path:
@@ -159,7 +161,8 @@ class EdgeSession:
                 raise SessionError(AUTH_FAILED, "log in first")
             answer, payload = handler(meta, data)
         except SessionError as exc:
-            answer, payload = {"ok": False, "code": exc.code, "error": str(exc)}, b""
+            answer = {**exc.details, "ok": False, "code": exc.code, "error": str(exc)}
+            payload = b""
         except PathError as exc:
             answer, payload = {"ok": False, "code": PERMISSION_DENIED, "error": str(exc)}, b""
         except FileNotFoundError:
@@ -217,7 +220,9 @@ class EdgeSession:
             guard.check(self.client_address, name)
         except LoginRefused as exc:
             raise SessionError(
-                AUTH_FAILED, f"too many failed logins; try again in {exc.retry_after:.0f} s"
+                LOGIN_BANNED,
+                f"too many failed logins; try again in {exc.retry_after:.0f} s",
+                retry_after=round(exc.retry_after),
             ) from None
         password = meta.get("password")
         found = verify_login(session, name, self.client_address, self.protocol,
