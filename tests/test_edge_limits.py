@@ -88,7 +88,7 @@ def test_edge_limits_apply_without_restart(make_cluster: Any, tmp_path: Path) ->
     assert "larger than the maximum of 200000 bytes" in result.stderr, result.stderr
     status, body = status_and_body(curl(cluster, "-T", str(big), https_url(cluster, "web/")))
     assert status == 413, body
-    assert "larger than the maximum of 200000 bytes" in json.loads(body)["detail"]
+    assert "larger than the maximum of 200000 bytes" in json.loads(body)["error"]["message"]
     result = sftp(cluster, f"put {small}\n")  # below the limit: fine
     assert result.returncode == 0, result.stderr
     # Nothing of a refused upload is kept: not under its name, not as a resumable partial.
@@ -101,7 +101,7 @@ def test_edge_limits_apply_without_restart(make_cluster: Any, tmp_path: Path) ->
     assert "quota of 350000 bytes would be exceeded" in result.stderr, result.stderr
     status, body = status_and_body(curl(cluster, "-T", str(big), https_url(cluster, "web/")))
     assert status == 507, body
-    assert "quota of 350000 bytes would be exceeded" in json.loads(body)["detail"]
+    assert "quota of 350000 bytes would be exceeded" in json.loads(body)["error"]["message"]
     assert not (home / "big.bin").exists() and not (home / "web" / "big.bin").exists()
     result = sftp(cluster, f"rm small.bin\nput {big}\n")  # room made: it fits
     assert result.returncode == 0, result.stderr

@@ -11,20 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager
-from http import HTTPStatus
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI
 from sqlalchemy.engine import Engine
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ferrylink import admin_api, audit_api
 from ferrylink.admin_auth import require_admin_token
 from ferrylink.config import bump_config_version
+from ferrylink.error_shape import error_response, install_error_handlers
 from ferrylink.idempotency import DEFAULT_TTL, Idempotency
 from ferrylink.login_guard import LoginGuard
 
@@ -79,58 +75,6 @@ def _commit_config_change(session: Any) -> int:
     version = bump_config_version(session)
     session.commit()
     return version
-
-
-# --------------------------------------------------------------------------------------------
-# One error shape for every 4xx and 5xx of every service:
-#   {"error": {"status": 422, "message": "what went wrong", "details": [...] | null}}
-# --------------------------------------------------------------------------------------------
-
-
-def error_body(status: int, message: str, details: Any = None) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message, "details": details}}
-
-
-def error_response(
-    status: int, message: str, details: Any = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(status, message, details), status_code=status, headers=headers)
-
-
-def _http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    if isinstance(exc.detail, str):
-        message, details = exc.detail, None
-    else:  # structured detail: keep it, under a generic message
-        message, details = HTTPStatus(exc.status_code).phrase, jsonable_encoder(exc.detail)
-    headers = dict(exc.headers) if exc.headers else None
-    return error_response(exc.status_code, message, details, headers=headers)
-
-
-def _field(error: dict[str, Any]) -> str:
-    where = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
-    return ".".join(where) or "body"
-
-
-def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = [
-        {"field": _field(e), "message": e.get("msg", ""), "type": e.get("type", "")}
-        for e in exc.errors()
-    ]
-    message = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
-    return error_response(422, message, errors)
-
-
-def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error in %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(500, "internal error; the server log has the details")
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(Exception, _unexpected_error)
 
 
 def build_api(

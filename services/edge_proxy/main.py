@@ -24,6 +24,7 @@ import uvicorn
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
+from ferrylink.error_shape import install_error_handlers
 from ferrylink.telemetry import instrument_http, setup_logging, setup_tracing
 from services.edge_proxy.backends import BackendHub
 from services.edge_proxy.https_api import router as files_router
@@ -48,6 +49,7 @@ class _Server(uvicorn.Server):
 
 def admin_app(hub: BackendHub, settings: Settings) -> FastAPI:
     app = FastAPI(title="Ferrylink edge-proxy", description=__doc__ or "", version="0.1.0")
+    install_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
@@ -78,6 +80,7 @@ def partner_app(hub: BackendHub) -> FastAPI:
     app = FastAPI(title="Ferrylink file transfer", description="Partner HTTPS endpoint",
                   version="0.1.0")  # fmt: skip
     app.state.hub = hub
+    install_error_handlers(app)
     app.include_router(files_router)
     return app
 
