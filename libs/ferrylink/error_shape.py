@@ -20,8 +20,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 
-
-
 def error_body(status: int, message: str, details: Any = None) -> dict[str, Any]:
     return {"error": {"status": status, "message": message, "details": details}}
 
