@@ -18,9 +18,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
 from ferrylink.audit import AuditDep
+from ferrylink.deps import ConfigChangeDep, SessionDep
 from ferrylink.models import SentinelEndpoint
 from ferrylink.paging import Page, PagingDep, page_from_list
-from services.sentinel_link.api.deps import RuntimeDep, SessionDep, StoreDep
+from services.sentinel_link.api.deps import StoreDep
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])
 
@@ -102,10 +103,6 @@ def _out(endpoint: SentinelEndpoint, status: dict[str, Any] | None) -> EndpointO
     return EndpointOut(**endpoint.model_dump(exclude={"id"}), **status)
 
 
-def _changed(runtime: RuntimeDep, session: SessionDep) -> None:
-    runtime.commit_config_change(session)
-
-
 def _get(session: SessionDep, name: str) -> SentinelEndpoint:
     endpoint = session.exec(select(SentinelEndpoint).where(SentinelEndpoint.name == name)).first()
     if endpoint is None:
@@ -128,7 +125,11 @@ def get_endpoint(name: str, session: SessionDep, store: StoreDep) -> EndpointOut
 
 @router.post("", response_model=EndpointOut, status_code=201, summary="Add an endpoint")
 def create_endpoint(
-    body: EndpointIn, session: SessionDep, runtime: RuntimeDep, audit: AuditDep, response: Response
+    body: EndpointIn,
+    session: SessionDep,
+    commit: ConfigChangeDep,
+    audit: AuditDep,
+    response: Response,
 ) -> EndpointOut:
     endpoint = SentinelEndpoint(**body.model_dump())
     session.add(endpoint)
@@ -138,7 +139,7 @@ def create_endpoint(
         session.rollback()
         raise HTTPException(409, f"endpoint {body.name!r} exists") from exc
     audit.record(session, "endpoint.create", body.name, after=endpoint)
-    _changed(runtime, session)
+    commit(session)
     session.refresh(endpoint)
     response.headers["Location"] = f"{router.prefix}/{endpoint.name}"
     return _out(endpoint, None)
@@ -146,7 +147,7 @@ def create_endpoint(
 
 @router.patch("/{name}", response_model=EndpointOut, summary="Change an endpoint")
 def update_endpoint(
-    name: str, body: EndpointPatch, session: SessionDep, runtime: RuntimeDep, store: StoreDep,
+    name: str, body: EndpointPatch, session: SessionDep, commit: ConfigChangeDep, store: StoreDep,
     audit: AuditDep,
 ) -> EndpointOut:  # fmt: skip
     endpoint = _get(session, name)
@@ -158,25 +159,25 @@ def update_endpoint(
         setattr(endpoint, key, value)
     session.add(endpoint)
     audit.record(session, "endpoint.update", name, before, endpoint)
-    _changed(runtime, session)
+    commit(session)
     session.refresh(endpoint)
     return _out(endpoint, store.status().get(endpoint.id or 0))
 
 
 @router.delete("/{name}", status_code=204, summary="Remove an endpoint and its backlog")
 def delete_endpoint(
-    name: str, session: SessionDep, runtime: RuntimeDep, store: StoreDep, audit: AuditDep
+    name: str, session: SessionDep, commit: ConfigChangeDep, store: StoreDep, audit: AuditDep
 ) -> Response:
     endpoint = _get(session, name)
     endpoint_id = endpoint.id or 0
     audit.record(session, "endpoint.delete", name, before=endpoint)
     session.delete(endpoint)
-    _changed(runtime, session)
+    commit(session)
     store.forget_endpoint(endpoint_id)
     return Response(status_code=204)
 
 
-def _set_paused(name: str, paused: bool, session: SessionDep, runtime: RuntimeDep,
+def _set_paused(name: str, paused: bool, session: SessionDep, commit: ConfigChangeDep,
                 store: StoreDep, audit: AuditDep) -> EndpointOut:  # fmt: skip
     endpoint = _get(session, name)
     before = endpoint.model_dump(mode="json")
@@ -184,19 +185,19 @@ def _set_paused(name: str, paused: bool, session: SessionDep, runtime: RuntimeDe
     session.add(endpoint)
     audit.record(session, "endpoint.pause" if paused else "endpoint.resume", name, before,
                  endpoint)  # fmt: skip
-    _changed(runtime, session)
+    commit(session)
     session.refresh(endpoint)
     return _out(endpoint, store.status().get(endpoint.id or 0))
 
 
 @router.post("/{name}/pause", response_model=EndpointOut,
              summary="Stop delivering; records keep queueing (within its bounds)")  # fmt: skip
-def pause_endpoint(name: str, session: SessionDep, runtime: RuntimeDep,
+def pause_endpoint(name: str, session: SessionDep, commit: ConfigChangeDep,
                    store: StoreDep, audit: AuditDep) -> EndpointOut:  # fmt: skip
-    return _set_paused(name, True, session, runtime, store, audit)
+    return _set_paused(name, True, session, commit, store, audit)
 
 
 @router.post("/{name}/resume", response_model=EndpointOut, summary="Deliver again")
-def resume_endpoint(name: str, session: SessionDep, runtime: RuntimeDep,
+def resume_endpoint(name: str, session: SessionDep, commit: ConfigChangeDep,
                     store: StoreDep, audit: AuditDep) -> EndpointOut:  # fmt: skip
-    return _set_paused(name, False, session, runtime, store, audit)
+    return _set_paused(name, False, session, commit, store, audit)
