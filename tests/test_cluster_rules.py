@@ -114,6 +114,27 @@ def test_work_table_active_active() -> None:
     assert work["st3"] == []  # down
 
 
+@pytest.mark.parametrize(
+    ("mode", "primary", "paused", "consumers"),
+    [
+        ("active_active", "st1", {"st2"}, {"st1", "st3"}),
+        ("active_active", "st1", {"st1"}, {"st2", "st3"}),  # the primary pauses events only
+        ("passive", "st1", {"st2"}, {"st1"}),  # a standby's pause changes nothing yet
+        ("passive", "st1", {"st1"}, set()),  # pausing the passive primary stops events
+        ("passive_legacy", "st1", {"st3"}, {"st1", "st2"}),
+        ("active_active", "st1", set(), {"st1", "st2", "st3"}),
+    ],
+)
+def test_work_table_paused_servers_consume_no_events(
+    mode: str, primary: str, paused: set[str], consumers: set[str]
+) -> None:
+    work = desired_work(mode, SERVERS, ALL, ALL, primary, paused)
+    events = {WORK_EVENTS, WORK_EVENTS_LOCAL}
+    assert {s for s in SERVERS if events & set(work[s])} == consumers
+    # Its other work goes on: the primary keeps the primary's work, paused or not.
+    assert set(work[primary]) >= PRIMARY_ONLY_WORK
+
+
 def test_work_table_active_active_skips_unsynchronized() -> None:
     work = desired_work("active_active", SERVERS, ALL, {"st1", "st2"}, "st1")
     assert work["st3"] == []

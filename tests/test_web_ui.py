@@ -21,6 +21,7 @@ from PIL import Image, ImageStat
 from playwright.sync_api import Page, expect, sync_playwright
 from sqlmodel import Session, create_engine, select
 
+from ferrylink.cluster import WORK_EVENTS
 from ferrylink.messaging import Topology
 from ferrylink.models import AuditRecord
 from tests.cluster_support import Cluster
@@ -114,6 +115,24 @@ def test_web_ui_in_a_real_browser(
             expect(page.locator("#primary")).to_have_text("st1")
             expect(page.locator('#servers tr[data-server="st2"] .badge')).to_have_text("up")
             shoot(page, shots, "cluster")
+
+            # Pause st2's event consumption: shown, and its TM stops taking events; resume.
+            page.get_by_label("Pause event consumption of").select_option("st2")
+            page.get_by_role("button", name="Pause").click()
+            expect(page.locator("#result")).to_contain_text("Event consumption of st2 paused")
+            expect(page.locator('#servers tr[data-server="st2"] .events')).to_have_text("paused")
+            wait_until(lambda: WORK_EVENTS not in cluster.active("st2", "transaction-manager"),
+                       30, "st2's TM to stop taking events")  # fmt: skip
+            assert WORK_EVENTS in cluster.active("st1", "transaction-manager")
+            page.get_by_label("Resume event consumption of").select_option("st2")
+            page.get_by_role("button", name="Resume").click()
+            expect(page.locator("#result")).to_contain_text("Event consumption of st2 resumed")
+            expect(page.locator('#servers tr[data-server="st2"] .events')).to_have_text("-")
+            wait_until(lambda: WORK_EVENTS in cluster.active("st2", "transaction-manager"),
+                       30, "st2's TM taking events again")  # fmt: skip
+            # Manual sync: every server reloads the configuration and says so.
+            page.get_by_role("button", name="Sync configuration now").click()
+            expect(page.locator("#result")).to_contain_text("every live server runs it")
 
             # SIGKILL the primary: the page shows st2 promoted, without a reload.
             cluster.run("server", "kill", "st1")

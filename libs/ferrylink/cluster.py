@@ -12,7 +12,7 @@ What runs where follows the table in DESIGN.md ("What is active where").
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from ferrylink.contracts import (
@@ -107,14 +107,20 @@ def decide_primary(
 
 
 def desired_work(
-    mode: str, servers: Sequence[str], live: set[str], synchronized: set[str], primary: str | None
+    mode: str,
+    servers: Sequence[str],
+    live: set[str],
+    synchronized: set[str],
+    primary: str | None,
+    paused: Set[str] = frozenset(),
 ) -> dict[str, list[str]]:
     """Which work units each server should run (the table in DESIGN.md). A server consumes
     no events until it is synchronized (a server that starts or comes back waits for its
-    sync, as the reference's transaction manager does), whatever the mode."""
+    sync, as the reference's transaction manager does), whatever the mode, nor while an
+    operator paused its event consumption (`paused`; its other work goes on)."""
     work: dict[str, list[str]] = {server: [] for server in servers}
     for server in servers:
-        ready = server in live and server in synchronized
+        ready = server in live and server in synchronized and server not in paused
         if ready and (mode == "active_active" or mode == "passive" and server == primary):
             work[server].append(WORK_EVENTS)
         elif ready and mode == "passive_legacy":

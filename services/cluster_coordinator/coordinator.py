@@ -64,6 +64,8 @@ class ClusterView:
     services: dict[str, dict[str, Any]]
     # For each live server, when the least recently heard of its services was heard.
     heard_at: dict[str, float]
+    # Servers whose event consumption an operator paused.
+    paused: set[str] = field(default_factory=set)
 
 
 class Coordinator:
@@ -175,6 +177,7 @@ class Coordinator:
             servers=servers,
             live=live,
             synchronized=synchronized,
+            paused=store.read_paused(session),
             services=services,
             heard_at=heard_at,
         )
@@ -288,7 +291,9 @@ class Coordinator:
                 mode=view.mode,
                 leader=self.node_id,
                 primary=state.primary,
-                work=desired_work(view.mode, servers, view.live, view.synchronized, state.primary),
+                work=desired_work(
+                    view.mode, servers, view.live, view.synchronized, state.primary, view.paused
+                ),  # fmt: skip
                 issued_at=now,
                 not_before=state_not_before,
                 expires_at=self._grant_expiry(view, state.primary, lease.expires_at, now),

@@ -7,6 +7,7 @@ Both live in the shared database; every change bumps the configuration version (
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ MODE_KEY = "cluster.mode"
 TIMEOUT_KEY = "cluster.connection_timeout"
 FAILOVER_REQUEST_KEY = "cluster.failover_request"
 AUTO_SYNC_KEY = "cluster.auto_sync"
+PAUSED_KEY = "cluster.events_paused"  # JSON list of the servers whose event consumption paused
 SERVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -114,6 +116,22 @@ def put_setting(session: Session, key: str, value: str) -> None:
     row.value = value
     row.updated_at = utcnow()
     session.add(row)
+
+
+def read_paused(session: Session) -> set[str]:
+    """The servers an operator paused the event consumption of."""
+    value = read_setting(session, PAUSED_KEY)
+    return set(json.loads(value)) if value else set()
+
+
+def set_paused(session: Session, server: str, paused: bool) -> set[str]:
+    """Pause or resume `server`'s event consumption (in the caller's transaction)."""
+    if server not in {entry.id for entry in read_servers(session)}:
+        raise ConfigError(f"no server {server!r} in the servers list")
+    current = read_paused(session)
+    current = current | {server} if paused else current - {server}
+    put_setting(session, PAUSED_KEY, json.dumps(sorted(current)))
+    return current
 
 
 def read_settings(session: Session, default: ClusterSettings) -> ClusterSettings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
+from ferrylink.admin_auth import OPERATOR_MAY
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
 from services.cluster_coordinator import store
@@ -67,4 +68,34 @@ def put_settings(
         raise HTTPException(422, str(exc)) from exc
     audit.record(session, "cluster.settings", "settings", vars(current), vars(wanted))
     coordinator.runtime.commit_config_change(session)
+    return cluster_status(coordinator, session)
+
+
+class EventsIn(BaseModel):
+    paused: bool = Field(description="true: the server takes no more events until resumed.")
+
+
+@router.put(
+    "/servers/{server_id}/events",
+    response_model=ClusterStatus,
+    summary="Pause or resume one server's event consumption",
+    openapi_extra=OPERATOR_MAY,
+    description="A paused server finishes the events it holds and takes no more; its other "
+    "work (and, as primary, the primary's) goes on. In the passive modes, pausing the primary "
+    "stops event processing in the cluster until it is resumed or another server is primary.",
+)
+def put_server_events(
+    server_id: str,
+    body: EventsIn,
+    coordinator: CoordinatorDep,
+    session: SessionDep,
+    audit: AuditDep,
+) -> ClusterStatus:
+    before = {"paused": server_id in store.read_paused(session)}
+    try:
+        store.set_paused(session, server_id, body.paused)
+    except store.ConfigError as exc:
+        raise HTTPException(404, str(exc)) from exc
+    audit.record(session, "cluster.server.events", server_id, before, body)
+    session.commit()
     return cluster_status(coordinator, session)

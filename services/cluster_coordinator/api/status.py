@@ -25,6 +25,9 @@ class ServerStatus(BaseModel):
     state: Literal["up", "down"]
     role: Literal["primary", "secondary", "standby"]
     synchronized: bool
+    events_paused: bool = Field(
+        description="An operator paused its event consumption (its other work goes on)."
+    )
     config_version: int | None = Field(
         description="The oldest configuration version its services run (0: never synced)."
     )
@@ -65,6 +68,7 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
                 state="up" if entry.id in view.live else "down",
                 role=role,
                 synchronized=entry.id in view.synchronized,
+                events_paused=entry.id in view.paused,
                 config_version=_oldest_version(view.services.get(entry.id, {})),
                 work=assignment.work.get(entry.id, []) if assignment else [],
                 services=view.services.get(entry.id, {}),

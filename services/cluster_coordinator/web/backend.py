@@ -22,6 +22,7 @@ TM = "transaction-manager"
 CALL_TIMEOUT = 10.0
 # Failover waits for the leader to apply it (api/failover.py): up to 10 heartbeats + 5 s.
 FAILOVER_TIMEOUT = 40.0
+SYNC_TIMEOUT = 30.0  # the sync waits up to 15 s for every server's report
 
 
 class Unavailable(Exception):

@@ -8,7 +8,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
@@ -208,6 +208,40 @@ def failover(body: FailoverIn, web: WriteDep, coordinator: CoordinatorDep) -> JS
         "transfer states for the tracking system.",
         report,
     )
+
+
+class EventsIn(BaseModel):
+    server: str = Field(min_length=1, max_length=64)
+    paused: bool
+
+
+@router.post("/ui/actions/events")
+def pause_or_resume(body: EventsIn, web: WriteDep, coordinator: CoordinatorDep) -> JSONResponse:
+    """Pause or resume one server's event consumption (operators may)."""
+    response = backend.call("PUT", f"{coordinator.settings.api_url}/cluster/servers/"
+                            f"{quote(body.server, safe='')}/events", web.headers,
+                            json={"paused": body.paused})  # fmt: skip
+    if response.status_code != 200:
+        return _failed(response)
+    verb = "paused" if body.paused else "resumed"
+    return _done(f"Event consumption of {body.server} {verb}.", response.json())
+
+
+@router.post("/ui/actions/sync")
+def sync(web: WriteDep, coordinator: CoordinatorDep) -> JSONResponse:
+    """Manual synchronization: every server reloads the whole configuration."""
+    response = backend.call("POST", f"{coordinator.settings.api_url}/cluster/sync",
+                            web.headers, timeout=backend.SYNC_TIMEOUT)  # fmt: skip
+    if response.status_code != 200:
+        return _failed(response)
+    report = response.json()
+    behind = [s["id"] for s in report["servers"] if s["state"] == "up" and not s["synchronized"]]
+    outcome = (
+        "every live server runs it"
+        if report["complete"] and not behind
+        else (f"not yet in sync: {', '.join(behind) or 'some servers did not report in time'}")
+    )
+    return _done(f"Sync to configuration version {report['config_version']}: {outcome}.", report)
 
 
 # -- file tracking ------------------------------------------------------------------------------
