@@ -7,8 +7,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import Session, create_engine
 
 
 def make_engine(url: str) -> Engine:
@@ -37,26 +36,14 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=6)
 
 
-# Any constant: the PostgreSQL advisory lock that serializes schema creation.
-SCHEMA_LOCK_ID = 0x466C6B00
-
-
 def create_tables(engine: Engine) -> None:
-    """Create every table of the imported models (idempotent, safe when many processes
-    start at once: on PostgreSQL they take turns under an advisory lock)."""
-    import ferrylink.models  # noqa: F401  (registers the tables)
+    """Bring the database to the newest schema revision: create a new one, record one of the
+    last release before migrations, upgrade an older one (ferrylink.schema.upgrade_schema,
+    safe when many processes start at once). What tests and tools call for a ready database;
+    services check the revision at start with ferrylink.schema.prepare_schema instead."""
+    from ferrylink.schema import upgrade_schema
 
-    if engine.dialect.name != "postgresql":
-        try:
-            SQLModel.metadata.create_all(engine)
-        except OperationalError as exc:
-            if "already exists" not in str(exc):
-                raise
-            SQLModel.metadata.create_all(engine)  # another process won the race: check again
-        return
-    with engine.begin() as connection:
-        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": SCHEMA_LOCK_ID})
-        SQLModel.metadata.create_all(connection)
+    upgrade_schema(engine)
 
 
 def database_works(engine: Engine) -> bool:

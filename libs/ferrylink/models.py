@@ -1,5 +1,9 @@
 """SQLModel tables shared by the services. Each service's own tables are added here too, so
-that the whole schema is created in one place and the services never import each other."""
+that the whole schema is defined in one place and the services never import each other.
+
+The database gets these tables from the migrations (ferrylink/migrations): every change here
+needs a new revision there (`ferrylink db revision`; tests/test_schema_migrations.py fails
+until the head matches these models)."""
 
 from __future__ import annotations
 

@@ -50,7 +50,7 @@ from ferrylink.contracts import (
     message_id,
     parse,
 )
-from ferrylink.db import create_tables, database_works, make_engine
+from ferrylink.db import database_works, make_engine
 from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
 from ferrylink.metrics import (
@@ -64,6 +64,7 @@ from ferrylink.metrics import (
 )
 from ferrylink.models import ClusterState, OutboxMessage
 from ferrylink.primary_proxy import register_service_url
+from ferrylink.schema import SchemaError, prepare_schema
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import (
     consumer_span,
@@ -335,7 +336,9 @@ class ServiceRuntime:
             self.settings.node_id,
             ", ".join(redact_url(u) for u in self.settings.amqp_urls),
         )
-        create_tables(self.engine)
+        # A new database is created; an older or unknown revision raises SchemaError (the
+        # service's main checked this already: prepare_database).
+        prepare_schema(self.engine, upgrade=self.settings.database_auto_upgrade)
         # config_version stays 0 ("never synchronized") until the first full sync addressed
         # to this process: a server that starts or comes back consumes no events before.
         register_service_url(self.engine, self.settings.node_id, self.service_name,
@@ -515,6 +518,25 @@ def login_guard_from(settings: FerrylinkSettings) -> LoginGuard:
             ban_seconds=settings.login_ban_seconds,
         )
     )
+
+
+# A service that refuses the database's schema exits with this code (sysexits' EX_CONFIG).
+SCHEMA_EXIT_CODE = 78
+
+
+def prepare_database(settings: FerrylinkSettings, service_name: str) -> None:
+    """What a service's main does before it builds anything: make the database usable
+    (ferrylink.schema.prepare_schema: create a new one, upgrade an older one only with
+    FERRYLINK_DATABASE_AUTO_UPGRADE) or exit with the reason and SCHEMA_EXIT_CODE."""
+    setup_logging(service_name, settings.node_id, settings.log_level)
+    engine = make_engine(settings.effective_database_url)
+    try:
+        prepare_schema(engine, upgrade=settings.database_auto_upgrade)
+    except SchemaError as exc:
+        log.critical("%s refuses to start: %s", service_name, exc)
+        raise SystemExit(SCHEMA_EXIT_CODE) from None
+    finally:
+        engine.dispose()
 
 
 def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:

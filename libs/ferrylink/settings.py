@@ -31,6 +31,12 @@ class FerrylinkSettings(BaseSettings):
         "",
         description="SQLAlchemy URL; empty means a SQLite file in the state directory.",
     )
+    database_auto_upgrade: bool = Field(
+        False,
+        description="Let a service upgrade a database at an older schema revision when it "
+        "starts; off, it refuses to start and asks for `ferrylink db upgrade` (a new, empty "
+        "database is always created).",
+    )
     state_dir: Path = Field(Path(".ferrylink"), description="Local state (SQLite, pid files).")
     data_dir: Path = Field(Path(".ferrylink/data"), description="Shared storage: account homes.")
     name_prefix: str = Field(

@@ -13,7 +13,8 @@ from pathlib import Path
 from sqlmodel import Session
 
 from ferrylink.admin_auth import admins_exist, check_token, create_admin, issue_token, utc
-from ferrylink.db import create_tables, make_engine
+from ferrylink.db import make_engine
+from ferrylink.schema import prepare_schema
 
 FIRST_ADMIN = "admin"
 LOCAL_TOKEN_TTL = timedelta(days=365)
@@ -43,7 +44,7 @@ def ensure_first_admin(database_url: str, state_dir: Path) -> Path:
     credentials = folder / "credentials.json"
     engine = make_engine(database_url)
     try:
-        create_tables(engine)
+        prepare_schema(engine, upgrade=False)  # `ferrylink up` upgraded it just before
         with Session(engine) as session:
             if credentials.exists():
                 known = json.loads(credentials.read_text())
@@ -84,7 +85,8 @@ def auth_headers(state_dir: Path | str | None) -> dict[str, str]:
 def create_admin_cli(database_url: str, name: str, role: str, password: str) -> None:
     engine = make_engine(database_url)
     try:
-        create_tables(engine)
+        # A new database is created; an older one is left to `ferrylink db upgrade`.
+        prepare_schema(engine, upgrade=False)
         with Session(engine) as session:
             create_admin(session, name, password, role)
             session.commit()

@@ -8,6 +8,8 @@
     ferrylink status [--state-dir DIR] [--json]
     ferrylink admin create NAME --role {admin,operator} [--database-url URL]
     ferrylink admin token NAME [--ttl-hours H] [--database-url URL]
+    ferrylink db {upgrade,current} [--database-url URL]
+    ferrylink db revision -m MESSAGE
 
 The work is done by `ferrylink_ops.local_cluster` (its docstring explains the supervisor and
 how `server stop|start|kill` reach it); this module only parses arguments.
@@ -176,7 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     reencrypt = secrets_commands.add_parser(
         "reencrypt", help="encrypt every partner secret with the first key of the list"
     )
-    for sub in (create, token, reencrypt):
+    db = commands.add_parser("db", help="the database schema: upgrade it, show its revision")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_upgrade = db_commands.add_parser(
+        "upgrade",
+        help="bring the database to this release's schema (create a new one, record one of "
+        "a release before migrations, upgrade an older one)",
+    )
+    db_current = db_commands.add_parser("current", help="show the database's schema revision")
+    db_revision = db_commands.add_parser(
+        "revision",
+        help="development: write a draft migration for the models' changes (source checkout)",
+    )
+    db_revision.add_argument("-m", "--message", required=True, help="what the revision changes")
+    for sub in (create, token, reencrypt, db_upgrade, db_current):
         sub.add_argument(
             "--database-url",
             default=None,
@@ -290,6 +305,7 @@ def cmd_admin(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
     from ferrylink.admin_auth import AdminError
+    from ferrylink.schema import SchemaError
     from ferrylink.settings import FerrylinkSettings
     from ferrylink_ops.admin_setup import create_admin_cli, issue_token_cli
 
@@ -308,8 +324,28 @@ def cmd_admin(args: argparse.Namespace) -> int:
         else:
             ttl = timedelta(hours=args.ttl_hours)
             _say(issue_token_cli(database_url, args.name, ttl, args.description))
-    except AdminError as exc:
+    except (AdminError, SchemaError) as exc:
         _say(f"error: {exc}")
+        return 1
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from ferrylink.schema import SchemaError
+    from ferrylink.settings import FerrylinkSettings
+    from ferrylink_ops import schema_tools
+
+    if args.db_command == "revision":
+        _say(f"wrote {schema_tools.new_revision(args.message)}: review it before committing")
+        return 0
+    database_url = args.database_url or FerrylinkSettings().effective_database_url
+    try:
+        if args.db_command == "upgrade":
+            _say(schema_tools.db_upgrade(database_url))
+        else:
+            _say(schema_tools.db_current(database_url))
+    except SchemaError as exc:
+        print(f"ferrylink: error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
 
@@ -356,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_secrets(args)
         if args.command == "admin":
             return cmd_admin(args)
+        if args.command == "db":
+            return cmd_db(args)
         if args.command == "failover":
             return cmd_failover(args)
         if args.command == "sync":

@@ -507,14 +507,20 @@ class LocalCluster:
         log.info("private broker at %s", redact_url(self.amqp_url))
 
     def create_schema(self) -> None:
-        """Create the tables once here, so the services do not race to create them."""
-        from ferrylink.db import create_tables, make_engine
+        """Bring the database to this release's schema once here (create, or upgrade an
+        older revision as `ferrylink db upgrade` does), so the services find it ready."""
+        from ferrylink.db import make_engine
+        from ferrylink.schema import SchemaError, upgrade_schema
 
         engine = make_engine(self.database_url)
         try:
-            create_tables(engine)
+            before, after = upgrade_schema(engine)
+        except SchemaError as exc:
+            raise ClusterError(str(exc)) from None
         finally:
             engine.dispose()
+        if before.revision is not None and before.revision != after.revision:
+            log.info("database schema upgraded from %s to %s", before.revision, after.revision)
 
     def write_servers_file(self) -> None:
         lines = "".join(f"{s.id}\t{s.api_url}\n" for s in self.servers)

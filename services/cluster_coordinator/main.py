@@ -6,7 +6,7 @@ Designates the primary and publishes which work runs where (the assignment).
 from fastapi import FastAPI
 
 from ferrylink.contracts import Heartbeat
-from ferrylink.runtime import ServiceRuntime, create_app, serve
+from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from services.cluster_coordinator.api import routers
 from services.cluster_coordinator.coordinator import Coordinator
 from services.cluster_coordinator.settings import Settings
@@ -35,6 +35,7 @@ def app_from(settings: Settings) -> FastAPI:
 
 def main() -> None:
     settings = Settings()
+    prepare_database(settings, SERVICE_NAME)
     serve(app_from(settings), settings, SERVICE_NAME)
 
 

@@ -8,7 +8,7 @@ managed through `/watches` (api.py) on any server.
 from fastapi import FastAPI
 
 from ferrylink.contracts import WORK_FOLDER_MONITOR
-from ferrylink.runtime import ServiceRuntime, create_app, serve
+from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from services.folder_monitor.api import WatchStore, routers
 from services.folder_monitor.monitor import FolderMonitor
 from services.folder_monitor.settings import Settings
@@ -39,6 +39,7 @@ def app_from(settings: Settings) -> FastAPI:
 
 def main() -> None:
     settings = Settings()
+    prepare_database(settings, SERVICE_NAME)
     serve(app_from(settings), settings, SERVICE_NAME)
 
 

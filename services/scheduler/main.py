@@ -9,7 +9,7 @@ jobs are managed through `/jobs` (api.py) on any server.
 from fastapi import FastAPI
 
 from ferrylink.contracts import WORK_SCHEDULER
-from ferrylink.runtime import ServiceRuntime, create_app, serve
+from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from services.scheduler.api import JobStore, routers
 from services.scheduler.runner import JobScheduler
 from services.scheduler.settings import Settings
@@ -39,6 +39,7 @@ def app_from(settings: Settings) -> FastAPI:
 
 def main() -> None:
     settings = Settings()
+    prepare_database(settings, SERVICE_NAME)
     serve(app_from(settings), settings, SERVICE_NAME)
 
 

@@ -17,10 +17,11 @@ from sqlmodel import Session
 
 from ferrylink.config import write_sentinel_undelivered
 from ferrylink.contracts import WORK_SENTINEL_LINK, ClusterMode, TransferState
-from ferrylink.db import create_tables, make_engine
+from ferrylink.db import make_engine
 from ferrylink.metrics import SENTINEL_BACKLOG
 from ferrylink.models import ClusterSetting
-from ferrylink.runtime import ServiceRuntime, create_app, serve
+from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
+from ferrylink.schema import prepare_schema
 from services.sentinel_link.api import endpoints, link
 from services.sentinel_link.consume import StateHandler
 from services.sentinel_link.delivery import DeliveryLoop
@@ -49,7 +50,7 @@ def cluster_mode(engine: Engine, default: str) -> str:
 
 def build(settings: Settings) -> SentinelLink:
     runtime = ServiceRuntime(SERVICE_NAME, settings)
-    create_tables(runtime.engine)
+    prepare_schema(runtime.engine, upgrade=settings.database_auto_upgrade)
     # Read once at start: a mode change needs the service restarted.
     mode = cluster_mode(runtime.engine, settings.cluster_mode)
     legacy = mode == ClusterMode.PASSIVE_LEGACY
@@ -59,7 +60,8 @@ def build(settings: Settings) -> SentinelLink:
         # lost with it (the coordinator's manual failover reports how much).
         path = (settings.state_dir / f"sentinel-link-{settings.node_id}.db").resolve()
         link_engine, link_db = make_engine(f"sqlite:///{path}"), str(path)
-        create_tables(link_engine)
+        # Only this process uses it: always brought to this release's schema.
+        prepare_schema(link_engine, upgrade=True)
     store = LinkStore(runtime.engine, link_engine)
 
     def report_undelivered() -> None:
@@ -105,6 +107,7 @@ def app_from(settings: Settings) -> FastAPI:
 
 def main() -> None:
     settings = Settings()
+    prepare_database(settings, SERVICE_NAME)
     serve(app_from(settings), settings, SERVICE_NAME)
 
 

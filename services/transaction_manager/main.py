@@ -17,7 +17,7 @@ from ferrylink.contracts import (
     WORK_TRANSFER_LOG,
 )
 from ferrylink.destinations import DestinationPolicy
-from ferrylink.runtime import ServiceRuntime, create_app, serve
+from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from ferrylink.work import FlagWork
 from services.transaction_manager.api import TransactionManager, public_routers, routers
 from services.transaction_manager.dead_letters import DeadLetterKeeper
@@ -77,6 +77,7 @@ def app_from(settings: Settings) -> FastAPI:
 
 def main() -> None:
     settings = Settings()
+    prepare_database(settings, SERVICE_NAME)
     serve(app_from(settings), settings, SERVICE_NAME)
 
 
