@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 
 from bench.common import broker_url, local_cluster, report
+from ferrylink_ops.admin_setup import auth_headers
 from ferrylink_ops.local_cluster import port_free
 from ferrylink_ops.polling import wait_until
 
@@ -210,7 +211,7 @@ def edge_target(cluster_doc: dict[str, Any], tm_url: str, state_dir: Path, work:
     """A `bench` account (the client key; no route, so the upload is the only work) and the
     edge's host key in known_hosts."""
     public_key = (work / "client_key.pub").read_text().strip()
-    created = httpx.post(f"{tm_url}/accounts", timeout=30,
+    created = httpx.post(f"{tm_url}/accounts", timeout=30, headers=auth_headers(state_dir),
                          json={"name": ACCOUNT, "ssh_public_keys": [public_key]})  # fmt: skip
     created.raise_for_status()
     edge = cluster_doc["edges"][0]
