@@ -99,6 +99,15 @@ class Topology:
     def queue(self, name: str) -> str:
         return f"{self.prefix}.{name}"
 
+    def bound_of(self, queue: str) -> int | None:
+        """The length bound of a work queue by its full name (shared or node-local), None
+        for an unbounded one."""
+        for name, bound in self.max_lengths:
+            shared = self.queue(name)
+            if queue == shared or (queue.startswith(shared + ".") and not queue.endswith(".dead")):
+                return bound
+        return None
+
     def node_queue(self, name: str, node_id: str) -> str:
         """A node-local work queue (passive_legacy keeps each server's events apart)."""
         return f"{self.prefix}.{name}.{node_id}"
@@ -255,8 +264,9 @@ class UnroutableError(Exception):
 
 
 class PublishRejected(Exception):
-    """The broker nacked a message of a publisher whose nacks are final (e.g. the queue is
-    full and rejects publishes). Not re-published."""
+    """The broker nacked a message of a publisher whose nacks are final (the queue is full
+    and rejects publishes, or a quorum queue's leader is being elected). Not re-published by
+    the publisher: its caller decides."""
 
 
 @dataclass
@@ -281,9 +291,11 @@ class Publisher:
 
     With `nacks_are_final`, a nack fails the message's future with `PublishRejected` instead
     (for a bounded queue with reject-publish, where publishing again would only wait for
-    room). The broker does not say why it nacked, so a nack from a quorum leader change is
-    final too; the connection is still recycled, at most every `NACK_RECYCLE_SECONDS`, to get
-    away from a channel that keeps nacking (see `_on_confirm`).
+    room). The broker does not say why it nacked: a quorum queue whose leader is being
+    elected nacks too, so the caller must tell the two apart (ferrylink.transfer_states
+    reads the queue's depth and publishes again unless it is full). The connection is still
+    recycled, at most every `NACK_RECYCLE_SECONDS`, to get away from a channel that keeps
+    nacking (see `_on_confirm`).
     """
 
     NACK_RECYCLE_SECONDS = 5.0

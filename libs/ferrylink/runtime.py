@@ -263,20 +263,34 @@ class ServiceRuntime:
 
     def relay_outbox(self) -> None:
         """Run the outbox relay in this process (a service that stages messages)."""
-        self._outbox_relay = outbox.OutboxRelay(self.engine, self.publisher)
+        self._outbox_relay = outbox.OutboxRelay(
+            self.engine, self._relay_rows, lambda: self.publisher.connected
+        )
+
+    def _relay_rows(self, rows: list[OutboxMessage]) -> None:
+        """Rows left behind: transfer states (bounded queues) through their own publisher,
+        the rest through the shared one."""
+        states = [r for r in rows if self.topology.bound_of(r.routing_key) is not None]
+        others = [r for r in rows if self.topology.bound_of(r.routing_key) is None]
+        if states and self._transfer_states is not None:
+            self._transfer_states.resend(states)
+        if others:
+            outbox.send(self.engine, self.publisher, others)
 
     def transfer_states(self) -> TransferStatePublisher:
         """The publisher of transfer states, on its own connection whose nacks are final:
         the transfer-states queue is bounded, and a full one drops and counts a state
-        (never retried, never waited for) without slowing the events published here."""
+        (never waited for) without slowing the events published here. States go through
+        the outbox, and a state nacked while its queue is not full is published again."""
         if self._transfer_states is None:
             publisher = Publisher(
                 self.settings.amqp_urls, declare=self.topology.declare,
                 name=f"{self.service_name}-states", nacks_are_final=True,
             )  # fmt: skip
             self._transfer_states = TransferStatePublisher(
-                publisher, lambda: self._work_queue("transfer-states")
-            )
+                publisher, lambda: self._work_queue("transfer-states"), self.engine,
+                self.settings.transfer_states_max_length, self.settings.amqp_urls,
+            )  # fmt: skip
         return self._transfer_states
 
     def _work_queue(self, name: str) -> str:
@@ -345,7 +359,7 @@ class ServiceRuntime:
                              self.settings.api_url)  # fmt: skip
         self.publisher.start()
         if self._transfer_states is not None:
-            self._transfer_states.publisher.start()
+            self._transfer_states.start()
         self.consumers.start()
         self.follower.start()
         if self._outbox_relay is not None:
@@ -361,7 +375,7 @@ class ServiceRuntime:
         self.consumers.stop()
         self.publisher.close()
         if self._transfer_states is not None:
-            self._transfer_states.publisher.close()
+            self._transfer_states.close()
         self.engine.dispose()
 
     def readiness(self) -> dict[str, bool]:

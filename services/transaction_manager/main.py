@@ -35,7 +35,7 @@ def build(settings: Settings) -> TransactionManager:
     secrets_box.configure(settings.secret_key)
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    transfer_log = TransferLog(runtime.transfer_states().publish, settings.node_id)
+    transfer_log = TransferLog(runtime.transfer_states(), settings.node_id)
     routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id,
                          settings.claim_seconds)  # fmt: skip
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,

@@ -44,7 +44,6 @@ from ferrylink.models import (
     ProcessedEvent,
     Route,
     StepRun,
-    Transfer,
 )
 from ferrylink.paths import PathError, confined, relative_to
 from ferrylink.telemetry import mark_error, tracer
@@ -68,7 +67,9 @@ from services.transaction_manager.transfer_log import (
     ROUTED,
     SENDING,
     SENT,
+    StagedLeg,
     TransferLog,
+    settle,
 )
 
 log = logging.getLogger(__name__)
@@ -462,13 +463,13 @@ class _States:
         self.event_id = event_id
         self.owner = owner
         self.claim_seconds = claim_seconds
-        self._staged: list[Transfer] = []
+        self._staged: list[StagedLeg] = []
         self._futures: list[Future[Any]] = []
 
     def stage(self, leg_key: str, status: str, **fields: Any) -> None:
-        leg = self.log.stage(self.session, leg_key, status, **fields)
-        if leg is not None:
-            self._staged.append(leg)
+        staged = self.log.stage(self.session, leg_key, status, **fields)
+        if staged is not None:
+            self._staged.append(staged)
 
     def commit(self, final: bool = False) -> None:
         """Commit while the event's claim is still ours (ClaimLost otherwise): renewed, or
@@ -482,8 +483,7 @@ class _States:
         self._staged.clear()
 
     def wait(self) -> None:
-        for future in self._futures:
-            future.result(timeout=30)
+        settle(self._futures)
 
 
 def _digest(path: Path, algorithm: str) -> str:

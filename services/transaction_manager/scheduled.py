@@ -58,7 +58,7 @@ from ferrylink.models import (
 )
 from ferrylink.paths import PathError, confined, is_temporary, relative_to
 from services.transaction_manager import partners
-from services.transaction_manager.transfer_log import TransferLog
+from services.transaction_manager.transfer_log import TransferLog, settle
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -330,12 +330,14 @@ def _leg(engine: Engine, leg_key: str, status: str, event: TransferScheduled, no
         row.duration_ms = max(0, int((now - started).total_seconds() * 1000))
         session.add(row)
         try:
+            # The state message joins the leg's transaction (the outbox).
+            staged = transfer_log.announce(session, row) if transfer_log is not None else None
             session.commit()
         except IntegrityError:  # recorded by another server meanwhile
             session.rollback()
             return
-    if transfer_log is not None:
-        transfer_log.publish(row).result(timeout=30)
+    if transfer_log is not None and staged is not None:
+        settle([transfer_log.publish(staged)])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The consolidated transfer log: one row per leg of a file's journey, and every state change
-published for the sentinel link.
+published for the sentinel link (through the outbox, committed with the leg).
 
 A leg is keyed by `leg_key` (unique), so processing an event again updates its legs instead
 of adding new ones.
@@ -8,8 +8,11 @@ of adding new ones.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 from sqlmodel import Session, select
@@ -18,6 +21,7 @@ from ferrylink.clock import as_utc, utcnow
 from ferrylink.contracts import FINAL_TRANSFER_STATUSES, TransferState, TransferStatus
 from ferrylink.metrics import BYTES_RECEIVED, BYTES_SENT, FILES_RECEIVED, FILES_SENT
 from ferrylink.models import Transfer
+from ferrylink.transfer_states import DirectOutlet, StateOutlet
 
 log = logging.getLogger(__name__)
 
@@ -41,27 +45,41 @@ def count(leg: Transfer) -> None:
         BYTES_SENT.labels(protocol=protocol).inc(leg.bytes or 0)
 
 
-class TransferLog:
-    """Writes legs and announces each state change on the transfer-states queue."""
+@dataclass
+class StagedLeg:
+    """A leg state in an uncommitted transaction, with its transfer-state message (in the
+    outbox of the same transaction); `TransferLog.publish` it once committed."""
 
-    def __init__(self, publish: Callable[[TransferState], Future[Any]], node_id: str) -> None:
-        self._publish = publish
+    leg: Transfer
+    state: Any  # the outlet's token
+
+
+class TransferLog:
+    """Writes legs and announces each state change on the transfer-states queue, through the
+    outbox: the state message is committed with the leg, so a crash after the commit delays
+    it (the relay publishes it), never loses it."""
+
+    def __init__(
+        self, states: StateOutlet | Callable[[TransferState], Future[Any]], node_id: str
+    ) -> None:
+        self._states: StateOutlet = states if not callable(states) else DirectOutlet(states)
         self.node_id = node_id
 
     def record(self, session: Session, leg_key: str, status: str, **fields: Any) -> Transfer:
-        """Create or update the leg and commit; then publish its new state and wait for the
-        broker's confirm."""
-        leg = self.stage(session, leg_key, status, **fields)
-        if leg is None:
+        """Create or update the leg and commit; then publish its new state and wait (a
+        while) for the broker's answer."""
+        staged = self.stage(session, leg_key, status, **fields)
+        if staged is None:
             return session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).one()
         session.commit()
-        self.publish(leg).result(timeout=30)
-        return leg
+        settle([self.publish(staged)])
+        return staged.leg
 
     def stage(self, session: Session, leg_key: str, status: str, **fields: Any
-              ) -> Transfer | None:  # fmt: skip
-        """Create or update the leg in the caller's transaction (not committed, not yet
-        published); None when the leg is in that state already (a redelivered event)."""
+              ) -> StagedLeg | None:  # fmt: skip
+        """Create or update the leg in the caller's transaction, with its state message (not
+        committed, not yet published); None when the leg is in that state already (a
+        redelivered event)."""
         leg = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
         now = utcnow()
         if leg is None:
@@ -78,18 +96,38 @@ class TransferLog:
             started = as_utc(leg.started_at)
             leg.duration_ms = int((now - started).total_seconds() * 1000)
         session.add(leg)
-        return leg
+        return self.announce(session, leg)
 
-    def publish(self, leg: Transfer) -> Future[Any]:
-        """Announce a committed leg state (and count it). The future resolves on the broker's
-        answer (a full transfer-states queue drops and counts the state, never waited for)."""
-        count(leg)
+    def announce(self, session: Session, leg: Transfer) -> StagedLeg:
+        """Stage the state message of `leg` (as it is now) in the caller's transaction."""
         # At least once: the sentinel link drops repeats by the state's id (leg key, state).
-        return self._publish(
-            TransferState(
-                leg_key=leg.leg_key, cycle_id=leg.cycle_id, event_id=leg.event_id, leg=leg.leg,
-                state=TransferStatus(leg.status), account=leg.account, file_name=leg.file_name,
-                bytes=leg.bytes or 0, direction=leg.direction, protocol=leg.protocol,
-                partner=leg.partner, detail=leg.detail, node=self.node_id,
-            )
+        state = TransferState(
+            leg_key=leg.leg_key, cycle_id=leg.cycle_id, event_id=leg.event_id, leg=leg.leg,
+            state=TransferStatus(leg.status), account=leg.account, file_name=leg.file_name,
+            bytes=leg.bytes or 0, direction=leg.direction, protocol=leg.protocol,
+            partner=leg.partner, detail=leg.detail, node=self.node_id,
         )  # fmt: skip
+        return StagedLeg(leg, self._states.stage(session, state))
+
+    def publish(self, staged: StagedLeg) -> Future[Any]:
+        """Send a committed leg's state (and count it). The future resolves on the broker's
+        answer: stored, or dropped because the transfer-states queue is full (counted; a
+        nack for another reason is published again)."""
+        count(staged.leg)
+        return self._states.send([staged.state])[0]
+
+
+def settle(futures: Sequence[Future[Any]], timeout: float = 30.0) -> None:
+    """Wait for the broker's answers to published states, at most `timeout` seconds. Not
+    answered by then (the broker is away): the states are in the outbox, and the relay
+    publishes them later; nothing to do here."""
+    deadline = time.monotonic() + timeout
+    for future in futures:
+        try:
+            future.result(max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            log.warning("transfer states not confirmed within %.0f s; the outbox keeps them",
+                        timeout)  # fmt: skip
+            return
+        except Exception as exc:  # closed: the relay publishes it
+            log.warning("transfer state not published (%s); the outbox keeps it", exc)

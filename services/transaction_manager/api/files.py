@@ -24,7 +24,7 @@ from ferrylink.login_guard import LoginGuard, LoginRefused
 from ferrylink.paths import PathError, confined, relative_to
 from services.transaction_manager.api.deps import TMDep, TransactionManager
 from services.transaction_manager.logins import verify_login
-from services.transaction_manager.transfer_log import FAILED, RECEIVED, RECEIVING
+from services.transaction_manager.transfer_log import FAILED, RECEIVED, RECEIVING, settle
 
 router = APIRouter(prefix="/files", tags=["files"])
 
@@ -141,12 +141,14 @@ def _received(tm: TransactionManager, leg_key: str, event: FileArrived) -> None:
     """RECEIVED and the file's event in one transaction (the event in the outbox), then
     published: a crash or a failed publish after the commit delays routing, never skips it."""
     with Session(tm.runtime.engine, expire_on_commit=False) as session:
-        leg = tm.transfer_log.stage(session, leg_key, RECEIVED, bytes=event.size or 0)
+        staged = tm.transfer_log.stage(session, leg_key, RECEIVED, bytes=event.size or 0)
         row = tm.runtime.stage(session, event)
         session.commit()
     fault_point("after-received-before-publish")
-    if leg is not None:
-        tm.transfer_log.publish(leg)  # transfer states have no outbox yet (README, Status)
+    if staged is not None:
+        # On the queue before the event that routes the file is: the tracking system gets
+        # RECEIVED before ROUTED (the outbox has it anyway if the broker does not answer).
+        settle([tm.transfer_log.publish(staged)])
     tm.runtime.send([row])
 
 
