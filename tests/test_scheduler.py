@@ -533,7 +533,7 @@ def test_a_job_every_2s_runs_once_per_fire_time_across_a_kill_and_a_fail_back(
             r.node_id == "st2" and r.claimed_at - r.fire_time > timedelta(seconds=2) for r in done
         )
         # Every run reached the event queue and was completed once by a transaction manager.
-        wait_until(lambda: all(r.status == "submitted" for r in runs(engine, job["id"])), 15)
+        wait_until(lambda: all(r.status == "done" for r in runs(engine, job["id"])), 30)
 
         def completed() -> set[str]:
             with Session(engine) as session:

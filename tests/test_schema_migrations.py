@@ -107,11 +107,25 @@ def second_postgres_url(postgres_url: str) -> Iterator[str]:
         admin.close()
 
 
+def next_revision() -> tuple[str, str]:
+    """(the shipped head, the id of a revision after it)."""
+    shipped = schema.quick_head()
+    assert shipped is not None
+    return shipped, f"{int(shipped) + 1:04d}"
+
+
 @pytest.fixture
-def with_test_revision(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Make tests/schema_revisions/probe_0002.py (test only) this release's head."""
-    monkeypatch.setattr(schema, "EXTRA_VERSION_LOCATIONS", [str(TEST_REVISIONS)])
-    return "0002"
+def with_test_revision(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+                       ) -> str:  # fmt: skip
+    """Make tests/schema_revisions/probe.py (test only) this release's head: a revision after
+    the shipped head (its id is returned)."""
+    shipped, probe = next_revision()
+    text = (TEST_REVISIONS / "probe.py").read_text()
+    text = text.replace('"PROBE"', f'"{probe}"').replace('"SHIPPED_HEAD"', f'"{shipped}"')
+    folder = tmp_path_factory.mktemp("revisions")
+    (folder / f"{probe}_probe.py").write_text(text)
+    monkeypatch.setattr(schema, "EXTRA_VERSION_LOCATIONS", [str(folder)])
+    return probe
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,7 +416,8 @@ def test_an_older_revision_is_upgraded_only_when_asked(
     with Session(engine) as session:
         session.add(Account(name="acme", home="homes/acme"))
         session.commit()
-    with pytest.raises(SchemaError, match=f"revision {BASELINE}; this release needs 0002") as info:
+    needs = f"revision {BASELINE}; this release needs {with_test_revision}"
+    with pytest.raises(SchemaError, match=needs) as info:
         prepare_schema(engine, upgrade=False)
     assert "`ferrylink db upgrade`" in str(info.value)
     assert "FERRYLINK_DATABASE_AUTO_UPGRADE=true" in str(info.value)
@@ -419,7 +434,8 @@ def test_a_database_before_migrations_is_recorded_then_held_to_the_upgrade_rule(
 ) -> None:
     create_legacy_schema(engine)
     insert_legacy_rows(engine)
-    with pytest.raises(SchemaError, match=f"revision {BASELINE}; this release needs 0002"):
+    needs = f"revision {BASELINE}; this release needs {with_test_revision}"
+    with pytest.raises(SchemaError, match=needs):
         prepare_schema(engine, upgrade=False)
     assert version_rows(engine) == []  # a refused start changes nothing
     assert prepare_schema(engine, upgrade=True).revision == with_test_revision
@@ -461,11 +477,12 @@ from ferrylink.schema import prepare_schema
 from ferrylink_ops.polling import wait_until
 
 url, go, ready = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+upgrade = sys.argv[4] == "upgrade"
 engine = make_engine(url)
 engine.connect().close()
 ready.touch()
 wait_until(go.exists, timeout=120, what="the go file", interval=0.002)
-print(prepare_schema(engine, upgrade=False).describe())
+print(prepare_schema(engine, upgrade=upgrade).describe())
 """
 
 
@@ -473,13 +490,25 @@ print(prepare_schema(engine, upgrade=False).describe())
 def test_processes_starting_at_once_prepare_the_schema_once(
     engine: Engine, database_url: str, tmp_path: Path, start: str
 ) -> None:
+    # A database of the release before migrations is recorded as the baseline, and the
+    # revisions after it are applied by whoever may upgrade (FERRYLINK_DATABASE_AUTO_UPGRADE).
+    upgrade = "keep"
     if start == "before_migrations":
         create_legacy_schema(engine)
         insert_legacy_rows(engine)
+        upgrade = "upgrade" if schema.head_revision() != BASELINE else "keep"
     go = tmp_path / "go"
     starters = [
         subprocess.Popen(
-            [sys.executable, "-c", STARTER, database_url, str(go), str(tmp_path / f"ready{i}")],
+            [
+                sys.executable,
+                "-c",
+                STARTER,
+                database_url,
+                str(go),
+                str(tmp_path / f"ready{i}"),
+                upgrade,
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -561,6 +590,7 @@ def test_db_revision_drafts_a_migration_of_the_models_changes(
 ) -> None:
     from ferrylink_ops.schema_tools import new_revision
 
+    shipped, draft_id = next_revision()
     monkeypatch.setattr(schema, "EXTRA_VERSION_LOCATIONS", [str(tmp_path)])
     extra = Table(
         "draft_probe",
@@ -572,10 +602,10 @@ def test_db_revision_drafts_a_migration_of_the_models_changes(
         path = new_revision("add draft probe", tmp_path)
     finally:
         SQLModel.metadata.remove(extra)
-    assert path.parent == tmp_path and path.name == "0002_add_draft_probe.py"
+    assert path.parent == tmp_path and path.name == f"{draft_id}_add_draft_probe.py"
     draft = path.read_text()
-    assert 'revision: str = "0002"' in draft or "revision: str = '0002'" in draft
-    assert "down_revision: str | Sequence[str] | None = '0001'" in draft
+    assert f"revision: str = '{draft_id}'" in draft
+    assert f"down_revision: str | Sequence[str] | None = '{shipped}'" in draft
     assert "op.create_table('draft_probe'" in draft
     assert "sa.String(length=64)" in draft and "sqlmodel" not in draft
     compile(draft, str(path), "exec")

@@ -114,7 +114,8 @@ class StepRunStatus(StrEnum):
 
 class JobRunStatus(StrEnum):
     CLAIMED = "claimed"  # event not yet confirmed by the broker
-    SUBMITTED = "submitted"
+    SUBMITTED = "submitted"  # event on the queue
+    DONE = "done"  # the transaction manager completed it
     MISSED = "missed"  # past its misfire grace
 
 
@@ -233,6 +234,56 @@ class AuditLogPurge(_JobParams):
     days: int = Field(default=365, gt=0)
 
 
+# Bounds of the age (days) of the purges of bookkeeping tables. At least a day: the rows they
+# remove may be needed while a copy of their message can still come back (the redelivery
+# window: delay queues up to 30 s, the outbox relay and the scheduler's re-publishing of
+# claimed runs until the broker answers), and each purge keeps explicitly what such a
+# pending copy needs (services/transaction_manager/purges.py).
+MIN_PURGE_DAYS = 1
+MAX_PURGE_DAYS = 3650
+
+
+class _BookkeepingPurge(_JobParams):
+    days: int = Field(default=30, ge=MIN_PURGE_DAYS, le=MAX_PURGE_DAYS)
+
+
+class JobRunPurge(_BookkeepingPurge):
+    """Delete finished job runs (submitted, done, missed) fired more than `days` ago; never a
+    job's latest run nor a claimed one."""
+
+    kind: Literal["job_run_purge"] = "job_run_purge"
+
+
+class ScheduledFilePurge(_BookkeepingPurge):
+    """Delete records of scheduled pulls/pushes done more than `days` ago whose file is gone
+    at its source (removed at the partner, deleted locally) or whose job no longer exists."""
+
+    kind: Literal["scheduled_file_purge"] = "scheduled_file_purge"
+
+
+class EventClaimPurge(_BookkeepingPurge):
+    """Delete the exactly-once bookkeeping of events completed more than `days` ago
+    (processed_event and step_run rows) and event claims no one held for `days`; never what a
+    copy of an event that may still come needs."""
+
+    kind: Literal["event_claim_purge"] = "event_claim_purge"
+
+
+class OutboxPurge(_BookkeepingPurge):
+    """Move outbox messages no relay could publish for `days` to the dead letters (listed,
+    replayable); confirmed messages leave the outbox at once."""
+
+    kind: Literal["outbox_purge"] = "outbox_purge"
+    days: int = Field(default=7, ge=MIN_PURGE_DAYS, le=MAX_PURGE_DAYS)
+
+
+class SentinelLinkPurge(_BookkeepingPurge):
+    """Delete the link data (cycle, legs, records) of cycles quiet for `days` whose records
+    every endpoint has received (or dropped by its bounds)."""
+
+    kind: Literal["sentinel_link_purge"] = "sentinel_link_purge"
+
+
 # Names a cleanup pattern may never match.
 ORDINARY_FILES = ("anything", "data.csv", "report.pdf", "orders.xml", "archive.tar.gz",
                   "ferrylink.db", "README", "x.txt", "image.png")  # fmt: skip
@@ -271,7 +322,16 @@ class TempFileCleanup(_JobParams):
 
 TransferJob = Annotated[PullJob | PushJob, Field(discriminator="kind")]
 MaintenanceTask = Annotated[
-    TransferLogPurge | TransferLogArchive | DeadLetterPurge | TempFileCleanup | AuditLogPurge,
+    TransferLogPurge
+    | TransferLogArchive
+    | DeadLetterPurge
+    | TempFileCleanup
+    | AuditLogPurge
+    | JobRunPurge
+    | ScheduledFilePurge
+    | EventClaimPurge
+    | OutboxPurge
+    | SentinelLinkPurge,
     Field(discriminator="kind"),
 ]
 JobParams = Annotated[
@@ -281,7 +341,12 @@ JobParams = Annotated[
     | TransferLogArchive
     | DeadLetterPurge
     | TempFileCleanup
-    | AuditLogPurge,
+    | AuditLogPurge
+    | JobRunPurge
+    | ScheduledFilePurge
+    | EventClaimPurge
+    | OutboxPurge
+    | SentinelLinkPurge,
     Field(discriminator="kind"),
 ]
 JOB_PARAMS: TypeAdapter[JobParams] = TypeAdapter(JobParams)
@@ -294,6 +359,11 @@ JOB_KINDS: tuple[str, ...] = (
     "dead_letter_purge",
     "temp_file_cleanup",
     "audit_log_purge",
+    "job_run_purge",
+    "scheduled_file_purge",
+    "event_claim_purge",
+    "outbox_purge",
+    "sentinel_link_purge",
 )
 
 

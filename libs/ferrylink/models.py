@@ -292,7 +292,8 @@ class ScheduledJob(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(unique=True, max_length=128)
     # pull | push | transfer_log_purge | transfer_log_archive | dead_letter_purge |
-    # temp_file_cleanup | audit_log_purge
+    # temp_file_cleanup | audit_log_purge | job_run_purge | scheduled_file_purge |
+    # event_claim_purge | outbox_purge | sentinel_link_purge
     kind: str = Field(max_length=32)
     cron: str | None = Field(default=None, max_length=255)
     interval_seconds: float | None = Field(default=None)
@@ -323,7 +324,8 @@ class JobRun(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     job_id: int = Field(index=True)
     fire_time: datetime = Field(index=True)
-    # claimed (event not yet confirmed by the broker) | submitted | missed (past its grace)
+    # claimed (event not yet confirmed by the broker) | submitted | done (completed by a
+    # transaction manager) | missed (past its grace)
     status: str = Field(index=True, max_length=16)
     node_id: str = Field(max_length=64)
     event_id: str = Field(max_length=64)
@@ -331,6 +333,10 @@ class JobRun(SQLModel, table=True):
     event_json: str = Field(default="")
     claimed_at: datetime = Field(default_factory=utcnow)
     submitted_at: datetime | None = Field(default=None)
+    finished_at: datetime | None = Field(default=None)
+    # Maintenance: how many records (or files) the run removed, and what, per table.
+    removed: int | None = Field(default=None)
+    result: str = Field(default="", max_length=1000)
 
 
 _SCHEDULED_FILE_VERSION = ("job_id", "partner", "direction", "name", "size", "mtime")

@@ -56,3 +56,8 @@ TEMPORARY_PATTERNS: tuple[str, ...] = ("*.part", "*.tmp", "*.partial", "*.filepa
 
 def is_temporary(name: str) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in TEMPORARY_PATTERNS)
+
+
+def sentinel_link_db(state_dir: Path, node_id: str) -> Path:
+    """Where a server keeps its own sentinel-link data in passive_legacy (a SQLite file)."""
+    return (state_dir / f"sentinel-link-{node_id}.db").resolve()

@@ -37,7 +37,10 @@ from ferrylink.paths import PathError, confined, in_data_dir, relative_to
 
 # The kinds and their parameters are contracts (ferrylink.contracts): pull, push,
 # transfer_log_purge (older than `days`), transfer_log_archive (to JSON lines under
-# `folder`), dead_letter_purge, temp_file_cleanup (older than `max_age_hours`).
+# `folder`), dead_letter_purge, temp_file_cleanup (older than `max_age_hours`),
+# audit_log_purge, and the purges of the bookkeeping tables (job_run_purge,
+# scheduled_file_purge, event_claim_purge, outbox_purge, sentinel_link_purge; one default
+# job each: defaults.py).
 TRANSFER_KINDS = TRANSFER_JOB_KINDS
 KINDS = JOB_KINDS
 

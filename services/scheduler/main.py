@@ -6,16 +6,21 @@ as an event to the event queue, which spreads the work over the transaction mana
 jobs are managed through `/jobs` (api.py) on any server.
 """
 
+import logging
+
 from fastapi import FastAPI
 
 from ferrylink.contracts import WORK_SCHEDULER
 from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from services.scheduler.api import JobStore, routers
+from services.scheduler.defaults import seed_default_jobs
 from services.scheduler.runner import JobScheduler
 from services.scheduler.settings import Settings
 
 SERVICE_NAME = "scheduler"
 PUBLISH_TIMEOUT = 10.0  # bounds how long a run's publish (and so stop()) can wait
+
+log = logging.getLogger(__name__)
 
 
 def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
@@ -34,7 +39,17 @@ def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
 def app_from(settings: Settings) -> FastAPI:
     runtime, _scheduler = build(settings)
     store = JobStore(settings.data_dir.resolve(), settings.scheduler_misfire_grace)
-    return create_app(runtime, routers, __doc__ or "", service=store)
+
+    def default_jobs() -> None:
+        if not settings.scheduler_default_jobs:
+            return
+        try:
+            if seed_default_jobs(runtime.engine, settings.scheduler_misfire_grace):
+                runtime.announce_config_change()
+        except Exception:  # the next start tries again; the service runs without them
+            log.exception("could not create the default maintenance jobs")
+
+    return create_app(runtime, routers, __doc__ or "", service=store, on_start=[default_jobs])
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 from apscheduler.executors.base import BaseExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -259,12 +259,14 @@ class JobScheduler:
         finally:
             self._in_flight.discard(run_id)
         with Session(self.engine) as session:
-            run = session.get(JobRun, run_id)
-            if run is not None and run.status == CLAIMED:
-                run.status = SUBMITTED
-                run.submitted_at = as_utc(datetime.now(UTC))
-                session.add(run)
-                session.commit()
+            # One conditional statement: a transaction manager may have completed the run
+            # (status done) already, and that must not be overwritten.
+            session.exec(
+                update(JobRun)
+                .where(col(JobRun.id) == run_id, col(JobRun.status) == CLAIMED)
+                .values(status=SUBMITTED, submitted_at=as_utc(datetime.now(UTC)))
+            )
+            session.commit()
         log.info("run %s submitted as event %s", run_id, event.id)
 
     def _republish_claimed(self) -> None:

@@ -18,3 +18,8 @@ class Settings(FerrylinkSettings):
         le=60,
         description="Seconds between two reads of the job table by the running scheduler.",
     )
+    scheduler_default_jobs: bool = Field(
+        True,
+        description="Create the default maintenance jobs (a daily purge of every table that "
+        "grows) once per cluster; a default job deleted by hand is not created again.",
+    )

@@ -20,6 +20,7 @@ from ferrylink.contracts import WORK_SENTINEL_LINK, ClusterMode, TransferState
 from ferrylink.db import make_engine
 from ferrylink.metrics import SENTINEL_BACKLOG
 from ferrylink.models import ClusterSetting
+from ferrylink.paths import sentinel_link_db
 from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from ferrylink.schema import prepare_schema
 from services.sentinel_link.api import endpoints, link
@@ -58,7 +59,7 @@ def build(settings: Settings) -> SentinelLink:
     if legacy:
         # Link data is not synchronized in passive_legacy: it stays on this server and is
         # lost with it (the coordinator's manual failover reports how much).
-        path = (settings.state_dir / f"sentinel-link-{settings.node_id}.db").resolve()
+        path = sentinel_link_db(settings.state_dir, settings.node_id)
         link_engine, link_db = make_engine(f"sqlite:///{path}"), str(path)
         # Only this process uses it: always brought to this release's schema.
         prepare_schema(link_engine, upgrade=True)

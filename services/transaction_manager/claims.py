@@ -79,11 +79,27 @@ def finish(session: Session, event_id: str, owner: str) -> None:
         raise ClaimLost(f"the claim of event {event_id} passed to another owner")
 
 
-def release(engine: Engine, event_id: str, owner: str) -> None:
-    """Let the next copy in at once (after a failure or a retry of ours)."""
+# A released claim expired a second before its release (on the database clock): the next
+# copy takes it at once, and the purge (event_claim_purge) can tell how long no one held it.
+RELEASED = "{now} - 1"
+
+
+def drop(engine: Engine, event_id: str, owner: str) -> None:
+    """Delete our claim of an event found completed already (a late copy): its
+    `processed_event` row is what keeps it from running again, not the claim."""
     with engine.begin() as connection:
         connection.execute(
-            text("UPDATE event_claim SET expires_at = 0 WHERE event_id = :event_id "
+            text("DELETE FROM event_claim WHERE event_id = :event_id AND owner = :owner"),
+            {"event_id": event_id, "owner": owner},
+        )
+
+
+def release(engine: Engine, event_id: str, owner: str) -> None:
+    """Let the next copy in at once (after a failure or a retry of ours)."""
+    released = RELEASED.format(now=db_now(engine.dialect.name))
+    with engine.begin() as connection:
+        connection.execute(
+            text(f"UPDATE event_claim SET expires_at = {released} WHERE event_id = :event_id "
                  "AND owner = :owner"),
             {"event_id": event_id, "owner": owner},
         )  # fmt: skip
@@ -91,11 +107,12 @@ def release(engine: Engine, event_id: str, owner: str) -> None:
 
 def count_failure(engine: Engine, event_id: str, owner: str, error: str) -> int:
     """Count one failure of the event's own and release the claim; the attempts so far."""
+    released = RELEASED.format(now=db_now(engine.dialect.name))
     with engine.begin() as connection:
         row = connection.execute(
             text(
                 "UPDATE event_claim SET attempts = attempts + 1, last_error = :error, "
-                "expires_at = 0 WHERE event_id = :event_id AND owner = :owner "
+                f"expires_at = {released} WHERE event_id = :event_id AND owner = :owner "
                 "RETURNING attempts"
             ),
             {"event_id": event_id, "owner": owner, "error": error[:2000]},

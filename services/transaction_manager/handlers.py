@@ -21,17 +21,19 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import assert_never
+from typing import Any, assert_never
 
 from opentelemetry import trace
+from sqlalchemy import update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from ferrylink import errors as ferrylink_errors
-from ferrylink.clock import as_utc
+from ferrylink.clock import as_utc, utcnow
 from ferrylink.contracts import (
     Event,
     FileArrived,
+    JobRunStatus,
     MaintenanceRun,
     RejectMessage,
     RetryLater,
@@ -40,8 +42,9 @@ from ferrylink.contracts import (
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
 from ferrylink.metrics import EVENT_LATENCY_SECONDS
-from ferrylink.models import ProcessedEvent
+from ferrylink.models import JobRun, ProcessedEvent
 from services.transaction_manager import claims
+from services.transaction_manager.purges import Removed
 from services.transaction_manager.routing import RouteRunner
 
 log = logging.getLogger(__name__)
@@ -66,8 +69,10 @@ class EventHandler:
         publish: Callable[[FileArrived], Future[None]],
         claim_seconds: float = 60.0,
         max_attempts: int = 5,
+        state_dir: Path | None = None,
     ) -> None:
         self.engine = engine
+        self.state_dir = state_dir  # this server's own files (passive_legacy link data)
         self.node_id = node_id
         self.routes = routes
         self.data_dir = data_dir
@@ -105,7 +110,10 @@ class EventHandler:
             raise RetryLater(f"cannot claim: {_short(exc)}", None) from exc
         fault_point("after-claim")
         try:
-            return self.process(event, owner)
+            done = self.process(event, owner)
+            if not done:  # a late copy of a completed event: nothing of ours to keep
+                self._drop(event.id, owner)
+            return done
         except (RejectMessage, RetryLater):
             self._release(event.id, owner)
             raise
@@ -142,8 +150,9 @@ class EventHandler:
             case MaintenanceRun():
                 from services.transaction_manager import scheduled
 
-                scheduled.run_maintenance(event, self.engine, self.data_dir, self.node_id)
-                return self._complete(event, owner)
+                result = scheduled.run_maintenance(event, self.engine, self.data_dir,
+                                                   self.node_id, self.state_dir)  # fmt: skip
+                return self._complete(event, owner, result)
             case _:
                 assert_never(event)
 
@@ -151,13 +160,23 @@ class EventHandler:
         with Session(self.engine) as session:
             return session.get(ProcessedEvent, event_id) is not None
 
+    def _drop(self, event_id: str, owner: str) -> None:
+        try:
+            claims.drop(self.engine, event_id, owner)
+        except INFRASTRUCTURE_ERRORS as exc:  # it expires, and the purge removes it
+            log.warning("could not drop the claim of %s: %s", event_id, _short(exc))
+
     def _release(self, event_id: str, owner: str) -> None:
         try:
             claims.release(self.engine, event_id, owner)
         except INFRASTRUCTURE_ERRORS as exc:  # it expires by itself
             log.warning("could not release the claim of %s: %s", event_id, _short(exc))
 
-    def _complete(self, event: Event, owner: str) -> bool:
+    def _complete(
+        self, event: TransferScheduled | MaintenanceRun, owner: str, result: Removed | None = None
+    ) -> bool:
+        """Mark a scheduled run's event completed, and its job run done (with what a
+        maintenance run removed), in one transaction."""
         with Session(self.engine) as session:
             if session.get(ProcessedEvent, event.id) is not None:
                 return False
@@ -169,6 +188,14 @@ class EventHandler:
                     processed_at=time.time(),
                 )
             )
+            done: dict[str, Any] = {"status": JobRunStatus.DONE, "finished_at": utcnow()}
+            if result is not None:
+                done |= {"removed": result.total, "result": result.summary()[:1000]}
+            session.exec(
+                update(JobRun)
+                .where(col(JobRun.job_id) == event.job_id, col(JobRun.event_id) == event.id)
+                .values(**done)
+            )  # fmt: skip
             claims.finish(session, event.id, owner)
             session.commit()
         return True

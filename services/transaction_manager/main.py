@@ -39,7 +39,8 @@ def build(settings: Settings) -> TransactionManager:
     routes = RouteRunner(runtime.engine, data_dir, transfer_log, settings.node_id,
                          settings.claim_seconds)  # fmt: skip
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,
-                          settings.claim_seconds, settings.event_attempts)  # fmt: skip
+                          settings.claim_seconds, settings.event_attempts,
+                          settings.state_dir.resolve())  # fmt: skip
     dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
 

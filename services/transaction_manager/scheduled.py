@@ -36,17 +36,23 @@ from ferrylink.clock import as_utc, utcnow
 from ferrylink.contracts import (
     AuditLogPurge,
     DeadLetterPurge,
+    EventClaimPurge,
     FileArrived,
+    JobRunPurge,
     MaintenanceRun,
+    OutboxPurge,
     PullJob,
     PushJob,
     RejectMessage,
+    ScheduledFilePurge,
+    SentinelLinkPurge,
     TempFileCleanup,
     TransferLogArchive,
     TransferLogPurge,
     TransferScheduled,
 )
 from ferrylink.contracts import ScheduledFileStatus as FileStatus
+from ferrylink.db import make_engine
 from ferrylink.models import (
     Account,
     AuditRecord,
@@ -56,8 +62,8 @@ from ferrylink.models import (
     ScheduledFile,
     Transfer,
 )
-from ferrylink.paths import PathError, confined, is_temporary, relative_to
-from services.transaction_manager import partners
+from ferrylink.paths import PathError, confined, is_temporary, relative_to, sentinel_link_db
+from services.transaction_manager import partners, purges
 from services.transaction_manager.transfer_log import TransferLog, settle
 
 log = logging.getLogger(__name__)
@@ -345,51 +351,79 @@ def _leg(engine: Engine, leg_key: str, status: str, event: TransferScheduled, no
 # --------------------------------------------------------------------------------------------
 
 
-def run_maintenance(event: MaintenanceRun, engine: Engine, data_dir: Path, node_id: str) -> None:
-    """Run a maintenance application once (the transaction manager records completion).
-    Cutoffs count from the fire time, so a repeat acts on the same records."""
+def run_maintenance(
+    event: MaintenanceRun,
+    engine: Engine,
+    data_dir: Path,
+    node_id: str,
+    state_dir: Path | None = None,
+) -> purges.Removed:
+    """Run a maintenance application once (the transaction manager records completion, and
+    what was removed, in the job run). Cutoffs count from the fire time, so a repeat acts on
+    the same records. `state_dir`: this server's own files (passive_legacy link data)."""
     if _processed(engine, event.id):
-        return
+        return purges.Removed()
     fired = as_utc(event.fire_time)
     task = event.task
     try:
         match task:
             case TransferLogPurge():
-                count = purge_transfers(engine, fired - timedelta(days=task.days))
+                removed = purge_transfers(engine, fired - timedelta(days=task.days))
             case TransferLogArchive():
                 folder = confined(data_dir, task.folder)
-                count = archive_transfers(engine, folder, fired - timedelta(days=task.days),
-                                          event.id)  # fmt: skip
+                removed = purges.Removed()
+                removed.add("transfer", archive_transfers(
+                    engine, folder, fired - timedelta(days=task.days), event.id))  # fmt: skip
             case DeadLetterPurge():
-                count = purge_dead_events(engine, fired - timedelta(days=task.days))
+                removed = purge_dead_events(engine, fired - timedelta(days=task.days))
             case AuditLogPurge():
-                count = purge_audit_records(engine, fired - timedelta(days=task.days))
+                removed = purge_audit_records(engine, fired - timedelta(days=task.days))
             case TempFileCleanup():
                 folder = confined(data_dir, task.folder)
                 cutoff = fired - timedelta(hours=task.max_age_hours)
-                count = remove_temp_files(folder, task.patterns, cutoff)
+                removed = purges.Removed()
+                removed.add("files", remove_temp_files(folder, task.patterns, cutoff))
+            case JobRunPurge():
+                removed = purges.purge_job_runs(engine, fired - timedelta(days=task.days))
+            case ScheduledFilePurge():
+                removed = purges.purge_scheduled_files(engine, fired - timedelta(days=task.days))
+            case EventClaimPurge():
+                removed = purges.purge_event_records(engine, fired - timedelta(days=task.days))
+            case OutboxPurge():
+                removed = purges.park_stuck_outbox(engine, fired - timedelta(days=task.days))
+            case SentinelLinkPurge():
+                links = [engine]
+                local = sentinel_link_db(state_dir, node_id) if state_dir is not None else None
+                if local is not None and local.is_file():
+                    links.append(make_engine(f"sqlite:///{local}"))
+                try:
+                    removed = purges.purge_sentinel_link(
+                        engine, links, fired - timedelta(days=task.days)
+                    )
+                finally:
+                    for link in links[1:]:
+                        link.dispose()
             case _:
                 assert_never(task)
     except PathError as exc:
         raise RejectMessage(f"bad maintenance parameters: {exc}") from exc
-    log.info("maintenance %s (%s) on %s: %d record(s)/file(s) removed", task.kind, event.id,
-             node_id, count)  # fmt: skip
+    log.info("maintenance %s (%s) on %s: %d record(s)/file(s) removed (%s)", task.kind,
+             event.id, node_id, removed.total, removed.summary())  # fmt: skip
+    return removed
 
 
-def purge_audit_records(engine: Engine, cutoff: datetime) -> int:
-    """Delete audit records written before `cutoff`; returns how many."""
-    with Session(engine) as session:
-        result = session.exec(delete(AuditRecord).where(col(AuditRecord.at) < cutoff))
-        session.commit()
-        return int(result.rowcount or 0)
+def purge_audit_records(engine: Engine, cutoff: datetime) -> purges.Removed:
+    """Delete audit records written before `cutoff`, in batches."""
+    return purges.Removed.of(
+        "audit_record", purges.delete_batched(engine, AuditRecord.id, col(AuditRecord.at) < cutoff)
+    )
 
 
-def purge_transfers(engine: Engine, cutoff: datetime) -> int:
-    """Delete transfer-log records started before `cutoff`; returns how many."""
-    with Session(engine) as session:
-        result = session.exec(delete(Transfer).where(col(Transfer.started_at) < cutoff))
-        session.commit()
-        return int(result.rowcount or 0)
+def purge_transfers(engine: Engine, cutoff: datetime) -> purges.Removed:
+    """Delete transfer-log records started before `cutoff`, in batches."""
+    return purges.Removed.of(
+        "transfer", purges.delete_batched(engine, Transfer.id, col(Transfer.started_at) < cutoff)
+    )
 
 
 def archive_transfers(engine: Engine, folder: Path, cutoff: datetime, run_id: str) -> int:
@@ -422,12 +456,11 @@ def archive_transfers(engine: Engine, folder: Path, cutoff: datetime, run_id: st
             archived += len(rows)
 
 
-def purge_dead_events(engine: Engine, cutoff: datetime) -> int:
-    """Delete dead-letter entries parked before `cutoff`; returns how many."""
-    with Session(engine) as session:
-        result = session.exec(delete(DeadEvent).where(col(DeadEvent.dead_at) < cutoff))
-        session.commit()
-        return int(result.rowcount or 0)
+def purge_dead_events(engine: Engine, cutoff: datetime) -> purges.Removed:
+    """Delete dead-letter entries parked before `cutoff`, in batches."""
+    return purges.Removed.of(
+        "dead_event", purges.delete_batched(engine, DeadEvent.id, col(DeadEvent.dead_at) < cutoff)
+    )
 
 
 def remove_temp_files(folder: Path, patterns: list[str], cutoff: datetime) -> int:

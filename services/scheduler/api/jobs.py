@@ -33,7 +33,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobKind = Literal[
     "pull", "push", "transfer_log_purge", "transfer_log_archive", "dead_letter_purge",
-    "temp_file_cleanup", "audit_log_purge",
+    "temp_file_cleanup", "audit_log_purge", "job_run_purge", "scheduled_file_purge",
+    "event_claim_purge", "outbox_purge", "sentinel_link_purge",
 ]  # fmt: skip
 
 
@@ -43,7 +44,9 @@ class JobIn(BaseModel):
         description="pull/push: a scheduled transfer with a partner (params: partner, "
         "account, folder, pattern, delete_remote/delete_local). Maintenance: "
         "transfer_log_purge/transfer_log_archive (days, archive folder), dead_letter_purge "
-        "(days), temp_file_cleanup (folder, max_age_hours, patterns), audit_log_purge (days)."
+        "(days), temp_file_cleanup (folder, max_age_hours, patterns), audit_log_purge (days); "
+        "the bookkeeping purges job_run_purge, scheduled_file_purge, event_claim_purge, "
+        "outbox_purge, sentinel_link_purge (days: 1 to 3650)."
     )
     cron: str | None = Field(
         None,
@@ -88,11 +91,17 @@ class JobPatch(BaseModel):
 
 class RunOut(BaseModel):
     fire_time: datetime
-    status: str = Field(description="claimed, submitted (event on the queue) or missed")
+    status: str = Field(
+        description="claimed, submitted (event on the queue), done (the transaction manager "
+        "completed it) or missed"
+    )
     node_id: str
     event_id: str
     claimed_at: datetime
     submitted_at: datetime | None
+    finished_at: datetime | None = Field(description="When the transaction manager completed it")
+    removed: int | None = Field(description="Maintenance: how many records or files it removed")
+    result: str = Field(description="Maintenance: what it removed, per table")
 
 
 class JobOut(BaseModel):
@@ -118,6 +127,8 @@ def _run_out(run: JobRun) -> RunOut:
         fire_time=as_utc(run.fire_time), status=run.status, node_id=run.node_id,
         event_id=run.event_id, claimed_at=as_utc(run.claimed_at),
         submitted_at=as_utc(run.submitted_at) if run.submitted_at else None,
+        finished_at=as_utc(run.finished_at) if run.finished_at else None,
+        removed=run.removed, result=run.result,
     )  # fmt: skip
 
 

@@ -1,9 +1,8 @@
-"""Test only (never shipped): a second revision after the baseline, so the tests can take a
-database from an older known revision to the head. ferrylink.schema sees it only when a test
-adds this folder to EXTRA_VERSION_LOCATIONS.
-
-Revision ID: 0002
-Revises: 0001
+"""Test only (never shipped): a revision after the shipped head, so the tests can take a
+database from an older known revision to the head. Not loaded from here: the
+`with_test_revision` fixture copies it to a temporary folder with PROBE and SHIPPED_HEAD
+replaced by the next revision id and the shipped head, and adds that folder to
+ferrylink.schema's EXTRA_VERSION_LOCATIONS.
 """
 
 from __future__ import annotations
@@ -13,8 +12,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | Sequence[str] | None = "0001"
+revision: str = "PROBE"
+down_revision: str | Sequence[str] | None = "SHIPPED_HEAD"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
