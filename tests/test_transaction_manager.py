@@ -21,6 +21,7 @@ from ferrylink.contracts import FileArrived
 from ferrylink.db import make_engine
 from ferrylink.messaging import Topology
 from ferrylink.models import ProcessedEvent, Transfer
+from services.scheduler.defaults import DEFAULT_JOBS
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 
@@ -286,5 +287,16 @@ def test_scheduled_maintenance_runs_through_the_transaction_manager(make_cluster
     with Session(engine) as session:
         left = set(session.exec(select(Transfer.leg_key)).all())
     assert "old" not in left and "new" in left
+    # The job run says what it removed (the first run the old record, later ones nothing).
+    runs_url = f"{scheduler}/jobs/{created.json()['id']}/runs"
+
+    def reports() -> list[tuple[str, int | None, str]]:
+        items = cluster.http.get(runs_url, params={"limit": 100}).json()["items"]
+        return [(r["status"], r["removed"], r["result"]) for r in items]
+
+    wait_until(lambda: ("done", 1, "transfer 1") in reports(), 30, "the run's report")
+    # The scheduler created the default maintenance jobs at its start, one per purge kind.
+    names = {j["name"] for j in cluster.http.get(f"{scheduler}/jobs").json()["items"]}
+    assert {job.name for job in DEFAULT_JOBS} <= names
     assert cluster.http.get(f"{tm_url(cluster)}/events/dead").json()["items"] == []
     engine.dispose()
