@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 
-from ferrylink_ops.local_cluster import port_free
 from ferrylink_ops.polling import wait_until
+from ferrylink_ops.processes import port_free
 
 TOOLING = ("ferrylink_ops", "pytest", "testcontainers")
 # Imported on first use only (partner exchanges, partner secrets, forwarding to the primary,

@@ -9,8 +9,9 @@
     ferrylink admin create NAME --role {admin,operator} [--database-url URL]
     ferrylink admin token NAME [--ttl-hours H] [--database-url URL]
 
-The work is done by `ferrylink_ops.local_cluster` (its docstring explains the supervisor and
-how `server stop|start|kill` reach it); this module only parses arguments.
+The work is done by `ferrylink_ops.local_cluster` (the cluster), `supervisor` (`up`, and how
+`server stop|start|kill` reach it) and `commands` (the others); this module only parses
+arguments.
 """
 
 from __future__ import annotations
@@ -199,13 +200,8 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ferrylink.services_registry import BACKEND_SERVICES
-    from ferrylink_ops.local_cluster import (
-        PREFIX_PATTERN,
-        LocalCluster,
-        Supervisor,
-        service_port,
-        start_detached,
-    )
+    from ferrylink_ops.local_cluster import PREFIX_PATTERN, LocalCluster, service_port
+    from ferrylink_ops.supervisor import Supervisor, start_detached
 
     if not PREFIX_PATTERN.match(args.prefix):
         parser.error(f"--prefix {args.prefix!r}: use letters, digits, '.', '_' and '-'")
@@ -243,21 +239,22 @@ def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import down
+    from ferrylink_ops.commands import down
 
     _say(down(args.state_dir.resolve()))
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import server_action
+    from ferrylink_ops.commands import server_action
 
     _say(server_action(args.state_dir.resolve(), args.action, args.server_id))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import format_table, read_cluster_json, status_table
+    from ferrylink_ops.commands import status_table
+    from ferrylink_ops.local_cluster import format_table, read_cluster_json
 
     doc = read_cluster_json(args.state_dir.resolve())
     headers, rows, notes = status_table(doc)
@@ -272,14 +269,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import manual_failover
+    from ferrylink_ops.commands import manual_failover
 
     _say(manual_failover(args.state_dir.resolve(), args.to))
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import sync_cluster
+    from ferrylink_ops.commands import sync_cluster
 
     _say(sync_cluster(args.state_dir.resolve(), args.timeout))
     return 0
