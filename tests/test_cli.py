@@ -209,7 +209,7 @@ def test_service_execs_the_service_module(monkeypatch: pytest.MonkeyPatch) -> No
     import ferrylink_ops.cli as cli
 
     calls: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, list(argv))))
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, _env: calls.append((path, list(argv))))
     main(["service", "scheduler"])
     assert calls == [(sys.executable, [sys.executable, "-m", "services.scheduler.main"])]
 

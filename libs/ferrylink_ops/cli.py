@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ferrylink.services_registry import ALL_SERVICES, module_name
+from ferrylink.services_registry import ALL_SERVICES, module_name, service_environment
 
 MAX_SERVERS = 50
 
@@ -194,7 +194,7 @@ def cmd_service(args: argparse.Namespace) -> int:
     # exec, not import: the service process starts clean and holds no tooling module (one
     # direction of imports, less memory); the pid stays, so signals reach the service itself.
     module = module_name(args.name) + ".main"
-    os.execv(sys.executable, [sys.executable, "-m", module])
+    os.execve(sys.executable, [sys.executable, "-m", module], service_environment(dict(os.environ)))
     return 1  # not reached
 
 

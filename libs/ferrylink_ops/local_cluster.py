@@ -62,7 +62,12 @@ from typing import Any
 import httpx
 
 from ferrylink.contracts import CLUSTER_MODES
-from ferrylink.services_registry import BACKEND_SERVICES, EDGE_SERVICE, module_name
+from ferrylink.services_registry import (
+    BACKEND_SERVICES,
+    EDGE_SERVICE,
+    module_name,
+    service_environment,
+)
 from ferrylink.settings import DEFAULT_AMQP_URL, redact_url
 from ferrylink_ops.admin_setup import ensure_first_admin
 from ferrylink_ops.private_broker import (
@@ -443,7 +448,7 @@ class LocalCluster:
         return env
 
     def _base_environment(self, proc: ServiceProcess) -> dict[str, str]:
-        env = dict(os.environ)
+        env = service_environment(dict(os.environ))
         if isinstance(proc, EdgeProcess):
             env.update(
                 {
