@@ -37,8 +37,8 @@ import httpx
 
 from bench.common import broker_url, local_cluster, report
 from ferrylink_ops.admin_setup import auth_headers
-from ferrylink_ops.local_cluster import port_free
 from ferrylink_ops.polling import wait_until
+from ferrylink_ops.processes import port_free
 
 SSHD = Path("/usr/sbin/sshd")
 SFTP_SERVER_CANDIDATES = (Path("/usr/lib/openssh/sftp-server"), Path("/usr/libexec/sftp-server"))

@@ -21,11 +21,8 @@ from ferrylink.cluster import PRIMARY_ONLY_WORK
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink_ops.admin_setup import auth_headers
-from ferrylink_ops.local_cluster import (
-    SPARE_BASE_PORT_RANGE,
-    pick_free_base_port,
-    pid_alive,
-)
+from ferrylink_ops.local_cluster import SPARE_BASE_PORT_RANGE, pick_free_base_port
+from ferrylink_ops.processes import pid_alive
 from tests.helpers import wait_until
 
 BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while

@@ -23,13 +23,13 @@ from ferrylink_ops.local_cluster import (
 @pytest.fixture(autouse=True)
 def no_real_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
     """These tests must never start a cluster, even when an argv turns out to be valid."""
-    import ferrylink_ops.local_cluster as local_cluster
+    import ferrylink_ops.supervisor as supervisor
 
     def refuse(*_args: object, **_kwargs: object) -> int:
         raise AssertionError("a fast CLI test tried to start a cluster")
 
-    monkeypatch.setattr(local_cluster.Supervisor, "run", refuse)
-    monkeypatch.setattr(local_cluster, "start_detached", refuse)
+    monkeypatch.setattr(supervisor.Supervisor, "run", refuse)
+    monkeypatch.setattr(supervisor, "start_detached", refuse)
 
 
 def exit_code(argv: list[str]) -> int:
@@ -209,7 +209,7 @@ def test_service_execs_the_service_module(monkeypatch: pytest.MonkeyPatch) -> No
     import ferrylink_ops.cli as cli
 
     calls: list[tuple[str, list[str]]] = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, list(argv))))
+    monkeypatch.setattr(cli.os, "execve", lambda path, argv, _env: calls.append((path, list(argv))))
     main(["service", "scheduler"])
     assert calls == [(sys.executable, [sys.executable, "-m", "services.scheduler.main"])]
 
@@ -220,7 +220,7 @@ def test_status_shows_the_coordinators_view(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import ferrylink_ops.local_cluster as local_cluster
+    import ferrylink_ops.commands as commands
 
     view = {
         "mode": "passive",
@@ -232,7 +232,7 @@ def test_status_shows_the_coordinators_view(
             {"id": "st2", "state": "up", "role": "primary", "synchronized": True},
         ],
     }
-    monkeypatch.setattr(local_cluster, "coordinator_view", lambda _doc: view)
+    monkeypatch.setattr(commands, "coordinator_view", lambda _doc: view)
     fake_cluster_json(tmp_path, dead_pid)
     assert main(["status", "--state-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ferrylink_ops.local_cluster import pid_alive
+from ferrylink_ops.processes import pid_alive
 from tests.edge_support import (
     curl,
     demo,

@@ -24,7 +24,7 @@ from ferrylink.cluster import (
 )
 from ferrylink.contracts import FileArrived
 from ferrylink.messaging import Topology
-from ferrylink_ops.local_cluster import pid_alive
+from ferrylink_ops.processes import pid_alive
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 

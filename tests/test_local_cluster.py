@@ -17,11 +17,8 @@ from pathlib import Path
 import pytest
 
 from ferrylink.services_registry import BACKEND_SERVICES
-from ferrylink_ops.local_cluster import (
-    pid_alive,
-    service_port,
-    wait_pids_gone,
-)
+from ferrylink_ops.local_cluster import service_port
+from ferrylink_ops.processes import pid_alive, wait_pids_gone
 from tests.cluster_support import (
     BOOT_TIMEOUT,
     STOP_TIMEOUT,

@@ -19,7 +19,7 @@ from ferrylink.db import create_tables, make_engine
 from ferrylink.login_guard import GuardPolicy, LoginGuard, LoginRefused, check_password
 from ferrylink.models import Account
 from ferrylink.passwords import hash_password
-from ferrylink_ops.local_cluster import port_free
+from ferrylink_ops.processes import port_free
 from tests.helpers import wait_until
 
 

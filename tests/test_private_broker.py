@@ -18,6 +18,7 @@ from ferrylink_ops.private_broker import (
     start_private_broker,
     stop_all,
 )
+from ferrylink_ops.processes import pid_alive
 
 pytestmark = pytest.mark.skipif(
     not rabbitmq_installed(), reason="needs the installed rabbitmq-server"
@@ -26,20 +27,11 @@ pytestmark = pytest.mark.skipif(
 QUORUM = {"x-queue-type": "quorum"}
 
 
-def _pid_alive(pid: int) -> bool:
-    """Live and not a zombie (a reaped pid has no /proc entry at all)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
-
-
 def test_single_node_serves_a_quorum_queue_and_stops_cleanly(tmp_path: Path) -> None:
     node = start_private_broker(tmp_path)
     try:
         beam_pid = node.beam_pid
-        assert beam_pid is not None and _pid_alive(beam_pid)
+        assert beam_pid is not None and pid_alive(beam_pid)
         assert node.url == f"amqp://guest:guest@127.0.0.1:{node.amqp_port}/%2F"
 
         connection = pika.BlockingConnection(pika.URLParameters(node.url))
@@ -57,7 +49,7 @@ def test_single_node_serves_a_quorum_queue_and_stops_cleanly(tmp_path: Path) -> 
     finally:
         node.stop()
 
-    assert not _pid_alive(beam_pid)
+    assert not pid_alive(beam_pid)
     assert find_node_pids([node.name]) == []
     assert not node.is_running()
 
@@ -93,7 +85,7 @@ def test_cluster_keeps_every_message_when_a_node_is_killed(tmp_path: Path) -> No
         victim_pid = victim.beam_pid
         assert victim_pid is not None
         victim.kill()
-        assert not _pid_alive(victim_pid)
+        assert not pid_alive(victim_pid)
         assert find_node_pids([victim.name]) == []
         wait_until(
             lambda: victim.name not in survivor.running_nodes(), 30, "the kill to be noticed"
@@ -129,7 +121,7 @@ def test_cluster_keeps_every_message_when_a_node_is_killed(tmp_path: Path) -> No
         beam_pids = [pid for pid in (node.beam_pid for node in nodes) if pid is not None]
         stop_all(nodes)
 
-    assert [pid for pid in beam_pids if _pid_alive(pid)] == []
+    assert [pid for pid in beam_pids if pid_alive(pid)] == []
     assert find_node_pids(names) == []
     assert all(not node.is_running() for node in nodes)
 

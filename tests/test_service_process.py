@@ -12,10 +12,13 @@ from pathlib import Path
 
 import httpx
 
-from ferrylink_ops.local_cluster import port_free
 from ferrylink_ops.polling import wait_until
+from ferrylink_ops.processes import port_free
 
 TOOLING = ("ferrylink_ops", "pytest", "testcontainers")
+# Imported on first use only (partner exchanges, partner secrets, forwarding to the primary,
+# tracking deliveries, the web UI): an idle process does not pay for them (~20 MB in all).
+ON_DEMAND = ("asyncssh", "cryptography", "httpx", "jinja2")
 
 
 def imported_modules(import_log: str) -> set[str]:
@@ -68,3 +71,5 @@ def test_a_service_process_imports_no_tooling(tmp_path: Path, amqp_url: str, pre
     assert {"services.transaction_manager.routing", "ferrylink.runtime"} <= modules
     held = sorted(m for m in modules if m.split(".")[0] in TOOLING)
     assert held == [], f"the service process imported tooling: {held}"
+    idle = sorted({m.split(".")[0] for m in modules} & set(ON_DEMAND))
+    assert idle == [], f"the idle service process imported what it loads on demand: {idle}"

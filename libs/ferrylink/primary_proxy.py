@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import httpx
 from fastapi import HTTPException, Request, Response
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -23,7 +22,7 @@ log = logging.getLogger(__name__)
 FORWARDED = "x-ferrylink-forwarded"
 PASSED_REQUEST_HEADERS = ("authorization", "accept", "content-type")
 PASSED_RESPONSE_HEADERS = ("content-type", "location", "retry-after", "www-authenticate")
-TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+TIMEOUT_SECONDS, CONNECT_TIMEOUT_SECONDS = 30.0, 5.0
 
 
 def register_service_url(engine: Engine, node_id: str, service: str, url: str) -> None:
@@ -42,6 +41,10 @@ def forward_to_primary(
     request: Request, engine: Engine, primary: str | None, node_id: str, service: str
 ) -> Response:
     """The primary's answer to `request` (blocking: call it from a sync endpoint)."""
+    # Imported on first use: httpx (~2 MB with what it pulls in) is not needed by a service
+    # that never forwards.
+    import httpx
+
     if primary is None or primary == node_id or request.headers.get(FORWARDED):
         raise HTTPException(
             503,
@@ -61,7 +64,7 @@ def forward_to_primary(
             f"{base}{request.url.path}",
             params=list(request.query_params.multi_items()),
             headers=headers,
-            timeout=TIMEOUT,
+            timeout=httpx.Timeout(TIMEOUT_SECONDS, connect=CONNECT_TIMEOUT_SECONDS),
         )
     except httpx.HTTPError as exc:
         log.warning("forwarding %s %s to %s failed: %s", request.method, request.url.path,

@@ -11,10 +11,14 @@ key configured, secrets are stored in clear and the service warns at start.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
-from typing import Any
+import threading
+from typing import TYPE_CHECKING, Any
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
 
 log = logging.getLogger(__name__)
 PREFIX = "fernet:"
@@ -25,47 +29,74 @@ class SecretError(ValueError):
 
 
 def new_key() -> str:
+    from cryptography.fernet import Fernet
+
     return Fernet.generate_key().decode()
 
 
+def _check_key(key: str) -> None:
+    """What Fernet checks of a key, without importing cryptography (~9 MB) at start."""
+    try:
+        if len(base64.urlsafe_b64decode(key)) == 32:
+            return
+    except (binascii.Error, ValueError):
+        pass
+    raise ValueError(
+        "FERRYLINK_SECRET_KEY: each key must be 32 url-safe base64-encoded bytes "
+        "(make one with `ferrylink secrets new-key`)"
+    )
+
+
 class SecretBox:
+    """The configured keys; checked at once, the cipher (cryptography) made on first use, so
+    a process that never reads or writes a partner secret does not load it."""
+
     def __init__(self, keys: str = "") -> None:
-        parts = [k.strip() for k in keys.split(",") if k.strip()]
-        try:
-            self._fernet = MultiFernet([Fernet(k) for k in parts]) if parts else None
-        except ValueError as exc:
-            raise ValueError(
-                "FERRYLINK_SECRET_KEY: each key must be 32 url-safe base64-encoded bytes "
-                "(make one with `ferrylink secrets new-key`)"
-            ) from exc
+        self._keys = [k.strip() for k in keys.split(",") if k.strip()]
+        for key in self._keys:
+            _check_key(key)
+        self._cipher: MultiFernet | None = None
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
-        return self._fernet is not None
+        return bool(self._keys)
+
+    def _fernet(self) -> MultiFernet:
+        with self._lock:
+            if self._cipher is None:
+                from cryptography.fernet import Fernet, MultiFernet
+
+                self._cipher = MultiFernet([Fernet(k) for k in self._keys])
+            return self._cipher
 
     def encrypt(self, value: str | None) -> str | None:
-        if not value or self._fernet is None or value.startswith(PREFIX):
+        if not value or not self.enabled or value.startswith(PREFIX):
             return value
-        return PREFIX + self._fernet.encrypt(value.encode()).decode()
+        return PREFIX + self._fernet().encrypt(value.encode()).decode()
 
     def decrypt(self, value: str | None) -> str | None:
         if not value or not value.startswith(PREFIX):
             return value
-        if self._fernet is None:
+        if not self.enabled:
             raise SecretError("a partner secret is encrypted but FERRYLINK_SECRET_KEY is unset")
+        from cryptography.fernet import InvalidToken
+
         try:
-            return self._fernet.decrypt(value[len(PREFIX) :].encode()).decode()
+            return self._fernet().decrypt(value[len(PREFIX) :].encode()).decode()
         except InvalidToken:
             raise SecretError("a partner secret does not decrypt with any configured key") from None
 
     def reencrypt(self, value: str | None) -> str | None:
         """Encrypted with the first key (clear values get encrypted)."""
-        if not value or self._fernet is None:
+        if not value or not self.enabled:
             return value
         if not value.startswith(PREFIX):
             return self.encrypt(value)
+        from cryptography.fernet import InvalidToken
+
         try:
-            rotated = self._fernet.rotate(value[len(PREFIX) :].encode())
+            rotated = self._fernet().rotate(value[len(PREFIX) :].encode())
         except InvalidToken:
             raise SecretError("a partner secret does not decrypt with any configured key") from None
         return PREFIX + rotated.decode()

@@ -11,8 +11,9 @@
     ferrylink db {upgrade,current} [--database-url URL]
     ferrylink db revision -m MESSAGE
 
-The work is done by `ferrylink_ops.local_cluster` (its docstring explains the supervisor and
-how `server stop|start|kill` reach it); this module only parses arguments.
+The work is done by `ferrylink_ops.local_cluster` (the cluster), `supervisor` (`up`, and how
+`server stop|start|kill` reach it) and `commands` (the others); this module only parses
+arguments.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ferrylink.services_registry import ALL_SERVICES, module_name
+from ferrylink.services_registry import ALL_SERVICES, module_name, service_environment
 
 MAX_SERVERS = 50
 
@@ -208,19 +209,14 @@ def cmd_service(args: argparse.Namespace) -> int:
     # exec, not import: the service process starts clean and holds no tooling module (one
     # direction of imports, less memory); the pid stays, so signals reach the service itself.
     module = module_name(args.name) + ".main"
-    os.execv(sys.executable, [sys.executable, "-m", module])
+    os.execve(sys.executable, [sys.executable, "-m", module], service_environment(dict(os.environ)))
     return 1  # not reached
 
 
 def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ferrylink.services_registry import BACKEND_SERVICES
-    from ferrylink_ops.local_cluster import (
-        PREFIX_PATTERN,
-        LocalCluster,
-        Supervisor,
-        service_port,
-        start_detached,
-    )
+    from ferrylink_ops.local_cluster import PREFIX_PATTERN, LocalCluster, service_port
+    from ferrylink_ops.supervisor import Supervisor, start_detached
 
     if not PREFIX_PATTERN.match(args.prefix):
         parser.error(f"--prefix {args.prefix!r}: use letters, digits, '.', '_' and '-'")
@@ -258,21 +254,22 @@ def cmd_up(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import down
+    from ferrylink_ops.commands import down
 
     _say(down(args.state_dir.resolve()))
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import server_action
+    from ferrylink_ops.commands import server_action
 
     _say(server_action(args.state_dir.resolve(), args.action, args.server_id))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import format_table, read_cluster_json, status_table
+    from ferrylink_ops.commands import status_table
+    from ferrylink_ops.local_cluster import format_table, read_cluster_json
 
     doc = read_cluster_json(args.state_dir.resolve())
     headers, rows, notes = status_table(doc)
@@ -287,14 +284,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import manual_failover
+    from ferrylink_ops.commands import manual_failover
 
     _say(manual_failover(args.state_dir.resolve(), args.to))
     return 0
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
-    from ferrylink_ops.local_cluster import sync_cluster
+    from ferrylink_ops.commands import sync_cluster
 
     _say(sync_cluster(args.state_dir.resolve(), args.timeout))
     return 0

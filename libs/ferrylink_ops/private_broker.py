@@ -36,6 +36,8 @@ import pika
 import pika.exceptions
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from ferrylink_ops.processes import log_tail, pid_alive, signal_group
+
 __all__ = [
     "BrokerCommandError",
     "BrokerError",
@@ -247,24 +249,6 @@ def is_broker_reachable(url: str, timeout: float = 2.0) -> bool:
     return True
 
 
-def _pid_alive(pid: int) -> bool:
-    """True while `pid` is a live (non-zombie) process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    state = stat.rsplit(")", 1)[-1].split()[0]
-    return state not in ("Z", "X")
-
-
 def find_node_pids(names: Iterable[str]) -> list[int]:
     """Live processes started for the given node names (found by RABBITMQ_NODENAME).
 
@@ -283,7 +267,7 @@ def find_node_pids(names: Iterable[str]) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if wanted.intersection(environ.split(b"\0")) and _pid_alive(int(entry.name)):
+        if wanted.intersection(environ.split(b"\0")) and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 
@@ -331,14 +315,6 @@ def _base_env(home: Path) -> dict[str, str]:
 
 def _reaper_command(pid_file: str, argv: Sequence[str]) -> list[str]:
     return [sys.executable or "python3", "-I", "-c", _REAPER_SCRIPT, pid_file, *argv]
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _ensure_epmd() -> None:
@@ -503,7 +479,7 @@ class BrokerNode:
             if reaper.poll() is not None or time.monotonic() > deadline:
                 self._force_kill_reaper()
                 raise BrokerStartError(
-                    f"{self.name}: launcher did not start:\n{_tail(self.console_log)}"
+                    f"{self.name}: launcher did not start:\n{log_tail(self.console_log, 25)}"
                 )
             time.sleep(0.01)
 
@@ -524,7 +500,7 @@ class BrokerNode:
             time.sleep(_POLL_INTERVAL)
 
     def _start_error(self, what: str) -> BrokerStartError:
-        logs = f"{_tail(self.console_log)}\n{_tail(self.log_file)}"
+        logs = f"{log_tail(self.console_log, 25)}\n{log_tail(self.log_file, 25)}"
         return BrokerStartError(
             f"{self.name} (amqp {self.amqp_port}, dist {self.dist_port}) {what}:\n{logs}",
             port_conflict="eaddrinuse" in logs,
@@ -555,16 +531,13 @@ class BrokerNode:
                 return
             pids = {pid for pid in (self._beam_pid, self._rabbit_pid()) if pid}
             for pid in pids:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, signal.SIGKILL)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
+                signal_group(pid, signal.SIGKILL)
             try:
                 # The reaper exits only after it has reaped the VM.
                 reaper.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self._force_kill_reaper()
-            survivors = [pid for pid in pids if _pid_alive(pid)]
+            survivors = [pid for pid in pids if pid_alive(pid)]
             self._release()
             if survivors:
                 raise BrokerError(f"{self.name}: pids {survivors} survived SIGKILL")

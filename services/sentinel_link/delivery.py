@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from ferrylink.models import SentinelEndpoint
 from services.sentinel_link.link import LinkStore, heartbeat_record, retry_delay
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class EndpointWorker:
         )
 
     def _run(self) -> None:
+        import httpx  # on first use: a link with no endpoint need not hold it (~2 MB)
+
         store, endpoint = self.loop.store, self.endpoint
         assert endpoint.id is not None
         failures = 0

@@ -10,6 +10,12 @@ Idempotent, since an event may come again (a crash, a failover, a republished ru
 - maintenance cutoffs count from the run's fire time, not from "now", so a repeat acts on
   the same records (and an archive chunk is rewritten under the same name).
 Files are written to a temporary name and renamed (partners.pull_file does it for pulls).
+
+A partner failure that may pass (PartnerError.retryable) never makes a worker sleep: the
+files it hit are left for another pass of the run, which the event gets by being rescheduled
+(RetryLater with a delay), after the rest of the pass is done. Up to ATTEMPTS passes; the
+count is kept with the event (a `step_run` row, step 0), and the last pass records what still
+fails as FAILED, as a failure that cannot pass is at once.
 """
 
 from __future__ import annotations
@@ -19,14 +25,12 @@ import hashlib
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime, timedelta
-from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar, assert_never
+from typing import Any, assert_never
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -44,6 +48,7 @@ from ferrylink.contracts import (
     PullJob,
     PushJob,
     RejectMessage,
+    RetryLater,
     ScheduledFilePurge,
     SentinelLinkPurge,
     TempFileCleanup,
@@ -60,6 +65,7 @@ from ferrylink.models import (
     Partner,
     ProcessedEvent,
     ScheduledFile,
+    StepRun,
     Transfer,
 )
 from ferrylink.paths import PathError, confined, is_temporary, relative_to, sentinel_link_db
@@ -67,14 +73,13 @@ from services.transaction_manager import partners, purges
 from services.transaction_manager.transfer_log import TransferLog, settle
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 Announce = Callable[[FileArrived], Future[None]]
 PUBLISH_TIMEOUT = 30.0
 # Namespace of the derived file.arrived ids of pulled files (any fixed UUID).
 PULL_NAMESPACE = uuid.UUID("5b7d0c61-2f3a-4f1e-8c9d-7a6b5e4d3c21")
-ATTEMPTS = 3  # per partner call, for errors that may pass (PartnerError.retryable)
-BACKOFF_SECONDS = 1.0
+ATTEMPTS = 3  # passes of a scheduled transfer, for partner errors that may pass
+BACKOFF_SECONDS = 1.0  # before pass n + 1: n times this
 ARCHIVE_CHUNK = 5000
 
 
@@ -93,7 +98,8 @@ def run_scheduled_transfer(
 ) -> None:
     """Run a scheduled pull or push once. A partner failure is recorded in the transfer log
     (FAILED) and ends the run; what was not transferred is picked up by the next run. With a
-    `transfer_log`, every leg state is also announced for the sentinel link."""
+    `transfer_log`, every leg state is also announced for the sentinel link. Raises
+    RetryLater when a partner failure that may pass left files for another pass."""
     if _processed(engine, event.id):
         return
     run = _Run.load(event, engine, data_dir, node_id, transfer_log)
@@ -104,6 +110,7 @@ def run_scheduled_transfer(
             _pull(run, event.job, publish)
         case PushJob():
             _push(run, event.job)
+    run.reschedule_if_wanted()
 
 
 class _Run:
@@ -116,6 +123,8 @@ class _Run:
         self.transfer_log = transfer_log
         self.partner, self.account, self.home, self.folder = partner, account, home, folder
         self.job_id = str(event.job_id)
+        self.passes_done = _passes_done(engine, event.id)
+        self.retry_reason = ""  # set when a failure that may pass left work for another pass
 
     @classmethod
     def load(cls, event: TransferScheduled, engine: Engine, data_dir: Path, node_id: str,
@@ -142,6 +151,36 @@ class _Run:
             return None
         folder.mkdir(parents=True, exist_ok=True)
         return cls(event, engine, data_dir, node_id, partner, account, home, folder, transfer_log)
+
+    def gives_up(self, exc: partners.PartnerError) -> bool:
+        """Whether `exc` is final for this run (then record it as FAILED); otherwise what it
+        hit is left for the next pass."""
+        if not exc.retryable or self.passes_done + 1 >= ATTEMPTS:
+            return True
+        log.info("scheduled transfer %s: %s; trying again in the next pass", self.event.id, exc)
+        self.retry_reason = self.retry_reason or str(exc)
+        return False
+
+    def reschedule_if_wanted(self) -> None:
+        """After a pass: if it left work for another, count the pass and reschedule the event
+        (nothing sleeps here)."""
+        if not self.retry_reason:
+            return
+        passes = self.passes_done + 1
+        with Session(self.engine) as session:
+            row = session.get(StepRun, (self.event.id, 0)) or StepRun(
+                event_id=self.event.id, step_index=0
+            )
+            row.result = json.dumps({"passes": passes})
+            row.finished_at = utcnow()
+            session.add(row)
+            session.commit()
+        delay = BACKOFF_SECONDS * passes
+        raise RetryLater(
+            f"scheduled {self.event.job.kind} {self.event.id}: {self.retry_reason[:500]}; "
+            f"pass {passes + 1} of {ATTEMPTS} in {delay:g} s",
+            delay,
+        )
 
     def leg(self, leg_key: str, status: str, **fields: Any) -> None:
         _leg(self.engine, leg_key, status, event=self.event, node_id=self.node_id,
@@ -193,17 +232,19 @@ def _pull(run: _Run, job: PullJob, publish: Announce) -> None:
     for row in run.fetched_not_announced():
         _announce(run, row, publish)
     try:
-        remote = _retrying(lambda: partners.list_remote(run.partner, job.pattern))
+        remote = partners.list_remote(run.partner, job.pattern)
     except partners.PartnerError as exc:
-        run.leg(f"{run.event.id}:list", "FAILED", leg="list", direction="inbound",
-                detail=str(exc))  # fmt: skip
-        log.warning("scheduled pull %s: listing failed: %s", run.event.id, exc)
+        if run.gives_up(exc):
+            run.leg(f"{run.event.id}:list", "FAILED", leg="list", direction="inbound",
+                    detail=str(exc))  # fmt: skip
+            log.warning("scheduled pull %s: listing failed: %s", run.event.id, exc)
         return
     for remote_file in remote:
         try:
             _pull_one(run, remote_file, publish, job.delete_remote)
         except partners.PartnerError as exc:
-            log.warning("scheduled pull %s: %s", run.event.id, exc)
+            if run.gives_up(exc):
+                log.warning("scheduled pull %s: %s", run.event.id, exc)
 
 
 def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Announce,
@@ -219,11 +260,13 @@ def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Announce,
         leg_key = f"{arrived_id}:pull"
         started = utcnow()
         try:
-            size = _retrying(lambda: partners.pull_file(run.partner, remote.name, target))
+            size = partners.pull_file(run.partner, remote.name, target)
         except partners.PartnerError as exc:
-            run.leg(leg_key, "FAILED", leg="pull", direction="inbound", cycle_id=arrived_id,
-                    file_name=relative_to(run.home, target), detail=str(exc))  # fmt: skip
-            raise
+            if run.gives_up(exc):
+                run.leg(leg_key, "FAILED", leg="pull", direction="inbound", cycle_id=arrived_id,
+                        file_name=relative_to(run.home, target), detail=str(exc))  # fmt: skip
+                log.warning("scheduled pull %s: %s", run.event.id, exc)
+            return
         row = run.record(
             ScheduledFile(
                 job_id=run.job_id, partner=run.partner.name, direction="pull",
@@ -238,7 +281,7 @@ def _pull_one(run: _Run, remote: partners.RemoteFile, publish: Announce,
     if row.status == FileStatus.FETCHED:
         row = _announce(run, row, publish)
     if row.status == FileStatus.PUBLISHED and delete_remote:
-        _retrying(lambda: partners.remove_remote(run.partner, remote.name))
+        partners.remove_remote(run.partner, remote.name)  # a PartnerError: see _pull
         row.status = FileStatus.REMOVED
         run.record(row)
 
@@ -278,11 +321,12 @@ def _push(run: _Run, job: PushJob) -> None:
             file_name = relative_to(run.home, path)
             started = utcnow()
             try:
-                sent = _retrying(partial(partners.push_file, run.partner, path, path.name))
+                sent = partners.push_file(run.partner, path, path.name)
             except (partners.PartnerError, OSError) as exc:
-                run.leg(leg_key, "FAILED", leg="push", direction="outbound",
-                        file_name=file_name, detail=str(exc))  # fmt: skip
-                log.warning("scheduled push %s: %s", run.event.id, exc)
+                if isinstance(exc, OSError) or run.gives_up(exc):
+                    run.leg(leg_key, "FAILED", leg="push", direction="outbound",
+                            file_name=file_name, detail=str(exc))  # fmt: skip
+                    log.warning("scheduled push %s: %s", run.event.id, exc)
                 continue
             row = run.record(
                 ScheduledFile(
@@ -299,17 +343,11 @@ def _push(run: _Run, job: PushJob) -> None:
             run.record(row)
 
 
-def _retrying(action: Callable[[], T]) -> T:
-    """Run a partner call, trying again after errors that may pass."""
-    for attempt in range(1, ATTEMPTS + 1):
-        try:
-            return action()
-        except partners.PartnerError as exc:
-            if not exc.retryable or attempt == ATTEMPTS:
-                raise
-            log.info("attempt %d failed (%s); trying again", attempt, exc)
-            time.sleep(BACKOFF_SECONDS * attempt)
-    raise AssertionError("unreachable")
+def _passes_done(engine: Engine, event_id: str) -> int:
+    """How many passes of a scheduled transfer were rescheduled before this one."""
+    with Session(engine) as session:
+        row = session.get(StepRun, (event_id, 0))
+    return int(json.loads(row.result).get("passes", 0)) if row is not None and row.result else 0
 
 
 def _leg(engine: Engine, leg_key: str, status: str, event: TransferScheduled, node_id: str,

@@ -21,8 +21,8 @@ import httpx
 
 from ferrylink.cluster import WORK_SCHEDULER
 from ferrylink.services_registry import BACKEND_SERVICES
-from ferrylink_ops.local_cluster import wait_pids_gone
 from ferrylink_ops.polling import WaitTimeout, wait_until
+from ferrylink_ops.processes import wait_pids_gone
 from tests.chaos.load import Accepted, UploadLoad
 from tests.chaos.observe import Freeze, Observer
 from tests.chaos.world import SERVERS, World

@@ -8,14 +8,17 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from sqlmodel import Session
 
 from ferrylink.messaging import queue_stats
 from services.cluster_coordinator.api.status import ClusterStatus, cluster_status
 from services.cluster_coordinator.coordinator import Coordinator
+
+if TYPE_CHECKING:
+    # Imported where a page calls another service: an idle coordinator need not hold it.
+    import httpx
 
 log = logging.getLogger(__name__)
 TM = "transaction-manager"
@@ -68,6 +71,8 @@ QUEUES = QueueStatsCache()
 
 def edges(coordinator: Coordinator) -> list[dict[str, Any]]:
     """Each edge's connected backends and their sessions (or why it did not answer)."""
+    import httpx
+
     found = []
     for url in coordinator.settings.edge_admin_url_list:
         try:
@@ -99,6 +104,8 @@ def primary_tm(coordinator: Coordinator, session: Session) -> str:
 def call(method: str, url: str, headers: dict[str, str], timeout: float = CALL_TIMEOUT,
          **kwargs: Any) -> httpx.Response:  # fmt: skip
     """One call to a service; Unavailable when it cannot be reached at all."""
+    import httpx
+
     try:
         return httpx.request(method, url, headers=headers, timeout=timeout, **kwargs)
     except httpx.HTTPError as exc:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
-from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session
 
@@ -36,8 +36,10 @@ from services.cluster_coordinator.web.session import (
     same_origin,
 )
 
+if TYPE_CHECKING:
+    from fastapi.templating import Jinja2Templates
+
 HERE = Path(__file__).parent
-templates = Jinja2Templates(directory=HERE / "templates")
 STATIC = {"ui.js": "text/javascript", "ui.css": "text/css"}
 PAGE_SIZE = 25
 LIVE_INTERVAL_MS = 1500
@@ -53,10 +55,19 @@ SECURITY_HEADERS = {
 router = APIRouter(tags=["web"], include_in_schema=False)
 
 
+@cache
+def templates() -> Jinja2Templates:
+    """The page templates, loaded on the first page served: a coordinator whose UI nobody
+    opens need not hold Jinja2 (~2 MB)."""
+    from fastapi.templating import Jinja2Templates
+
+    return Jinja2Templates(directory=HERE / "templates")
+
+
 def _render(
     request: Request, template: str, status_code: int = 200, **context: Any
 ) -> HTMLResponse:
-    response = templates.TemplateResponse(request, template, context, status_code=status_code)
+    response = templates().TemplateResponse(request, template, context, status_code=status_code)
     response.headers.update(SECURITY_HEADERS)
     return response
 
