@@ -60,7 +60,7 @@ def build(settings: Settings) -> SentinelLink:
         path = (settings.state_dir / f"sentinel-link-{settings.node_id}.db").resolve()
         link_engine, link_db = make_engine(f"sqlite:///{path}"), str(path)
         create_tables(link_engine)
-    store = LinkStore(runtime.engine, link_engine)
+    store = LinkStore(runtime.engine, link_engine, runtime.fence)
 
     def report_undelivered() -> None:
         names = {e.id: e.name for e in store.endpoints()}

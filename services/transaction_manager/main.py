@@ -39,7 +39,8 @@ def build(settings: Settings) -> TransactionManager:
                          settings.claim_seconds)  # fmt: skip
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,
                           settings.claim_seconds, settings.event_attempts)  # fmt: skip
-    dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))
+    dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"),
+                                    runtime.fence)  # fmt: skip
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
 
     # What it reacts to.
