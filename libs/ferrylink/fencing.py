@@ -82,11 +82,13 @@ def read_db_time(connection: Connection | Session) -> float:
 @dataclass(frozen=True)
 class ClockReading:
     """One reading of the database clock: `db_time` was read between the monotonic times
-    `sent` and `received` of this process."""
+    `sent` and `received` of this process; the database's clock truncates to `resolution`
+    (SQLite: a millisecond)."""
 
     sent: float
     received: float
     db_time: float
+    resolution: float = 0.0
 
     @property
     def uncertainty(self) -> float:
@@ -104,7 +106,7 @@ def clock_bounds(reading: ClockReading, monotonic_now: float) -> tuple[float, fl
     since then."""
     drift = max(monotonic_now - reading.sent, 0.0) * MAX_DRIFT
     earliest = reading.db_time + (monotonic_now - reading.received) - drift
-    latest = reading.db_time + (monotonic_now - reading.sent) + drift
+    latest = reading.db_time + reading.resolution + (monotonic_now - reading.sent) + drift
     return earliest, latest
 
 
@@ -134,7 +136,8 @@ class DatabaseClock:
             sent = time.monotonic()
             db_time = read_db_time(connection)
             received = time.monotonic()
-        reading = ClockReading(sent, received, db_time)
+        resolution = 1e-6 if self.engine.dialect.name == "postgresql" else 0.001
+        reading = ClockReading(sent, received, db_time, resolution)
         with self._lock:
             self._reading = better_reading(self._reading, reading, self.max_age)
         return reading
@@ -226,11 +229,18 @@ class Fence:
             raise
 
     def still(self, token: FencingToken) -> None:
-        """`Fenced` unless `token` is still this process's grant (before a side effect
-        outside the database: a publish, a POST)."""
+        """`Fenced` unless `token` is still this process's grant."""
         if self.token() != token:
             FENCED_WRITES.labels(judged_by="process").inc()
             raise Fenced(f"the grant of epoch {token.epoch} was replaced")
+
+    def confirm(self, engine: Engine, token: FencingToken) -> None:
+        """Before a side effect outside the database (a publish, a POST): `Fenced` unless
+        `token` is still this process's grant and the database's epoch. This narrows the
+        window to the moment between the check and the act; what slips through is made
+        harmless by idempotency (event ids, record ids), not by the fence."""
+        self.still(token)
+        self.check_apart(engine, token)
 
     def check(self, session: Session | Connection, token: FencingToken) -> None:
         """`check(session, token)`, telling `on_fenced` when the database refuses."""
@@ -270,4 +280,7 @@ class Unfenced(Fence):
         return None
 
     def check_apart(self, engine: Engine, token: FencingToken) -> None:
+        return None
+
+    def confirm(self, engine: Engine, token: FencingToken) -> None:
         return None

@@ -288,7 +288,7 @@ class FolderMonitor:
             events = {
                 path: arrived_event(watch, home, folder, path, current[path]) for path in batch
             }
-            self.fence.still(token)
+            self.fence.confirm(self.engine, token)
             self.publish(list(events.values()))
             self._mark_emitted(watch.id, events, token)
             published += len(events)

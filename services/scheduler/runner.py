@@ -273,7 +273,7 @@ class JobScheduler:
 
     def _submit(self, run_id: int, event: Event, token: FencingToken) -> None:
         try:
-            self.fence.still(token)
+            self.fence.confirm(self.engine, token)
             self.publish(event)
         except Fenced as exc:
             log.warning("run %s: event %s not published: %s", run_id, event.id, exc)

@@ -5,9 +5,10 @@ jitter and retries the same batch, so the order per endpoint holds; the other en
 workers are not held up by it. Each endpoint also gets a heartbeat record every
 `heartbeat_seconds`, so a tracking system can tell "no transfers" from "link down".
 
-A worker posts only while this process holds its grant (ferrylink.fencing), and its records
-are marked delivered only while the database's epoch is that grant's; a woken-up old primary
-may repeat a batch in flight when it froze, which receivers drop by record id.
+A worker posts only while this process holds its grant and the database's epoch is still
+that grant's (ferrylink.fencing), and its records are marked delivered only under that
+epoch; a woken-up old primary may repeat the batch that was in flight when it froze, which
+receivers drop by record id.
 """
 
 from __future__ import annotations
@@ -48,13 +49,14 @@ class EndpointWorker:
                     token = store.fence.token()
                     sent = False
                     if now >= self.next_heartbeat:
+                        store.fence.confirm(store.config, token)
                         self._post(client, [heartbeat_record(self.loop.node, now)])
                         self.next_heartbeat = now + self.loop.heartbeat_seconds
                         sent = True
                     store.enforce_bounds(endpoint, now)
                     batch = store.next_batch(endpoint.id, endpoint.batch_size)
                     if batch:
-                        store.fence.still(token)
+                        store.fence.confirm(store.config, token)
                         self._post(client, [record for _, record in batch])
                     if batch or sent:
                         store.delivered(endpoint.id, [i for i, _ in batch], time.time())
