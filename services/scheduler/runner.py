@@ -41,6 +41,7 @@ from sqlmodel import Session, col, select
 
 from ferrylink.clock import as_utc
 from ferrylink.contracts import EVENT, Event, JobRunStatus
+from ferrylink.faults import fault_point
 from ferrylink.fencing import Fence, Fenced, FencingToken, Unfenced
 from ferrylink.models import JobRun, ScheduledJob
 from services.scheduler.jobs import JobError, first_due, job_trigger, run_event
@@ -245,6 +246,8 @@ class JobScheduler:
                     event_id=event.id, event_json="" if late else event.model_dump_json(),
                     claimed_at=as_utc(now),
                 )  # fmt: skip
+                # Tests freeze the process here: decided under its grant, not yet written.
+                fault_point("scheduler-before-claim")
                 session.add(run)
                 try:
                     session.flush()
