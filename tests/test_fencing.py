@@ -206,7 +206,12 @@ def test_the_database_clock_as_a_process_reads_it(engine: Engine) -> None:
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Coordinator:
+def coordinator(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Coordinator:
+    """On SQLite; `parametrize("coordinator", ["postgresql"], indirect=True)` for PostgreSQL."""
+    if getattr(request, "param", "sqlite") == "postgresql":
+        monkeypatch.setenv("FERRYLINK_DATABASE_URL", request.getfixturevalue("postgres_url"))
     monkeypatch.setenv("FERRYLINK_STATE_DIR", str(tmp_path))
     monkeypatch.setenv("FERRYLINK_SERVERS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("FERRYLINK_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2F")  # nobody
@@ -230,6 +235,7 @@ def hear_all(coordinator: Coordinator, node: str, at: float) -> None:
         coordinator.tracker.record(heartbeat, at)
 
 
+@pytest.mark.parametrize("coordinator", ["sqlite", "postgresql"], indirect=True)
 @pytest.mark.parametrize("host_clock_off_by", [-600.0, 600.0])
 def test_a_coordinator_whose_host_clock_is_off_issues_grants_on_the_database_clock(
     coordinator: Coordinator, host_clock_off_by: float

@@ -242,7 +242,7 @@ class Coordinator:
             self._lose_leadership()
             return None
         with Session(self.runtime.engine) as session:
-            db_now = leadership.begin_step(session)
+            db_now = leadership.begin_step(session, self.settings.lease_seconds)
             lease = leadership.acquire_or_renew(
                 session, self.node_id, db_now, self.settings.lease_seconds
             )

@@ -15,7 +15,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from ferrylink.fencing import IDLE_TIMEOUT_SECONDS, read_db_time
+from ferrylink.fencing import read_db_time
 from ferrylink.models import LeaderLease
 
 
@@ -35,14 +35,15 @@ def ensure_lease_row(session: Session) -> None:
             session.rollback()
 
 
-def begin_step(session: Session) -> float:
+def begin_step(session: Session, lease_seconds: float) -> float:
     """Start the leader's transaction: the database's time now. On PostgreSQL the server
-    also ends this transaction if this process leaves it idle (frozen) for a moment, so a
-    frozen coordinator never holds the lease and cluster-state rows locked."""
+    also ends this transaction if this process leaves it idle (frozen) for as long as a
+    lease, so a frozen coordinator never holds the lease and cluster-state rows locked past
+    the lease it may have renewed."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(
             select(func.set_config("idle_in_transaction_session_timeout",
-                                   str(int(IDLE_TIMEOUT_SECONDS * 1000)), True))
+                                   str(int(lease_seconds * 1000)), True))
         )  # fmt: skip
     return read_db_time(session)
 
