@@ -10,7 +10,7 @@ from the database and the destination folder:
   st1 is primary again under a newer epoch (fail-back): the woken scheduler committed nothing;
 - every file was announced, routed and delivered exactly once, none left behind;
 - every transfer state was linked by the sentinel link (fenced consumers returned theirs);
-- each woken process ended its old epoch's work within a second or two of waking up.
+- each woken process ended its old epoch's work within a few seconds of waking up.
 
 And the window self-fencing cannot close, made certain with a fault point: a scheduler
 frozen between deciding a claim and writing it; the database refuses the write.
@@ -32,6 +32,7 @@ from sqlmodel import Session, col, func, select
 
 from ferrylink.clock import as_utc
 from ferrylink.cluster import PRIMARY_ONLY_WORK, WORK_FOLDER_MONITOR, WORK_SCHEDULER
+from ferrylink.db import make_engine
 from ferrylink.models import JobRun, ProcessedEvent, SentinelRecord, Transfer
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
@@ -41,6 +42,7 @@ pytestmark = [pytest.mark.fault, pytest.mark.timeout(420)]
 
 FROZEN = ("scheduler", "folder-monitor", "sentinel-link")
 PAUSE_SETTLES = 2.5  # the new primary's scheduler re-reads its jobs every second
+WOKEN_STOP_WITHIN = 3.0  # measured 0.1-0.3 s; slack for a loaded 2-core machine
 
 
 def primary_working(cluster: Cluster, server: str) -> bool:
@@ -64,10 +66,13 @@ def fenced_total(cluster: Cluster, server: str, service: str, judged_by: str = "
 
 
 def test_a_primary_frozen_past_its_grant_commits_nothing_when_it_wakes_up(
-    make_cluster: Any, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, make_cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On PostgreSQL (dropped after the cluster stopped): on SQLite a process frozen inside
+    any write transaction (the sentinel link writes many) holds the one write lock, and the
+    whole cluster waits for it."""
     monkeypatch.setenv("FERRYLINK_FOLDER_POLL_INTERVAL", "0.5")
-    cluster: Cluster = make_cluster("active_active", servers=2, edges=0)
+    cluster: Cluster = make_cluster("active_active", servers=2, edges=0, database_url=postgres_url)
     wait_until(lambda: primary_working(cluster, "st1"), 90, "st1 primary, its scheduler running")
     wait_until(lambda: WORK_FOLDER_MONITOR in cluster.active("st1", "folder-monitor"), 30)
 
@@ -85,7 +90,7 @@ def test_a_primary_frozen_past_its_grant_commits_nothing_when_it_wakes_up(
         "name": "tick", "kind": "dead_letter_purge", "interval_seconds": 1, "coalesce": False,
         "misfire_grace_seconds": 60, "params": {"days": 30},
     })  # fmt: skip
-    engine = cluster_engine(cluster)
+    engine = make_engine(postgres_url)
 
     def job_runs() -> list[JobRun]:
         with Session(engine) as session:
@@ -148,15 +153,16 @@ def test_a_primary_frozen_past_its_grant_commits_nothing_when_it_wakes_up(
         dropper.join(5)
     wait_until(lambda: processed_arrivals() >= len(names), 90, f"all {len(names)} files routed")
 
-    # The woken processes ended their old epoch's work at once.
+    # The woken processes ended their old epoch's work at once (a loop finishes its step).
+    ended_after_wake: dict[str, float] = {}
     for service in FROZEN:
         frozen_epoch = [a for a in activations(cluster, "st1", service) if a["start"] < stopped_at]
         assert frozen_epoch, service
-        for activation in frozen_epoch:
-            assert activation["end"] is not None and activation["end"] < resumed_at + 2.0, (
-                service,
-                activation,
-            )
+        assert all(a["end"] is not None for a in frozen_epoch), (service, frozen_epoch)
+        ended_after_wake[service] = round(max(a["end"] for a in frozen_epoch) - resumed_at, 3)
+    assert all(seconds < WOKEN_STOP_WITHIN for seconds in ended_after_wake.values()), (
+        ended_after_wake
+    )
     back = [a for a in activations(cluster, "st1", "scheduler") if a["start"] > resumed_at]
     assert back, "st1's scheduler never started again"
     back_at = min(a["start"] for a in back)
@@ -212,9 +218,10 @@ def test_a_primary_frozen_past_its_grant_commits_nothing_when_it_wakes_up(
 
     wait_until(lambda: not unlinked(), 60, "every transfer state linked")
     print(
-        "fenced by the woken processes:",
+        "old work ended after waking (s):", ended_after_wake,
+        "refusals counted by the woken processes:",
         {service: fenced_total(cluster, "st1", service) for service in FROZEN},
-    )
+    )  # fmt: skip
     engine.dispose()
 
 

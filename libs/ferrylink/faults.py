@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -30,4 +32,11 @@ def fault_point(name: str) -> None:
         log.critical("fault point %s reached: %s", name, "SIGSTOP" if _STOP else "SIGKILL")
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGSTOP if _STOP else signal.SIGKILL)
+        if not _STOP:
+            os.kill(os.getpid(), signal.SIGKILL)
+            return
+        # Stopped from this very thread, which then waits in a system call: a process-wide
+        # SIGSTOP can take effect a few instructions late, past the point (seen under load:
+        # the scheduler went on to write its claim before it stopped).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        time.sleep(0.5)
