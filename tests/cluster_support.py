@@ -194,13 +194,21 @@ class Cluster:
 
 
 def start_cluster(
-    tmp_path: Path, prefix: str, amqp_url: str, mode: str, servers: int = 3, edges: int = 1
+    tmp_path: Path,
+    prefix: str,
+    amqp_url: str,
+    mode: str,
+    servers: int = 3,
+    edges: int = 1,
+    database_url: str | None = None,
 ) -> Cluster:
+    """`ferrylink up --detach`; on `database_url` (e.g. PostgreSQL) instead of SQLite."""
     state_dir = tmp_path / "state"
+    database = ["--database-url", database_url] if database_url else []
     result = ferrylink(
         "up", "--servers", str(servers), "--mode", mode, "--state-dir", str(state_dir),
         "--base-port", str(free_base_port(servers, edges)), "--prefix", prefix, "--detach",
-        "--edges", str(edges),
+        "--edges", str(edges), *database,
         timeout=BOOT_TIMEOUT + 60,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr

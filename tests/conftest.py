@@ -121,8 +121,11 @@ def make_cluster(tmp_path: Path, cluster_prefix: str, cluster_amqp_url: str) -> 
 
     started: list[Cluster] = []
 
-    def make(mode: str, servers: int = 3, edges: int = 1) -> Cluster:
-        cluster = start_cluster(tmp_path, cluster_prefix, cluster_amqp_url, mode, servers, edges)
+    def make(
+        mode: str, servers: int = 3, edges: int = 1, database_url: str | None = None
+    ) -> Cluster:
+        cluster = start_cluster(tmp_path, cluster_prefix, cluster_amqp_url, mode, servers, edges,
+                                database_url)  # fmt: skip
         started.append(cluster)
         return cluster
 

@@ -13,8 +13,11 @@ from ferrylink.cluster import (
     Assignment,
     decide_primary,
     desired_work,
+    grant_expiry,
+    handover_not_before,
     live_servers,
 )
+from ferrylink.fencing import ClockReading, better_reading, clock_bounds
 
 SERVERS = ["st1", "st2", "st3"]
 ALL = set(SERVERS)
@@ -201,3 +204,97 @@ def test_assignment_holds_primary_work_until_not_before() -> None:
     assignment = make_assignment(not_before=102.0)
     assert assignment.work_for("st1", 101.0) == {WORK_EVENTS}
     assert assignment.work_for("st1", 102.5) == {WORK_EVENTS, WORK_SCHEDULER}
+
+
+# -- grants on the database clock (fencing) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("earliest", "latest", "expected"),
+    [
+        (101.0, 101.0, {WORK_EVENTS, WORK_SCHEDULER}),  # surely within the grant
+        (101.0, 102.9, {WORK_EVENTS, WORK_SCHEDULER}),  # uncertain, but surely before expiry
+        (101.0, 103.0, {WORK_EVENTS}),  # may have run out: fenced
+        (102.9, 103.2, {WORK_EVENTS}),
+        (99.9, 100.5, {WORK_EVENTS}),  # may not have begun (not_before 100.0): not yet
+        (100.0, 100.5, {WORK_EVENTS, WORK_SCHEDULER}),
+    ],
+)
+def test_primary_work_only_when_the_grant_has_surely_begun_and_not_run_out(
+    earliest: float, latest: float, expected: set[str]
+) -> None:
+    assert make_assignment().work_for("st1", earliest, latest) == expected
+
+
+@pytest.mark.parametrize(
+    ("lease_expiry", "now", "heard_age", "lease", "expected"),
+    [
+        (103.0, 100.0, 0.0, 3.0, 103.0),  # heard just now: the leader's lease bounds it
+        (103.0, 100.0, 1.0, 3.0, 102.0),  # heard a second ago: a lease past that
+        (103.0, 100.0, 5.0, 3.0, 98.0),  # silent past a lease: already run out
+        (103.0, 100.0, None, 3.0, 100.0),  # never heard: no time at all
+        (101.0, 100.0, 0.0, 3.0, 101.0),  # the leader's own lease runs out first
+        (103.0, 100.0, -0.5, 3.0, 103.0),  # heard "in the future" (clock step): no extra time
+    ],
+)
+def test_grant_expiry(
+    lease_expiry: float, now: float, heard_age: float | None, lease: float, expected: float
+) -> None:
+    assert grant_expiry(lease_expiry, now, heard_age, lease) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("now", "issued_until", "margin", "expected"),
+    [
+        (100.0, 90.0, 1.0, 100.0),  # every old grant ran out long ago: start now
+        (100.0, 99.5, 1.0, 100.5),  # ran out just now: the margin still holds
+        (100.0, 103.0, 1.0, 104.0),  # fail-back: the old primary's grant is still running
+        (100.0, 103.0, 0.0, 103.0),
+        (100.0, 0.0, 1.0, 100.0),  # a new cluster
+    ],
+)
+def test_a_new_primary_starts_after_every_old_grant_plus_the_margin(
+    now: float, issued_until: float, margin: float, expected: float
+) -> None:
+    assert handover_not_before(now, issued_until, margin) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("reading", "monotonic_now", "expected"),
+    [
+        # Read at once (sent == received): the database's time moves with ours.
+        (ClockReading(10.0, 10.0, 1000.0), 10.0, (1000.0, 1000.0)),
+        # A 0.2 s round trip: the reading was taken somewhere within it.
+        (ClockReading(10.0, 10.2, 1000.0), 10.2, (1000.0, 1000.2)),
+        # ... and 5 s later, with 5.2 s of possible drift at 500 ppm.
+        (ClockReading(10.0, 10.2, 1000.0), 15.2, (1005.0 - 0.0026, 1005.2 + 0.0026)),
+        # 100 s later: the clocks may have drifted apart by 500 ppm.
+        (ClockReading(10.0, 10.0, 1000.0), 110.0, (1099.95, 1100.05)),
+    ],
+)
+def test_database_clock_bounds(
+    reading: ClockReading, monotonic_now: float, expected: tuple[float, float]
+) -> None:
+    assert clock_bounds(reading, monotonic_now) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "kept"),
+    [
+        (None, ClockReading(10.0, 10.5, 0.0), "new"),
+        (ClockReading(10.0, 10.1, 0.0), ClockReading(20.0, 20.05, 0.0), "new"),  # tighter
+        (ClockReading(10.0, 10.1, 0.0), ClockReading(20.0, 21.0, 0.0), "old"),  # a slow read
+        (ClockReading(10.0, 10.1, 0.0), ClockReading(70.0, 71.0, 0.0), "new"),  # old too old
+    ],
+)
+def test_the_tighter_database_clock_reading_is_kept(
+    old: ClockReading | None, new: ClockReading, kept: str
+) -> None:
+    assert better_reading(old, new, max_age=60.0) == (new if kept == "new" else old)
+
+
+def test_a_coarse_database_clock_widens_the_latest_bound() -> None:
+    # SQLite truncates its clock to the millisecond: the true time may be up to 1 ms later.
+    assert clock_bounds(ClockReading(10.0, 10.0, 1000.0, 0.001), 10.0) == pytest.approx(
+        (1000.0, 1000.001), abs=1e-9
+    )

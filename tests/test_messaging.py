@@ -12,8 +12,14 @@ import pika
 import pytest
 from sqlalchemy import exc as sa_exc
 
-from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
+from ferrylink.consumer_manager import (
+    FENCED_REQUEUE_DELAY,
+    ConsumerManager,
+    ConsumerSpec,
+    Delivery,
+)
 from ferrylink.contracts import REASON_HEADER, SOURCE_QUEUE_HEADER, RejectMessage
+from ferrylink.fencing import Fenced
 from ferrylink.messaging import (
     Publisher,
     Topology,
@@ -227,3 +233,36 @@ def test_an_infrastructure_error_backs_off_before_the_message_comes_again(
     assert seen[1] - seen[0] >= backoff(0) * 0.9  # waited its backoff, not at once
     dead_queue = topology.dead_letter_queue(topology.queue("events"))
     assert queue_depth(amqp_url, dead_queue) == 0
+
+
+def test_a_fenced_handler_returns_the_message_for_the_primary_uncounted(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    """A process fenced off (not primary any more) leaves the message untouched for the
+    next primary: back to the queue after a pause, never counted against it, never parked
+    (an error of the message's own would be parked at its second attempt here)."""
+    refused: list[float] = []
+
+    def fenced_off(delivery: Delivery) -> None:
+        refused.append(time.monotonic())
+        raise Fenced("st1 at epoch 2 is fenced off: the database has epoch 3")
+
+    primary = Recorder()
+    old = ConsumerManager([amqp_url], publisher, declare=topology.declare,
+                          delivery_limit=2).start()  # fmt: skip
+    new = make_manager(amqp_url, publisher, topology)
+    old.register(ConsumerSpec("states", topology.queue("events"), fenced_off))
+    new.register(ConsumerSpec("states", topology.queue("events"), primary))
+    old.set_active({"states"})
+    try:
+        publish_events(publisher, topology, ["m1"])
+        wait_until(lambda: len(refused) >= 2, what="the fenced process to refuse it twice")
+        old.set_active(set())  # its follower stops the primary-only work
+        wait_until(lambda: not old.active(), what="the fenced consumer cancelled")
+        new.set_active({"states"})
+        wait_until(lambda: primary.done["m1"] == 1, what="the new primary to handle it")
+    finally:
+        old.stop()
+        new.stop()
+    assert refused[1] - refused[0] >= FENCED_REQUEUE_DELAY * 0.9
+    assert queue_depth(amqp_url, topology.dead_letter_queue(topology.queue("events"))) == 0

@@ -5,7 +5,10 @@ Kept free of I/O so every row of the reference's failover rules is unit-tested:
   unheard for the connection timeout (liveness is judged with that timeout);
 - when the first listed server is live and synchronized again, it is primary again
   (fail-back) in `active_active` and `passive`;
-- `passive_legacy` never promotes by itself: an operator fails over by hand.
+- `passive_legacy` never promotes by itself: an operator fails over by hand;
+- a grant to the primary never outlasts the leader's lease nor a lease past the last time
+  the primary was heard; a new primary starts only after every earlier grant ran out plus
+  a margin (times on the database's clock; see fencing.py).
 
 What runs where follows the table in DESIGN.md ("What is active where").
 """
@@ -36,7 +39,8 @@ __all__ = [
     "CLUSTER_MODES", "PRIMARY_ONLY_WORK", "WORK_DEAD_LETTERS", "WORK_DEAD_LETTERS_LOCAL",
     "WORK_EVENTS", "WORK_EVENTS_LOCAL", "WORK_FOLDER_MONITOR", "WORK_SCHEDULER",
     "WORK_SENTINEL_LINK", "WORK_TRANSFER_LOG", "Assignment", "ClusterMode", "Heartbeat",
-    "PrimaryDecision", "decide_primary", "desired_work", "live_servers",
+    "PrimaryDecision", "decide_primary", "desired_work", "grant_expiry", "handover_not_before",
+    "live_servers",
 ]  # fmt: skip
 
 
@@ -132,3 +136,23 @@ def desired_work(
         if server == primary:
             work[server].extend(sorted(PRIMARY_ONLY_WORK))
     return work
+
+
+def grant_expiry(
+    lease_expiry: float, now: float, primary_heard_age: float | None, lease_seconds: float
+) -> float:
+    """Until when an assignment lets the primary run primary-only work: never past the
+    leader's lease, and never more than a lease past the last time the primary was heard
+    (`primary_heard_age` seconds ago; None: never heard, a lease ago at most). So the grant
+    of a primary that went silent runs out before the connection timeout declares it down,
+    and its successor can start at once. All times on the database's clock; the age is
+    measured by the leader (a duration, so its own clock's offset does not matter)."""
+    age = lease_seconds if primary_heard_age is None else max(primary_heard_age, 0.0)
+    return min(lease_expiry, now - age + lease_seconds)
+
+
+def handover_not_before(now: float, issued_until: float, margin: float) -> float:
+    """When a new primary may start: once every grant issued before has run out
+    (`issued_until`), plus `margin` for what the database clock reading of a process may be
+    off by and for the time an old primary's work takes to stop after its grant ran out."""
+    return max(now, issued_until + margin)

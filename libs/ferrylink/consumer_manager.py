@@ -29,6 +29,7 @@ from pika.spec import Basic, BasicProperties
 
 from ferrylink.contracts import RETRIES_HEADER, DeadLetterInfo, RejectMessage, RetryLater
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
+from ferrylink.fencing import Fenced
 from ferrylink.messaging import (
     CONNECTION_ERRORS,
     Backoff,
@@ -39,6 +40,10 @@ from ferrylink.messaging import (
 )
 
 log = logging.getLogger(__name__)
+
+# A message whose handler was fenced off goes back to its queue after this pause (meanwhile
+# the follower cancels the consumer, so it is not handed to this fenced process again).
+FENCED_REQUEUE_DELAY = 0.5
 
 
 @dataclass(frozen=True)
@@ -359,6 +364,12 @@ class ConsumerManager:
         except RetryLater as exc:
             if self._delay(delivery, props, exc):
                 return lambda: channel.basic_ack(tag)
+            return lambda: channel.basic_nack(tag, requeue=True)
+        except Fenced as exc:
+            # This process is not primary any more (primary-only work): the message is the
+            # next primary's, untouched; never counted against it, never parked.
+            log.info("%s: %s: %s; returned to the queue", self._name, running.spec.name, exc)
+            self._stopping.wait(FENCED_REQUEUE_DELAY)
             return lambda: channel.basic_nack(tag, requeue=True)
         except INFRASTRUCTURE_ERRORS as exc:
             # Not the message's fault (the database or the broker): back off before it comes

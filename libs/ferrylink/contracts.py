@@ -488,9 +488,13 @@ class Assignment(Contract):
     not_before: float
     expires_at: float
 
-    def work_for(self, node_id: str, now: float) -> set[str]:
-        """The work `node_id` may run at `now` under this assignment."""
-        if now >= self.expires_at:
+    def work_for(self, node_id: str, now: float, latest: float | None = None) -> set[str]:
+        """The work `node_id` may run under this assignment when the time (on the clock the
+        assignment's times are on: the database's) is between `now` and `latest` (one
+        moment when `latest` is None): primary-only work only if the grant has surely begun
+        and surely not yet run out."""
+        latest = now if latest is None else latest
+        if latest >= self.expires_at:
             # Expired: keep only work that is safe on any number of servers.
             return {w for w in self.work.get(node_id, []) if w not in PRIMARY_ONLY_WORK}
         units = set(self.work.get(node_id, []))

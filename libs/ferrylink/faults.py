@@ -1,9 +1,11 @@
 """A test-only fault hook: `FERRYLINK_FAULT_POINT=<name>` makes the process SIGKILL itself
-the first time it reaches `fault_point(<name>)`.
+the first time it reaches `fault_point(<name>)`; with `FERRYLINK_FAULT_ACTION=stop` it
+SIGSTOPs itself there instead (a frozen process: the test sends SIGCONT), once.
 
 Crash-point tests start a process per point and count, at the real destination, that every
-file arrived exactly once after the crash and a restart. Unset (always, in production),
-`fault_point` is one string comparison.
+file arrived exactly once after the crash and a restart; the fencing test freezes a primary
+between a write and its commit. Unset (always, in production), `fault_point` is one string
+comparison.
 """
 
 from __future__ import annotations
@@ -11,16 +13,30 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+import time
 
 log = logging.getLogger(__name__)
 
 FAULT_POINT_ENV = "FERRYLINK_FAULT_POINT"
+FAULT_ACTION_ENV = "FERRYLINK_FAULT_ACTION"
 _POINT = os.environ.get(FAULT_POINT_ENV, "")
+_STOP = os.environ.get(FAULT_ACTION_ENV, "kill") == "stop"
+_reached = False
 
 
 def fault_point(name: str) -> None:
-    if _POINT and name == _POINT:
-        log.critical("fault point %s reached: SIGKILL", name)
+    global _reached
+    if _POINT and name == _POINT and not _reached:
+        _reached = True
+        log.critical("fault point %s reached: %s", name, "SIGSTOP" if _STOP else "SIGKILL")
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+        if not _STOP:
+            os.kill(os.getpid(), signal.SIGKILL)
+            return
+        # Stopped from this very thread, which then waits in a system call: a process-wide
+        # SIGSTOP can take effect a few instructions late, past the point (seen under load:
+        # the scheduler went on to write its claim before it stopped).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        time.sleep(0.5)

@@ -30,6 +30,12 @@ PRIMARY_CHANGES = Counter(
     "ferrylink_primary_changes_total",
     "Times this coordinator (as leader) designated another primary (failovers, fail-backs)",
 )
+FENCED_WRITES = Counter(
+    "ferrylink_fenced_total",
+    "Primary-only work refused because this process's grant is not the current one, by who "
+    "judged it (the process, by its grant's epoch and expiry; the database, by its epoch)",
+    ["judged_by"],
+)
 QUEUE_MESSAGES = Gauge(
     "ferrylink_queue_messages", "Messages waiting in a work queue (sampled)", ["queue"]
 )

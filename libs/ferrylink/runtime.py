@@ -51,6 +51,7 @@ from ferrylink.contracts import (
     parse,
 )
 from ferrylink.db import database_works, make_engine
+from ferrylink.fencing import DatabaseClock, Fence, Fenced
 from ferrylink.login_guard import GuardPolicy, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
 from ferrylink.metrics import (
@@ -113,6 +114,9 @@ def typed_handler(
         except RetryLater:
             outcome = "retry"
             raise
+        except Fenced:
+            outcome = "fenced"
+            raise
         finally:
             if consumer:
                 MESSAGES_HANDLED.labels(consumer=consumer, outcome=outcome).inc()
@@ -142,7 +146,11 @@ class ServiceRuntime:
             name=f"{service_name}-consumers",
         )
         self.consumers.on_change = self._on_consumers_changed
-        self.follower = WorkFollower(settings.node_id, self.consumers)
+        # Grants are on the database's clock; primary-only writes are checked against the
+        # database's epoch with the follower's grant (fencing.py).
+        self.db_clock = DatabaseClock(self.engine)
+        self.follower = WorkFollower(settings.node_id, self.consumers, clock=self.db_clock.bounds)
+        self.fence = Fence(self.follower.token, self.follower.fenced)
         self._transfer_states: TransferStatePublisher | None = None
         self._outbox_relay: outbox.OutboxRelay | None = None
         # One failed-login defender a process: uploads and edge sessions share its counts.
@@ -361,6 +369,7 @@ class ServiceRuntime:
         if self._transfer_states is not None:
             self._transfer_states.start()
         self.consumers.start()
+        self.db_clock.start()
         self.follower.start()
         if self._outbox_relay is not None:
             self._outbox_relay.start()
@@ -372,6 +381,7 @@ class ServiceRuntime:
         if self._outbox_relay is not None:
             self._outbox_relay.stop()
         self.follower.stop()
+        self.db_clock.stop()
         self.consumers.stop()
         self.publisher.close()
         if self._transfer_states is not None:

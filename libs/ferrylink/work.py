@@ -4,7 +4,11 @@ A service registers its work units (a queue consumer, or a loop with start/stop)
 `WorkFollower` switches them on and off to match the newest assignment for this node:
 - assignments with an older epoch than one already seen are ignored;
 - primary-only work stops by itself once the assignment has expired (self-fencing), and
-  starts no earlier than the assignment's `not_before`;
+  starts no earlier than the assignment's `not_before`, both judged on the database's clock
+  (as this process reads it, `DatabaseClock`) since the coordinator issues them on it;
+- primary-only work asks `token()` for the grant it runs under and has each write checked
+  against the database with it (fencing.py); when the database refuses an epoch, that
+  epoch's primary-only work stops at once (`fenced`), until a newer assignment comes;
 - every activation is recorded as an interval (unit, epoch, start, end) for `GET /work`,
   which is how tests prove that primary-only work never ran on two servers at once.
 """
@@ -18,8 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ferrylink.cluster import Assignment
+from ferrylink.cluster import PRIMARY_ONLY_WORK, Assignment
 from ferrylink.consumer_manager import ConsumerManager
+from ferrylink.fencing import Fenced, FencingToken
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,11 @@ class Activation:
         return {"unit": self.unit, "epoch": self.epoch, "start": self.start, "end": self.end}
 
 
+def wall_clock() -> tuple[float, float]:
+    now = time.time()
+    return now, now
+
+
 @dataclass
 class WorkFollower:
     node_id: str
@@ -68,6 +78,8 @@ class WorkFollower:
     loops: dict[str, LoopWork] = field(default_factory=dict)
     consumer_units: set[str] = field(default_factory=set)
     history_limit: int = 1000
+    # (earliest, latest) the database's time can be now (DatabaseClock.bounds).
+    clock: Callable[[], tuple[float, float]] = wall_clock
 
     def __post_init__(self) -> None:
         # Two locks: `_lock` guards the state and is held only briefly, so heartbeats and
@@ -76,6 +88,7 @@ class WorkFollower:
         self._lock = threading.Lock()
         self._switching = threading.Lock()
         self._assignment: Assignment | None = None
+        self._fenced_epoch: int | None = None  # the database refused this epoch
         self._active: dict[str, Activation] = {}
         self._history: list[Activation] = []
         self._stop = threading.Event()
@@ -125,6 +138,31 @@ class WorkFollower:
         with self._lock:
             return self._assignment.mode if self._assignment else None
 
+    def token(self) -> FencingToken:
+        """The grant this node's primary-only work runs under now: `Fenced` unless the
+        newest assignment names this node primary, has surely begun and surely not run out,
+        and the database has not refused its epoch."""
+        earliest, latest = self.clock()
+        with self._lock:
+            assignment, fenced = self._assignment, self._fenced_epoch
+        if assignment is None or assignment.primary != self.node_id:
+            raise Fenced(f"{self.node_id} is not the primary")
+        if assignment.epoch == fenced:
+            raise Fenced(f"the database refused epoch {fenced}")
+        if latest >= assignment.expires_at:
+            raise Fenced(f"the grant of epoch {assignment.epoch} ran out")
+        if earliest < assignment.not_before:
+            raise Fenced(f"the grant of epoch {assignment.epoch} has not begun")
+        return FencingToken(assignment.epoch, self.node_id)
+
+    def fenced(self, token: FencingToken) -> None:
+        """The database refused `token`: stop primary-only work now (on the follower's own
+        thread; the caller may be that work) unless a newer assignment came meanwhile."""
+        with self._lock:
+            if self._assignment is not None and self._assignment.epoch == token.epoch:
+                self._fenced_epoch = token.epoch
+                log.warning("epoch %s was fenced off: stopping primary-only work", token.epoch)
+
     def active(self) -> list[str]:
         with self._lock:
             return sorted(self._active)
@@ -137,6 +175,7 @@ class WorkFollower:
                 "epoch": assignment.epoch if assignment else None,
                 "primary": assignment.primary if assignment else None,
                 "expires_at": assignment.expires_at if assignment else None,
+                "fenced_epoch": self._fenced_epoch,
                 "units": sorted(self.units),
                 "active": sorted(self._active),
                 "history": [a.as_dict() for a in self._history]
@@ -151,7 +190,7 @@ class WorkFollower:
     def _reconcile(self, stopping: bool = False) -> None:
         """Start and stop work to match the assignment as of now."""
         with self._switching:
-            now = time.time()
+            earliest, latest = self.clock()
             # Once stopping, an assignment still arriving (re-sent every heartbeat) must not
             # start work again on the way out.
             stopping = stopping or self._stop.is_set()
@@ -162,8 +201,10 @@ class WorkFollower:
                 wanted = (
                     set()
                     if stopping or assignment is None
-                    else assignment.work_for(self.node_id, now) & self.units
+                    else assignment.work_for(self.node_id, earliest, latest) & self.units
                 )
+                if assignment is not None and assignment.epoch == self._fenced_epoch:
+                    wanted -= PRIMARY_ONLY_WORK
                 epoch = assignment.epoch if assignment else 0
                 to_stop = sorted(set(self._active) - wanted)
                 to_start = sorted(wanted - set(self._active))

@@ -4,6 +4,11 @@ leading - decide the primary and publish the whole desired state (the assignment
 Every coordinator tracks heartbeats, so whichever takes over the lease already knows who is
 alive. Only the lease holder writes the cluster state and publishes assignments, and only
 right after a committed renewal; each assignment expires with that lease.
+
+Two clocks, kept apart: heartbeat ages and "leading for" are durations on this process's
+clock; the lease and every time in an assignment (issued, not before, expires) are on the
+database's clock, read in the leader's transaction, which every process compares with
+(fencing.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from ferrylink.cluster import (
     Heartbeat,
     decide_primary,
     desired_work,
+    grant_expiry,
+    handover_not_before,
     live_servers,
 )
 from ferrylink.config import read_config_version
@@ -228,7 +235,9 @@ class Coordinator:
         return own is not None and now - own[0] <= self.settings.lease_seconds
 
     def step(self, now: float) -> Assignment | None:
-        """One round: renew/acquire the lease; if leading, decide and return the assignment."""
+        """One round: renew/acquire the lease; if leading, decide and return the assignment.
+        `now` is this process's time (for heartbeat ages); the lease and the assignment's
+        times are the database's."""
         if not self.can_lead(now):
             if self.leading_since is not None:
                 log.warning("%s cannot reach the broker: letting the leadership lease lapse",
@@ -236,8 +245,9 @@ class Coordinator:
             self._lose_leadership()
             return None
         with Session(self.runtime.engine) as session:
+            db_now = leadership.begin_step(session, self.settings.lease_seconds)
             lease = leadership.acquire_or_renew(
-                session, self.node_id, now, self.settings.lease_seconds
+                session, self.node_id, db_now, self.settings.lease_seconds
             )
             if lease is None:
                 session.rollback()
@@ -277,14 +287,17 @@ class Coordinator:
                 log.warning("primary %s -> %s: %s", current, decision_primary, reason)
                 PRIMARY_CHANGES.inc()
                 state.primary = decision_primary
-                # Fence: the new primary starts only after every earlier assignment expired.
-                state_not_before = max(now, state.issued_until)
+                # Fence: the new primary starts only after every earlier grant expired, and
+                # a margin later (see fencing.py and README "Fencing").
+                state_not_before = handover_not_before(
+                    db_now, state.issued_until, self.settings.fence_margin_seconds
+                )
             else:
                 previous = self.last_assignment
                 state_not_before = (
                     previous.not_before
                     if previous is not None and previous.epoch == state.epoch
-                    else now
+                    else db_now
                 )
             assignment = Assignment(
                 epoch=state.epoch,
@@ -294,9 +307,9 @@ class Coordinator:
                 work=desired_work(
                     view.mode, servers, view.live, view.synchronized, state.primary, view.paused
                 ),  # fmt: skip
-                issued_at=now,
+                issued_at=db_now,
                 not_before=state_not_before,
-                expires_at=self._grant_expiry(view, state.primary, lease.expires_at, now),
+                expires_at=self._grant_expiry(view, state.primary, lease.expires_at, now, db_now),
             )
             if state.primary is not None:
                 # Only a grant to a primary must run out before another primary starts.
@@ -350,16 +363,21 @@ class Coordinator:
             time.sleep(0.1)
 
     def _grant_expiry(
-        self, view: ClusterView, primary: str | None, lease_expiry: float, now: float
+        self,
+        view: ClusterView,
+        primary: str | None,
+        lease_expiry: float,
+        now: float,
+        db_now: float,
     ) -> float:
-        """How long this assignment lets the primary run primary-only work: never past our
-        lease, and never more than a lease past the last time we heard the primary. So the
-        grant of a primary that went silent runs out before the connection timeout declares
-        it down, and its successor can start at once."""
+        """How long this assignment lets the primary run primary-only work (the rule is
+        `cluster.grant_expiry`): the primary's silence is measured on this process's clock,
+        the expiry set on the database's."""
         if primary is None:
             return lease_expiry
-        heard = view.heard_at.get(primary, now - self.settings.lease_seconds)
-        return min(lease_expiry, heard + self.settings.lease_seconds)
+        heard = view.heard_at.get(primary)
+        age = None if heard is None else now - heard
+        return grant_expiry(lease_expiry, db_now, age, self.settings.lease_seconds)
 
     @staticmethod
     def _differs(old: Assignment, new: Assignment) -> bool:

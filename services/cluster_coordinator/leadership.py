@@ -3,16 +3,19 @@
 The database is the distributed engine here (PostgreSQL in a real cluster): a renewal counts
 only once its transaction committed, and a lease is taken over only after it expired, so at
 most one coordinator holds an unexpired lease. Every change of holder increments `term`.
+Lease times are on the database's clock, so no two coordinators judge a lease by different
+clocks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import or_, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
+from ferrylink.fencing import read_db_time
 from ferrylink.models import LeaderLease
 
 
@@ -32,8 +35,22 @@ def ensure_lease_row(session: Session) -> None:
             session.rollback()
 
 
+def begin_step(session: Session, lease_seconds: float) -> float:
+    """Start the leader's transaction: the database's time now. On PostgreSQL the server
+    also ends this transaction if this process leaves it idle (frozen) for as long as a
+    lease, so a frozen coordinator never holds the lease and cluster-state rows locked past
+    the lease it may have renewed."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(
+            select(func.set_config("idle_in_transaction_session_timeout",
+                                   str(int(lease_seconds * 1000)), True))
+        )  # fmt: skip
+    return read_db_time(session)
+
+
 def acquire_or_renew(session: Session, holder: str, now: float, duration: float) -> Lease | None:
-    """Renew our lease, or take an expired one, inside the caller's transaction.
+    """Renew our lease, or take an expired one, inside the caller's transaction; `now` is
+    the database's time (`begin_step`).
 
     Returns the lease if we hold it after this statement (valid once the caller commits),
     None if another coordinator holds an unexpired lease.

@@ -21,6 +21,13 @@ class Settings(FerrylinkSettings):
         description="Leadership lease and assignment lifetime; must stay below the "
         "connection timeout so a cut-off primary has fenced itself before promotion.",
     )
+    fence_margin_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="A new primary starts this long after every earlier grant ran out: "
+        "room for the error of a process's reading of the database clock and for the time "
+        "an old primary's work takes to stop.",
+    )
     servers_file: Path = Field(
         default=Path("deploy/config/servers"),
         description="Seed of the servers list: one server a line, its id, optionally a TAB "

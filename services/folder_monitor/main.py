@@ -26,6 +26,7 @@ def build(settings: Settings) -> tuple[ServiceRuntime, FolderMonitor]:
         data_dir,
         lambda events: runtime.publish_all(events, PUBLISH_TIMEOUT),
         interval=settings.folder_poll_interval,
+        fence=runtime.fence,
     )
     # What it does: a polling loop, on the primary only.
     runtime.loop(WORK_FOLDER_MONITOR, monitor)

@@ -11,6 +11,10 @@ file is complete.
   again and the transaction manager completes it once.
 - It polls only while the coordinator assigns it, and checks its stop flag between watches
   and between batches of events, so it stops promptly when unassigned.
+- Every pass runs under the grant it started with (ferrylink.fencing): its writes commit
+  only while the database's epoch is that grant's, and a batch is published only while
+  this process still holds it; a monitor frozen past its grant writes and announces nothing
+  when it wakes up.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from ferrylink.contracts import FileArrived
+from ferrylink.fencing import Fence, Fenced, FencingToken, Unfenced
 from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, confined, in_data_dir, is_temporary, relative_to
 from ferrylink.work import PollingLoop
@@ -174,8 +179,10 @@ class FolderMonitor:
         publish: Callable[[list[FileArrived]], None],
         interval: float = 1.0,
         batch_size: int = 200,
+        fence: Fence | None = None,
     ) -> None:
         self.engine = engine
+        self.fence = fence or Unfenced()
         self.data_dir = data_dir
         # Publishes a batch and returns once the broker confirmed all of it (raises if not).
         self.publish = publish
@@ -194,6 +201,11 @@ class FolderMonitor:
     def poll_once(self, stop: threading.Event | None = None) -> int:
         """One pass over every enabled watch; returns how many events were published."""
         stop = stop or threading.Event()
+        try:
+            token = self.fence.token()
+        except Fenced as exc:
+            log.info("folder monitor: no pass: %s", exc)
+            return 0
         with Session(self.engine) as session:
             watches = session.exec(
                 select(WatchedFolder)
@@ -209,7 +221,11 @@ class FolderMonitor:
             if account is None:
                 self._warn_once(watch, f"unknown account {watch.account!r}")
                 continue
-            published += self._poll_watch(watch, account, stop)
+            try:
+                published += self._poll_watch(watch, account, stop, token)
+            except Fenced as exc:
+                log.warning("folder monitor: pass abandoned: %s", exc)
+                return published
         self.polls += 1
         return published
 
@@ -218,7 +234,9 @@ class FolderMonitor:
             self._warned.add((watch.id or 0, problem))
             log.warning("watch %s (%s) skipped: %s", watch.id, watch.folder, problem)
 
-    def _poll_watch(self, watch: WatchedFolder, account: Account, stop: threading.Event) -> int:
+    def _poll_watch(
+        self, watch: WatchedFolder, account: Account, stop: threading.Event, token: FencingToken
+    ) -> int:
         assert watch.id is not None
         try:
             # Checked on every poll: the folder may have been replaced by a symlink since.
@@ -253,7 +271,10 @@ class FolderMonitor:
                 row.event_id, row.emitted_at = None, None
                 session.add(row)
             try:
-                session.commit()
+                if plan.vanished or plan.observe:
+                    session.flush()
+                    self.fence.check(session, token)
+                    session.commit()
             except IntegrityError:  # another poller wrote the same rows: look again next time
                 session.rollback()
                 log.warning("watch %s: concurrent update, skipping this poll", watch.id)
@@ -267,12 +288,15 @@ class FolderMonitor:
             events = {
                 path: arrived_event(watch, home, folder, path, current[path]) for path in batch
             }
+            self.fence.confirm(self.engine, token)
             self.publish(list(events.values()))
-            self._mark_emitted(watch.id, events)
+            self._mark_emitted(watch.id, events, token)
             published += len(events)
         return published
 
-    def _mark_emitted(self, watch_id: int, events: dict[str, FileArrived]) -> None:
+    def _mark_emitted(
+        self, watch_id: int, events: dict[str, FileArrived], token: FencingToken
+    ) -> None:
         emitted_at = time.time()
         with Session(self.engine) as session:
             rows = session.exec(
@@ -283,5 +307,7 @@ class FolderMonitor:
             for row in rows:
                 row.event_id, row.emitted_at = events[row.path].id, emitted_at
                 session.add(row)
+            session.flush()
+            self.fence.check(session, token)
             session.commit()
         log.info("watch %s: %d file(s) arrived", watch_id, len(events))

@@ -30,6 +30,7 @@ def build(settings: Settings) -> tuple[ServiceRuntime, JobScheduler]:
         settings.node_id,
         lambda event: runtime.publish(event).result(PUBLISH_TIMEOUT),
         sync_interval=settings.scheduler_sync_interval,
+        fence=runtime.fence,
     )
     # What it does: a loop, on the primary only.
     runtime.loop(WORK_SCHEDULER, scheduler)

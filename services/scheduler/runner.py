@@ -10,6 +10,11 @@ Exactly once per fire time, across failovers:
   the run marked `submitted`. A run left `claimed` (a crash, a broker outage) is published
   again later, by this server or the next primary; the transaction manager completes an
   event id once.
+- Every write is fenced (ferrylink.fencing): a claim and a run's `submitted` mark commit
+  only while the database's epoch is the one this scheduler's grant was issued under, and a
+  run is published only while this process still holds that grant. A scheduler frozen past
+  its grant (SIGSTOP, a VM pause) therefore claims nothing when it wakes up, even for a fire
+  time nobody else claimed (a job paused meanwhile).
 - A newly started scheduler (a promotion, a fail-back) resumes every job at the first fire
   time after its last recorded run: a fire time missed during the failover runs once, as long
   as it is within the job's grace time; an older one is recorded as `missed`.
@@ -36,6 +41,8 @@ from sqlmodel import Session, col, select
 
 from ferrylink.clock import as_utc
 from ferrylink.contracts import EVENT, Event, JobRunStatus
+from ferrylink.faults import fault_point
+from ferrylink.fencing import Fence, Fenced, FencingToken, Unfenced
 from ferrylink.models import JobRun, ScheduledJob
 from services.scheduler.jobs import JobError, first_due, job_trigger, run_event
 
@@ -67,9 +74,11 @@ class JobScheduler:
         publish: Callable[[Event], object],
         sync_interval: float = 1.0,
         republish_after: float = 10.0,
+        fence: Fence | None = None,
     ) -> None:
         self.engine = engine
         self.node_id = node_id
+        self.fence = fence or Unfenced(node_id)
         # Publishes one event and returns once the broker confirmed it (raises if not).
         self.publish = publish
         self.sync_interval = sync_interval
@@ -202,25 +211,31 @@ class JobScheduler:
         if job is None or job.id is None:
             return
         try:
-            claimed = self._insert_runs(job, run_times)
+            token = self.fence.token()
+        except Fenced as exc:
+            # Not primary any more: these fire times are the next primary's to claim.
+            log.warning("job %s: fire times not claimed: %s", job.id, exc)
+            return
+        try:
+            claimed = self._insert_runs(job, run_times, token)
         except Exception:
             # The fire times are not recorded: load the job again from its last recorded
             # run, so they are retried (within their grace) rather than skipped.
             self._reload.add(job.id)
             raise
         pool = self._pool
-        for run_id, event in claimed:
+        for run_id, event, token in claimed:
             self._in_flight.add(run_id)
             if pool is not None:
-                pool.submit(self._submit, run_id, event)
+                pool.submit(self._submit, run_id, event, token)
 
     def _insert_runs(
-        self, job: ScheduledJob, run_times: Sequence[datetime]
-    ) -> list[tuple[int, Event]]:
+        self, job: ScheduledJob, run_times: Sequence[datetime], token: FencingToken
+    ) -> list[tuple[int, Event, FencingToken]]:
         assert job.id is not None
         now = datetime.now(UTC)
         grace = timedelta(seconds=job.misfire_grace_seconds)
-        claimed: list[tuple[int, Event]] = []
+        claimed: list[tuple[int, Event, FencingToken]] = []
         with Session(self.engine) as session:
             for fire_time in run_times:
                 late = now - as_utc(fire_time) > grace
@@ -231,13 +246,24 @@ class JobScheduler:
                     event_id=event.id, event_json="" if late else event.model_dump_json(),
                     claimed_at=as_utc(now),
                 )  # fmt: skip
+                # Tests freeze the process here: decided under its grant, not yet written.
+                fault_point("scheduler-before-claim")
                 session.add(run)
                 try:
+                    session.flush()
+                    self.fence.check(session, token)
                     session.commit()
                 except IntegrityError:  # claimed by another scheduler: theirs to run
                     session.rollback()
                     log.info("job %s at %s was claimed elsewhere", job.id, fire_time)
                     continue
+                except Fenced:
+                    # Not primary under this grant any more: this fire time and the rest
+                    # are the next grant's to claim (this process's, should it be primary
+                    # again: the job is loaded again from its last recorded run).
+                    session.rollback()
+                    self._reload.add(job.id)
+                    break
                 if late:
                     log.warning(
                         "job %s (%s) missed its fire time %s by more than its grace of %ss",
@@ -245,12 +271,16 @@ class JobScheduler:
                     )  # fmt: skip
                     continue
                 assert run.id is not None
-                claimed.append((run.id, event))
+                claimed.append((run.id, event, token))
         return claimed
 
-    def _submit(self, run_id: int, event: Event) -> None:
+    def _submit(self, run_id: int, event: Event, token: FencingToken) -> None:
         try:
+            self.fence.confirm(self.engine, token)
             self.publish(event)
+        except Fenced as exc:
+            log.warning("run %s: event %s not published: %s", run_id, event.id, exc)
+            return
         except Exception as exc:
             log.warning(
                 "run %s: event %s not confirmed (%s); will try again", run_id, event.id, exc
@@ -266,6 +296,13 @@ class JobScheduler:
                 .where(col(JobRun.id) == run_id, col(JobRun.status) == CLAIMED)
                 .values(status=SUBMITTED, submitted_at=as_utc(datetime.now(UTC)))
             )
+            try:
+                self.fence.check(session, token)
+            except Fenced:
+                # Published all the same: the next primary publishes it again (the event
+                # id is the same, so it is done once) and marks it.
+                session.rollback()
+                return
             session.commit()
         log.info("run %s submitted as event %s", run_id, event.id)
 
@@ -273,6 +310,10 @@ class JobScheduler:
         """Runs claimed but never confirmed (a crash, a broker outage) are published again,
         with the same event, so they are neither lost nor done twice."""
         before = as_utc(datetime.now(UTC) - timedelta(seconds=self.republish_after))
+        try:
+            token = self.fence.token()
+        except Fenced:
+            return
         with Session(self.engine) as session:
             stuck = session.exec(
                 select(JobRun).where(JobRun.status == CLAIMED, JobRun.claimed_at < before)
@@ -284,4 +325,4 @@ class JobScheduler:
             log.info("run %s of job %s was never confirmed: publishing it again", run.id,
                      run.job_id)  # fmt: skip
             self._in_flight.add(run.id)
-            pool.submit(self._submit, run.id, EVENT.validate_json(run.event_json))
+            pool.submit(self._submit, run.id, EVENT.validate_json(run.event_json), token)

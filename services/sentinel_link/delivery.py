@@ -4,6 +4,11 @@ An endpoint that fails (connection error, timeout, non-2xx) backs off exponentia
 jitter and retries the same batch, so the order per endpoint holds; the other endpoints'
 workers are not held up by it. Each endpoint also gets a heartbeat record every
 `heartbeat_seconds`, so a tracking system can tell "no transfers" from "link down".
+
+A worker posts only while this process holds its grant and the database's epoch is still
+that grant's (ferrylink.fencing), and its records are marked delivered only under that
+epoch; a woken-up old primary may repeat the batch that was in flight when it froze, which
+receivers drop by record id.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ferrylink.fencing import Fenced
 from ferrylink.models import SentinelEndpoint
 from services.sentinel_link.link import LinkStore, heartbeat_record, retry_delay
 
@@ -43,21 +49,32 @@ class EndpointWorker:
             while not self.stop_event.is_set():
                 now = time.time()
                 try:
+                    token = store.fence.token()
                     sent = False
                     if now >= self.next_heartbeat:
+                        store.fence.confirm(store.config, token)
                         self._post(client, [heartbeat_record(self.loop.node, now)])
                         self.next_heartbeat = now + self.loop.heartbeat_seconds
                         sent = True
                     store.enforce_bounds(endpoint, now)
                     batch = store.next_batch(endpoint.id, endpoint.batch_size)
                     if batch:
+                        store.fence.confirm(store.config, token)
                         self._post(client, [record for _, record in batch])
                     if batch or sent:
                         store.delivered(endpoint.id, [i for i, _ in batch], time.time())
                     failures = 0
                     idle = not batch
+                except Fenced as exc:
+                    # Not primary any more: the follower stops this loop; post nothing more.
+                    log.info("endpoint %s: delivery paused: %s", endpoint.name, exc)
+                    self.stop_event.wait(self.loop.poll_seconds)
+                    continue
                 except Exception as exc:
-                    failures = store.failed(endpoint.id, _describe(exc), time.time())
+                    try:
+                        failures = store.failed(endpoint.id, _describe(exc), time.time())
+                    except Fenced:
+                        continue
                     delay = retry_delay(failures, self.loop.backoff_initial, self.loop.backoff_max)
                     log.warning("endpoint %s: delivery failed (%d in a row): %s; retry in %.1f s",
                                 endpoint.name, failures, _describe(exc), delay)  # fmt: skip

@@ -5,6 +5,11 @@ Outbox overflow policy: an endpoint's outbox keeps at most `max_backlog` records
 than `max_age_seconds`; past either bound the OLDEST records are dropped, and counted in the
 endpoint's `dropped` (shown by `GET /endpoints`). New endpoints get the records linked after
 they were added (no backfill).
+
+Linking, bounding and recording deliveries are primary-only writes: each commits only while
+the database's epoch is the grant this process holds (ferrylink.fencing), so a sentinel link
+frozen past its grant changes no link data when it wakes up. With node-local link data
+(passive_legacy) the check runs against the shared database just before the local commit.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
 from ferrylink.contracts import TransferState
+from ferrylink.fencing import Fence, FencingToken, Unfenced
 from ferrylink.models import (
     SentinelCycle,
     SentinelDelivery,
@@ -88,9 +94,20 @@ class LinkStore:
     """`config` holds the endpoints (shared database); `link` holds the link data (the same
     database, or a node-local SQLite file in passive_legacy)."""
 
-    def __init__(self, config: Engine, link: Engine) -> None:
+    def __init__(self, config: Engine, link: Engine, fence: Fence | None = None) -> None:
         self.config = config
         self.link = link
+        self.fence = fence or Unfenced()
+
+    def _commit_fenced(self, session: Session, token: FencingToken) -> None:
+        """Check the grant (in this transaction when the link data is in the shared
+        database), then commit; `Fenced` leaves the transaction to be rolled back."""
+        session.flush()
+        if self.link is self.config:
+            self.fence.check(session, token)
+        else:
+            self.fence.check_apart(self.config, token)
+        session.commit()
 
     def endpoints(self) -> list[SentinelEndpoint]:
         with Session(self.config) as session:
@@ -99,6 +116,7 @@ class LinkStore:
     def link_state(self, state: TransferState, endpoints: Sequence[SentinelEndpoint]) -> int | None:
         """Record `state` once and queue it for every endpoint; its seq, or None if it was
         linked before (a redelivered message)."""
+        token = self.fence.token()
         now = time.time()
         with Session(self.link) as session:
             if session.get(SentinelRecord, state.id) is not None:
@@ -134,7 +152,7 @@ class LinkStore:
                     )  # fmt: skip
                 )
             try:
-                session.commit()
+                self._commit_fenced(session, token)
             except IntegrityError:
                 # Linked by another instance meanwhile (an overlap around a failover).
                 session.rollback()
@@ -146,6 +164,7 @@ class LinkStore:
     def enforce_bounds(self, endpoint: SentinelEndpoint, now: float) -> int:
         """Drop the oldest records past the endpoint's bounds; count them. Returns how many."""
         assert endpoint.id is not None
+        token = self.fence.token()
         with Session(self.link) as session:
             # One DELETE, so the count and the choice of victims see the same rows (the
             # consumer and the endpoint's worker both run this): everything but the newest
@@ -162,11 +181,11 @@ class LinkStore:
                 )
             )
             dropped = int(result.rowcount)
-            if dropped:
-                _update_status(session, endpoint.id, dropped=SentinelDelivery.dropped + dropped)
-            session.commit()
-        if not dropped:
-            return 0
+            if not dropped:
+                session.rollback()
+                return 0
+            _update_status(session, endpoint.id, dropped=SentinelDelivery.dropped + dropped)
+            self._commit_fenced(session, token)
         log.warning("endpoint %s: backlog over its bound, dropped %d oldest", endpoint.name,
                     dropped)  # fmt: skip
         return dropped
@@ -184,23 +203,25 @@ class LinkStore:
         return [(int(row_id or 0), json.loads(body)) for row_id, body in rows]
 
     def delivered(self, endpoint_id: int, outbox_ids: Sequence[int], now: float) -> None:
+        token = self.fence.token()
         with Session(self.link) as session:
             # Only what this call removed counts (the bounds may have dropped some meanwhile):
             # each outbox row is counted once, delivered or dropped.
             count = _deleted(session, outbox_ids)
             _update_status(session, endpoint_id, delivered=SentinelDelivery.delivered + count,
                            failures=0, last_success_at=now)  # fmt: skip
-            session.commit()
+            self._commit_fenced(session, token)
 
     def failed(self, endpoint_id: int, error: str, now: float) -> int:
         """Record a failed delivery; the number of consecutive failures."""
+        token = self.fence.token()
         with Session(self.link) as session:
             _update_status(session, endpoint_id, failures=SentinelDelivery.failures + 1,
                            last_error=error[:1000], last_error_at=now)  # fmt: skip
             failures = session.exec(
                 select(SentinelDelivery.failures).where(SentinelDelivery.endpoint_id == endpoint_id)
             ).one()
-            session.commit()
+            self._commit_fenced(session, token)
             return int(failures)
 
     def status(self) -> dict[int, dict[str, Any]]:

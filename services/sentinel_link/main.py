@@ -63,7 +63,7 @@ def build(settings: Settings) -> SentinelLink:
         link_engine, link_db = make_engine(f"sqlite:///{path}"), str(path)
         # Only this process uses it: always brought to this release's schema.
         prepare_schema(link_engine, upgrade=True)
-    store = LinkStore(runtime.engine, link_engine)
+    store = LinkStore(runtime.engine, link_engine, runtime.fence)
 
     def report_undelivered() -> None:
         names = {e.id: e.name for e in store.endpoints()}

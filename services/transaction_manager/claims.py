@@ -19,16 +19,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
+from ferrylink.fencing import db_now
+
 
 class ClaimLost(Exception):
     """Our claim expired and another copy of the event took it: stop, touch nothing more."""
-
-
-def db_now(dialect: str) -> str:
-    """SQL for the database clock in epoch seconds."""
-    if dialect == "postgresql":
-        return "extract(epoch from clock_timestamp())"
-    return "((julianday('now') - 2440587.5) * 86400.0)"
 
 
 def new_owner(node_id: str) -> str:

@@ -2,7 +2,9 @@
 API and replayed on request once the cause is fixed.
 
 The keeper drains the event queue's dead-letter queue into `dead_event` rows (keyed by the
-message id, so a repeat is harmless) and acks only after the row committed.
+message id, so a repeat is harmless) and acks only after the row committed. It is the
+primary's work: a row commits only while the database's epoch is this process's grant
+(ferrylink.fencing); a fenced keeper's message goes back to the queue for the primary.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlmodel import Session
 from ferrylink.clock import utcnow
 from ferrylink.consumer_manager import Delivery
 from ferrylink.contracts import REASON_HEADER, SOURCE_QUEUE_HEADER
+from ferrylink.fencing import Fence, Unfenced
 from ferrylink.models import DeadEvent
 
 log = logging.getLogger(__name__)
@@ -53,11 +56,13 @@ def _plain(value: Any) -> Any:
 
 
 class DeadLetterKeeper:
-    def __init__(self, engine: Engine, default_queue: str) -> None:
+    def __init__(self, engine: Engine, default_queue: str, fence: Fence | None = None) -> None:
         self.engine = engine
         self.default_queue = default_queue
+        self.fence = fence or Unfenced()
 
     def __call__(self, delivery: Delivery) -> None:
+        token = self.fence.token()
         message_id = delivery.message_id or "sha256-" + hashlib.sha256(delivery.body).hexdigest()
         source = delivery.headers.get(SOURCE_QUEUE_HEADER) or self.default_queue
         if isinstance(source, bytes):
@@ -73,6 +78,8 @@ class DeadLetterKeeper:
             dead.dead_at = utcnow()
             dead.replayed_at = None
             session.add(dead)
+            session.flush()
+            self.fence.check(session, token)
             session.commit()
         log.warning("dead letter %s kept: %s", message_id, reason_of(delivery.headers))
 

@@ -41,7 +41,8 @@ def build(settings: Settings) -> TransactionManager:
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,
                           settings.claim_seconds, settings.event_attempts,
                           settings.state_dir.resolve())  # fmt: skip
-    dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))
+    dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"),
+                                    runtime.fence)  # fmt: skip
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
 
     # What it reacts to.

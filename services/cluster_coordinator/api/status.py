@@ -11,6 +11,7 @@ from sqlmodel import Session
 
 from ferrylink.cluster import Assignment
 from ferrylink.deps import SessionDep
+from ferrylink.fencing import read_db_time
 from ferrylink.models import ClusterState
 from services.cluster_coordinator import leadership
 from services.cluster_coordinator.api.deps import CoordinatorDep
@@ -78,7 +79,7 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
         mode=view.mode,
         epoch=state.epoch,
         primary=state.primary,
-        leader=lease.holder if lease and lease.expires_at > now else None,
+        leader=lease.holder if lease and lease.expires_at > read_db_time(session) else None,
         connection_timeout=view.connection_timeout,
         auto_sync=view.auto_sync,
         config_version=view.config_version,

@@ -11,6 +11,7 @@ from sqlmodel import col, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
+from ferrylink.fencing import Fenced
 from ferrylink.models import Transfer
 from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.primary_proxy import forward_to_primary
@@ -123,6 +124,10 @@ def resubmit_transfer(
     failed push leg goes SENDING/SENT or FAILED again). Recorded in the audit log."""
     _require_primary(tm)
     try:
+        token = tm.runtime.fence.token()
+    except Fenced as exc:
+        raise HTTPException(409, f"not the primary: {exc}") from None
+    try:
         again = resubmit.prepare(session, cycle_id)
     except resubmit.ResubmitRefused as exc:
         raise HTTPException(exc.status, str(exc)) from None
@@ -133,6 +138,13 @@ def resubmit_transfer(
                  after=out.model_dump())  # fmt: skip
     # The event goes out through the outbox: queued if and only if the reset committed.
     rows = [tm.runtime.stage(session, again.event)]
+    session.flush()
+    try:
+        # The primary's write: only while this grant is still the database's epoch.
+        tm.runtime.fence.check(session, token)
+    except Fenced as exc:
+        session.rollback()
+        raise HTTPException(409, f"not the primary any more: {exc}") from None
     session.commit()
     tm.runtime.send(rows)
     return out
