@@ -35,6 +35,7 @@ from ferrylink.models import ProcessedEvent
 from ferrylink_ops.polling import wait_until
 
 CONNECTION_TIMEOUT = 5.0
+OTHERS = ("st2", "st3")
 
 
 class SteadyPublisher:
@@ -116,6 +117,17 @@ def run(rounds: int) -> dict[str, Any]:
                         return last_processed_by(session, "st1") > since
 
                 wait_until(st1_processing, 60, "st1 processing events")
+                # The fail-back is complete: no other server consumes events any more (or a
+                # late event of theirs would pass for a takeover).
+                wait_until(
+                    lambda: (
+                        not any(
+                            WORK_EVENTS in cluster.active(s, "transaction-manager") for s in OTHERS
+                        )
+                    ),
+                    60,
+                    "only st1 consuming events",
+                )
                 killed_at = time.time()
                 ferrylink("server", "kill", "st1", "--state-dir", str(cluster.state_dir))
 
