@@ -109,6 +109,43 @@ def consumer_span(
             raise
 
 
+def start_consumer_span(destination: str, headers: dict[str, Any], message_id: str = ""
+                        ) -> tuple[trace.Span, context.Context]:  # fmt: skip
+    """A CONSUMER span for one message of a batch, not made current: the span and the
+    context to attach (`attached`) while working on that message; end it with
+    `end_consumer_span`."""
+    carried = extract_context(headers)
+    span = tracer().start_span(
+        f"process {destination}",
+        context=carried,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=messaging_attributes(destination, "process", message_id),
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+    return span, trace.set_span_in_context(span, carried)
+
+
+def end_consumer_span(span: trace.Span, error: BaseException | None) -> None:
+    """End a batch message's CONSUMER span with its outcome (as `consumer_span` does)."""
+    if error is not None:
+        if type(error).__name__ == "RetryLater":
+            span.add_event("retry later", {"reason": str(error)})
+        else:
+            mark_error(span, error)
+    span.end()
+
+
+@contextmanager
+def attached(ctx: context.Context) -> Iterator[None]:
+    """Make `ctx` the current context for the block (work on one message of a batch)."""
+    token = context.attach(ctx)
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
 def mark_error(span: trace.Span, exc: BaseException) -> None:
     span.record_exception(exc)
     span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:500]))
