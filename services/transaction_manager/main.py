@@ -40,16 +40,25 @@ def build(settings: Settings) -> TransactionManager:
                          settings.claim_seconds)  # fmt: skip
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,
                           settings.claim_seconds, settings.event_attempts,
-                          settings.state_dir.resolve())  # fmt: skip
+                          settings.state_dir.resolve(), settings.workers)  # fmt: skip
     dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"))
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
 
     # What it reacts to.
-    prefetch, workers = settings.prefetch, settings.workers
-    runtime.consume(WORK_EVENTS, "events", events.handle, EVENT,
-                    prefetch=prefetch, workers=workers)  # fmt: skip
-    runtime.consume(WORK_EVENTS_LOCAL, "events", events.handle, EVENT, node_local=True,
-                    prefetch=prefetch, workers=workers)  # fmt: skip
+    workers, batch = settings.workers, settings.event_batch
+    if batch > 1:
+        prefetch = max(settings.prefetch, 2 * batch)
+        runtime.consume_batches(WORK_EVENTS, "events", events.handle_batch, EVENT, batch=batch,
+                                prefetch=prefetch, workers=workers)  # fmt: skip
+        runtime.consume_batches(WORK_EVENTS_LOCAL, "events", events.handle_batch, EVENT,
+                                batch=batch, node_local=True, prefetch=prefetch,
+                                workers=workers)  # fmt: skip
+    else:
+        prefetch = settings.prefetch
+        runtime.consume(WORK_EVENTS, "events", events.handle, EVENT,
+                        prefetch=prefetch, workers=workers)  # fmt: skip
+        runtime.consume(WORK_EVENTS_LOCAL, "events", events.handle, EVENT, node_local=True,
+                        prefetch=prefetch, workers=workers)  # fmt: skip
     runtime.consume_raw(WORK_DEAD_LETTERS, "events.dead", dead_letters)
     own_queue = runtime.topology.node_queue("events", settings.node_id)
     runtime.consume_raw(WORK_DEAD_LETTERS_LOCAL, "events.dead",
