@@ -246,6 +246,7 @@ class _Unit:
         self.owner = owner
         self.processed: set[str] = set()
         self.runs: dict[tuple[str, int], tuple[str, str]] = {}  # committed step runs
+        self._started: set[str] = set()
         self.legs: dict[str, dict[str, Any] | None] = {}  # committed legs (None: none yet)
         self.folders: dict[str, Path] = {}  # homes and step folders, confined
         self.created: set[str] = set()  # step folders made sure of
@@ -277,6 +278,7 @@ class _Unit:
         )  # fmt: skip
         for row in rows:
             self.runs[(row.event_id, row.step_index)] = (row.status, row.result)
+        self._started = {event_id for event_id, _index in self.runs}
         keys = [f"{event_id}:{leg}" for event_id in event_ids for leg in ("receive", "route")]
         self.legs.update(dict.fromkeys(keys))
         for leg in connection.execute(select(LEGS).where(LEGS.c.leg_key.in_(keys))).mappings():
@@ -284,7 +286,8 @@ class _Unit:
         connection.commit()
 
     def started(self, event_id: str) -> bool:
-        return any(key[0] == event_id for key in self.runs)
+        """Whether a step of the event was planned before this batch."""
+        return event_id in self._started
 
     def step_run(self, work: _Work, index: int) -> tuple[str, str] | None:
         return work.runs.get(index) or self.runs.get((work.event.id, index))
