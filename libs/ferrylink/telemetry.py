@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -57,7 +58,10 @@ def instrument_http(app: Any | None = None) -> None:
         FastAPIInstrumentor.instrument_app(app, excluded_urls="healthz,readyz,metrics,work")
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    """Ferrylink's tracer (made once: getting one costs more than a span; obtained before
+    `setup_tracing`, it is a proxy that follows the provider installed later)."""
     return trace.get_tracer(TRACER_NAME)
 
 
