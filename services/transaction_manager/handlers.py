@@ -49,7 +49,7 @@ from ferrylink.contracts import (
 )
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
-from ferrylink.metrics import EVENT_LATENCY_SECONDS
+from ferrylink.metrics import EVENT_BATCH_SIZE, EVENT_LATENCY_SECONDS
 from ferrylink.models import JobRun, ProcessedEvent
 from ferrylink.runtime import Received
 from ferrylink.telemetry import attached
@@ -179,6 +179,7 @@ class EventHandler:
         if not mine:
             return outcomes
         fault_point("after-claim")
+        EVENT_BATCH_SIZE.observe(len(mine))
         results = self.routes.process_batch(
             [item.message for item in mine if isinstance(item.message, FileArrived)], owner,
             [item.trace for item in mine], config,

@@ -47,7 +47,8 @@ def build(settings: Settings) -> TransactionManager:
     # What it reacts to.
     workers, batch = settings.workers, settings.event_batch
     if batch > 1:
-        prefetch = max(settings.prefetch, 2 * batch)
+        # Room for a full batch per worker: a worker takes what is prefetched when it is free.
+        prefetch = max(settings.prefetch, batch * workers)
         runtime.consume_batches(WORK_EVENTS, "events", events.handle_batch, EVENT, batch=batch,
                                 prefetch=prefetch, workers=workers)  # fmt: skip
         runtime.consume_batches(WORK_EVENTS_LOCAL, "events", events.handle_batch, EVENT,

@@ -565,7 +565,7 @@ class RouteRunner:
         if home is None:
             raise RejectMessage(f"unknown account {event.account!r}")
         try:
-            source = confined(self._confined(unit, home), event.path)
+            source = confined(self._confined(unit, home), event.path, resolved=True)
         except PathError as exc:
             raise RejectMessage(f"bad path in event: {exc}") from exc
         if not source.is_file() and not unit.started(event.id):
@@ -882,7 +882,8 @@ def _placed(source: Path, target: Path, keep: bool, temporary: Path) -> str:
 def _place(source: Path, target: Path, keep: bool, overwrite: bool, temporary: Path) -> None:
     """Copy (keep=True) or move `source` to `target`. Never replaces an existing target
     (FileExistsError) unless `overwrite`: link() is atomic and fails on a taken name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.parent.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
     if not keep:
         try:
             if overwrite:

@@ -15,7 +15,8 @@ class Settings(FerrylinkSettings):
         le=1000,
         description="File arrivals with local routes (no push) handled together: claimed, "
         "committed and acked per batch of up to this many events that waited together; "
-        "1 handles every event alone. The event consumers prefetch at least twice this.",
+        "1 handles every event alone. The event consumers prefetch at least this times "
+        "FERRYLINK_WORKERS.",
     )
     edges: str = Field(
         default="",
