@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Generator, Sequence
 from concurrent.futures import Future
@@ -568,11 +569,16 @@ class RouteRunner:
             source = confined(self._confined(unit, home), event.path, resolved=True)
         except PathError as exc:
             raise RejectMessage(f"bad path in event: {exc}") from exc
-        if not source.is_file() and not unit.started(event.id):
+        try:
+            found = source.stat()
+            there, size = stat.S_ISREG(found.st_mode), found.st_size
+        except OSError:
+            there, size = False, event.size or 0
+        if not there and not unit.started(event.id):
             raise RejectMessage(f"missing file {event.path!r} in {event.account}'s home")
         common = work.common = dict(
             cycle_id=event.cycle_id, event_id=event.id, account=event.account,
-            file_name=event.path, bytes=_size(source, event.size),
+            file_name=event.path, bytes=size,
         )  # fmt: skip
         unit.stage_leg(work, f"{event.id}:receive", RECEIVED, leg="receive",
                        direction="inbound", protocol=event.protocol, **common)  # fmt: skip
@@ -882,8 +888,17 @@ def _placed(source: Path, target: Path, keep: bool, temporary: Path) -> str:
 def _place(source: Path, target: Path, keep: bool, overwrite: bool, temporary: Path) -> None:
     """Copy (keep=True) or move `source` to `target`. Never replaces an existing target
     (FileExistsError) unless `overwrite`: link() is atomic and fails on a taken name."""
-    if not target.parent.is_dir():
+    try:
+        _place_in(source, target, keep, overwrite, temporary)
+    except FileNotFoundError:
+        if target.parent.is_dir():
+            raise
+        # Its folder is missing (nothing was done): make it, place again.
         target.parent.mkdir(parents=True, exist_ok=True)
+        _place_in(source, target, keep, overwrite, temporary)
+
+
+def _place_in(source: Path, target: Path, keep: bool, overwrite: bool, temporary: Path) -> None:
     if not keep:
         try:
             if overwrite:
@@ -920,10 +935,3 @@ def _digest(path: Path, algorithm: str) -> str:
         for chunk in iter(lambda: stream.read(1 << 20), b""):
             hasher.update(chunk)
     return hasher.hexdigest()
-
-
-def _size(path: Path, fallback: int | None) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return fallback or 0
