@@ -47,13 +47,17 @@ def build(settings: Settings) -> TransactionManager:
     # What it reacts to.
     workers, batch = settings.workers, settings.event_batch
     if batch > 1:
-        # Room for a full batch per worker: a worker takes what is prefetched when it is free.
-        prefetch = max(settings.prefetch, batch * workers)
+        # Two threads take batches (one routes while the other waits for the database or the
+        # broker; more only contend for the GIL); what runs alone (pushes, scheduled work)
+        # runs on the handler's own `workers` threads. Room for a full batch per thread: a
+        # thread takes what is prefetched when it is free.
+        threads = min(workers, 2)
+        prefetch = max(settings.prefetch, batch * threads)
         runtime.consume_batches(WORK_EVENTS, "events", events.handle_batch, EVENT, batch=batch,
-                                prefetch=prefetch, workers=workers)  # fmt: skip
+                                prefetch=prefetch, workers=threads)  # fmt: skip
         runtime.consume_batches(WORK_EVENTS_LOCAL, "events", events.handle_batch, EVENT,
                                 batch=batch, node_local=True, prefetch=prefetch,
-                                workers=workers)  # fmt: skip
+                                workers=threads)  # fmt: skip
     else:
         prefetch = settings.prefetch
         runtime.consume(WORK_EVENTS, "events", events.handle, EVENT,
