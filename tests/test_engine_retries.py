@@ -19,13 +19,14 @@ from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(300)]
 ROUTE = [("*.dat", [{"kind": "move", "folder": "done"}])]
+BACKLOG = 1000
 
 
-def _events(site: Site, count: int) -> list[str]:
+def _events(site: Site, count: int, first: int = 0) -> list[str]:
     events = []
-    for i in range(count):
-        (site.home / f"e{i:04d}.dat").write_bytes(b"x" * 100)
-        events.append(arrived(f"e{i:04d}.dat"))
+    for i in range(first, first + count):
+        (site.home / f"e{i:05d}.dat").write_bytes(b"x" * 100)
+        events.append(arrived(f"e{i:05d}.dat"))
     site.publish(events)
     return [e.id for e in events]
 
@@ -41,13 +42,18 @@ def test_twenty_consumer_cancels_park_nothing(tmp_path: Path, prefix: str, amqp_
     url = f"sqlite:///{tmp_path / 'ferrylink.db'}"
     with running_site(tmp_path, prefix, amqp_url, url, ["st1"]) as site:
         site.setup(ROUTE)
-        tm = site.start_tm("st1", workers=2, FERRYLINK_PREFETCH="50").wait_consuming()
-        ids = _events(site, 600)
+        tm = site.start_tm("st1", workers=2, FERRYLINK_PREFETCH="50",
+                           FERRYLINK_EVENT_BATCH="16").wait_consuming()  # fmt: skip
+        ids = _events(site, BACKLOG)
         connection = pika.BlockingConnection(pika.URLParameters(amqp_url))
         channel = connection.channel()
         cancels = 0
         for epoch in range(2, 42):
             on = epoch % 2 == 1
+            if on and len(ids) - site.processed(ids) < BACKLOG:
+                # Batches are fast: a backlog at every switch, so each cancel returns
+                # prefetched messages.
+                ids += _events(site, BACKLOG, first=len(ids))
             now = time.time()
             assignment = Assignment(epoch=epoch, mode="active_active", leader="st1",
                                     primary="st1", work={"st1": [WORK_EVENTS] if on else []},

@@ -6,7 +6,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pika
 import pytest
@@ -266,3 +266,49 @@ def test_a_fenced_handler_returns_the_message_for_the_primary_uncounted(
         new.stop()
     assert refused[1] - refused[0] >= FENCED_REQUEUE_DELAY * 0.9
     assert queue_depth(amqp_url, topology.dead_letter_queue(topology.queue("events"))) == 0
+
+
+def test_a_batch_handler_gets_what_waited_and_each_message_is_settled_by_its_answer(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    """A batch consumer hands over what was prefetched together; its answer per message
+    settles that message alone (done: acked; RejectMessage: dead-lettered with its reason;
+    another error: tried again up to the delivery limit), never its neighbours."""
+    ids = [f"m{i}" for i in range(300)]
+    publish_events(publisher, topology, ids)  # waiting before the consumer starts
+    sizes: list[int] = []
+    attempts: Counter[str] = Counter()
+    lock = threading.Lock()
+
+    def batch(deliveries: Sequence[Delivery]) -> list[BaseException | None]:
+        answers: list[BaseException | None] = []
+        with lock:
+            sizes.append(len(deliveries))
+            for delivery in deliveries:
+                message_id = delivery.json()["id"]
+                attempts[message_id] += 1
+                answers.append(
+                    RejectMessage(f"unknown account in {message_id}") if message_id == "m9"
+                    else RuntimeError(f"disk full while handling {message_id}")
+                    if message_id == "m7" else None
+                )  # fmt: skip
+        return answers
+
+    manager = make_manager(amqp_url, publisher, topology)
+    manager.register(ConsumerSpec("events", topology.queue("events"), batch_handler=batch,
+                                  batch=64, prefetch=128, workers=2))  # fmt: skip
+    manager.set_active({"events"})
+    dead_queue = topology.dead_letter_queue(topology.queue("events"))
+    try:
+        wait_until(lambda: queue_depth(amqp_url, dead_queue) == 2, what="two dead letters")
+        wait_until(lambda: queue_depth(amqp_url, topology.queue("events")) == 0,
+                   what="everything settled")  # fmt: skip
+    finally:
+        manager.stop()
+    assert max(sizes) > 1 and max(sizes) <= 64  # batches, none over its size
+    dead = {props.message_id: props.headers for props, _ in get_all(amqp_url, dead_queue)}
+    assert set(dead) == {"m7", "m9"}
+    assert "unknown account in m9" in dead["m9"][REASON_HEADER]
+    assert "failed 3 time(s)" in dead["m7"][REASON_HEADER]
+    assert attempts["m7"] == topology.delivery_limit and attempts["m9"] == 1
+    assert all(attempts[i] == 1 for i in ids if i not in {"m7", "m9"})  # never repeated

@@ -32,6 +32,19 @@ def test_symlink_escape_is_refused(tmp_path: Path) -> None:
     (home / "inner").mkdir()
     (home / "ok").symlink_to(home / "inner")
     assert confined(home, "ok/x") == (home / "inner" / "x").resolve()
+    # A link as the last part, and a base the caller resolved: the same answers.
+    (home / "file-link").symlink_to(outside / "passwd")
+    (home / "inner" / "deeper").symlink_to(outside)
+    for resolved in (False, True):
+        for escape in ("file-link", "link/passwd", "ok/deeper/x", "inner/deeper"):
+            with pytest.raises(PathError, match="leaves"):
+                confined(home.resolve(), escape, resolved=resolved)
+        assert (
+            confined(home.resolve(), "ok/x", resolved=resolved) == (home / "inner" / "x").resolve()
+        )
+        assert confined(home.resolve(), "inner/new/x", resolved=resolved) == (
+            home.resolve() / "inner" / "new" / "x"
+        )
 
 
 def test_password_hash_round_trip() -> None:

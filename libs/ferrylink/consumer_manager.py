@@ -10,6 +10,11 @@ which also services AMQP heartbeats. Handlers run on a worker thread per consume
 handler never starves heartbeats; the worker hands its ack back to the I/O thread with
 `add_callback_threadsafe`. A message is acked only after its handler returned, i.e. after
 the handler committed its work.
+
+Batches: a consumer with a batch handler gives it, each time a worker is free, the message
+it waits for and whatever else is already prefetched (up to `batch`), and settles each
+message by the handler's answer for it, as if a single handler had returned or raised that;
+the acks of a batch go to the I/O thread in one callback.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +74,8 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], None]
+# Per delivery: None (done) or the exception a single handler would have raised for it.
+BatchHandler = Callable[[Sequence[Delivery]], Sequence[BaseException | None]]
 
 
 @dataclass
@@ -77,7 +84,7 @@ class ConsumerSpec:
 
     name: str
     queue: str
-    handler: Handler
+    handler: Handler | None = None
     prefetch: int = 10
     # Worker threads running the handler; 1 keeps messages in queue order.
     workers: int = 1
@@ -86,6 +93,15 @@ class ConsumerSpec:
     exchange: str | None = None
     # Runs whenever connected, whatever `set_active` says.
     always: bool = False
+    # Instead of `handler`: takes up to `batch` deliveries that waited together.
+    batch_handler: BatchHandler | None = None
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.handler is None) == (self.batch_handler is None):
+            raise ValueError(f"consumer {self.name}: give a handler or a batch handler")
+        if self.batch_handler is not None and self.exchange is not None:
+            raise ValueError(f"consumer {self.name}: broadcasts are not batched")
 
 
 @dataclass
@@ -318,26 +334,34 @@ class ConsumerManager:
     # -- worker threads ---------------------------------------------------------------------
 
     def _work(self, connection: pika.BlockingConnection, running: _RunningConsumer) -> None:
+        batch = running.spec.batch if running.spec.batch_handler is not None else 1
         while True:
             item = running.work.get()
             if item is None:
                 return
-            method, props, body = item
-            if running.cancelled.is_set() and not running.channel.is_open:
-                continue
-            settle = self._handle(running, method, props, body)
-            self._settle_threadsafe(connection, running, settle)
+            items, last = [item], False
+            while len(items) < batch:  # what else is prefetched already
+                try:
+                    more = running.work.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    last = True
+                    break
+                items.append(more)
+            if not (running.cancelled.is_set() and not running.channel.is_open):
+                if running.spec.batch_handler is not None:
+                    settles = self._handle_batch(running, items)
+                else:
+                    settles = [self._handle(running, *item)]
+                self._settle_threadsafe(connection, running, settles)
+            if last:
+                return
 
-    def _handle(
-        self,
-        running: _RunningConsumer,
-        method: Basic.Deliver,
-        props: BasicProperties,
-        body: bytes,
-    ) -> Callable[[], None]:
-        """Run the handler; return what to do with the delivery, to be run on the I/O thread."""
+    def _delivery(self, running: _RunningConsumer, method: Basic.Deliver,
+                  props: BasicProperties, body: bytes) -> Delivery:  # fmt: skip
         headers = dict(props.headers or {})
-        delivery = Delivery(
+        return Delivery(
             queue=running.spec.queue,
             body=body,
             headers=headers,
@@ -347,8 +371,19 @@ class ConsumerManager:
             delivery_count=int(headers.get("x-delivery-count", 0) or 0),
             retries=int(headers.get(RETRIES_HEADER, 0) or 0),
         )
+
+    def _handle(
+        self,
+        running: _RunningConsumer,
+        method: Basic.Deliver,
+        props: BasicProperties,
+        body: bytes,
+    ) -> Callable[[], None]:
+        """Run the handler; return what to do with the delivery, to be run on the I/O thread."""
+        delivery = self._delivery(running, method, props, body)
         tag = method.delivery_tag
         channel = running.channel
+        assert running.spec.handler is not None
         if running.spec.exchange is not None:
             # A broadcast of current state (heartbeat, assignment): the next one supersedes a
             # message that failed, so it is logged and dropped, never retried.
@@ -357,42 +392,84 @@ class ConsumerManager:
             except Exception:
                 log.exception("%s: %s: dropped a bad broadcast", self._name, running.spec.name)
             return lambda: channel.basic_ack(tag)
+        error: BaseException | None = None
         try:
             running.spec.handler(delivery)
-        except RejectMessage as exc:
-            reason = str(exc)
-        except RetryLater as exc:
-            if self._delay(delivery, props, exc):
-                return lambda: channel.basic_ack(tag)
-            return lambda: channel.basic_nack(tag, requeue=True)
-        except Fenced as exc:
+        except Exception as exc:
+            error = exc
+        settle, pause = self._settle_for(running, delivery, props, tag, error)
+        if pause:
+            self._stopping.wait(pause)
+        return settle
+
+    def _handle_batch(
+        self,
+        running: _RunningConsumer,
+        items: list[tuple[Basic.Deliver, BasicProperties, bytes]],
+    ) -> list[Callable[[], None]]:
+        """Run the batch handler; what to do with each delivery (as `_handle`)."""
+        deliveries = [self._delivery(running, *item) for item in items]
+        assert running.spec.batch_handler is not None
+        try:
+            errors = list(running.spec.batch_handler(deliveries))
+            if len(errors) != len(deliveries):
+                raise RuntimeError(f"{len(errors)} answers for {len(deliveries)} messages")
+        except Exception as exc:  # the handler failed as a whole: each message with it
+            errors = [exc] * len(deliveries)
+        settles, pause = [], 0.0
+        for (method, props, _body), delivery, error in zip(items, deliveries, errors,
+                                                            strict=True):  # fmt: skip
+            settle, wait = self._settle_for(running, delivery, props, method.delivery_tag, error)
+            settles.append(settle)
+            pause = max(pause, wait)
+        if pause:
+            self._stopping.wait(pause)
+        return settles
+
+    def _settle_for(
+        self,
+        running: _RunningConsumer,
+        delivery: Delivery,
+        props: BasicProperties,
+        tag: int,
+        error: BaseException | None,
+    ) -> tuple[Callable[[], None], float]:
+        """What to do with a delivery whose handler returned (`error` None) or raised
+        `error`, to be run on the I/O thread; and how long the worker backs off first."""
+        channel = running.channel
+        if error is None:
+            return lambda: channel.basic_ack(tag), 0.0
+        if isinstance(error, RejectMessage):
+            reason = str(error)
+        elif isinstance(error, RetryLater):
+            if self._delay(delivery, props, error):
+                return lambda: channel.basic_ack(tag), 0.0
+            return lambda: channel.basic_nack(tag, requeue=True), 0.0
+        elif isinstance(error, Fenced):
             # This process is not primary any more (primary-only work): the message is the
             # next primary's, untouched; never counted against it, never parked.
-            log.info("%s: %s: %s; returned to the queue", self._name, running.spec.name, exc)
-            self._stopping.wait(FENCED_REQUEUE_DELAY)
-            return lambda: channel.basic_nack(tag, requeue=True)
-        except INFRASTRUCTURE_ERRORS as exc:
+            log.info("%s: %s: %s; returned to the queue", self._name, running.spec.name, error)
+            return lambda: channel.basic_nack(tag, requeue=True), FENCED_REQUEUE_DELAY
+        elif isinstance(error, INFRASTRUCTURE_ERRORS):
             # Not the message's fault (the database or the broker): back off before it comes
             # again, so an outage does not burn through the delivery limit in seconds. The
             # worker waits (this queue's order may matter, e.g. the sentinel link's).
             attempts = delivery.delivery_count + 1
-            reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"
+            reason = f"failed {attempts} time(s): {type(error).__name__}: {error}"
             if attempts < self._delivery_limit:
                 log.warning("%s: %s: %s; backing off", self._name, running.spec.name, reason)
-                self._stopping.wait(backoff(delivery.delivery_count))
-                return lambda: channel.basic_nack(tag, requeue=True)
-        except Exception as exc:  # a handler bug or a passing fault: retry, up to the limit
+                return (lambda: channel.basic_nack(tag, requeue=True),
+                        backoff(delivery.delivery_count))  # fmt: skip
+        else:  # a handler bug or a passing fault: retry, up to the limit
             attempts = delivery.delivery_count + 1
-            reason = f"failed {attempts} time(s): {type(exc).__name__}: {exc}"
+            reason = f"failed {attempts} time(s): {type(error).__name__}: {error}"
             if attempts < self._delivery_limit:
                 log.warning("%s: %s: %s; will retry", self._name, running.spec.name, reason)
-                return lambda: channel.basic_nack(tag, requeue=True)
-        else:
-            return lambda: channel.basic_ack(tag)
+                return lambda: channel.basic_nack(tag, requeue=True), 0.0
         if self._dead_letter(delivery, props, reason):
-            return lambda: channel.basic_ack(tag)
+            return lambda: channel.basic_ack(tag), 0.0
         # Could not park it: leave it to the broker (its delivery limit dead-letters it).
-        return lambda: channel.basic_nack(tag, requeue=True)
+        return lambda: channel.basic_nack(tag, requeue=True), 0.0
 
     def _delay(self, delivery: Delivery, props: BasicProperties, retry: RetryLater) -> bool:
         """Park the message in its delay queue; False if that could not be confirmed."""
@@ -439,11 +516,13 @@ class ConsumerManager:
         self,
         connection: pika.BlockingConnection,
         running: _RunningConsumer,
-        settle: Callable[[], None],
+        settles: list[Callable[[], None]],
     ) -> None:
         def on_io_thread() -> None:
-            running.in_flight -= 1
-            if running.channel.is_open:
+            running.in_flight -= len(settles)
+            for settle in settles:
+                if not running.channel.is_open:
+                    return
                 try:
                     settle()
                 except CONNECTION_ERRORS as exc:

@@ -311,6 +311,7 @@ class Publisher:
         self._declare = declare
         self._name = name
         self._pending: collections.deque[OutgoingMessage] = collections.deque()
+        self._wake_pending = False  # a flush is scheduled on the I/O thread
         self._unconfirmed: dict[int, OutgoingMessage] = {}
         self._returned: set[str] = set()
         self._lock = threading.Lock()
@@ -363,7 +364,11 @@ class Publisher:
             return message.future
         with self._lock:
             self._pending.append(message)
-        self._wake()
+            # One wake-up of the I/O thread flushes everything pending: a burst of publishes
+            # costs one, not one each.
+            wake, self._wake_pending = not self._wake_pending, True
+        if wake:
+            self._wake()
         return message.future
 
     def publish_and_wait(
@@ -396,8 +401,11 @@ class Publisher:
         if connection is not None:
             try:
                 connection.ioloop.add_callback_threadsafe(self._flush)
+                return
             except Exception:  # the loop is closing; the next connection flushes
                 pass
+        with self._lock:
+            self._wake_pending = False  # no flush is coming: the next publish wakes again
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -473,6 +481,8 @@ class Publisher:
                 self._pending.appendleft(self._unconfirmed.pop(tag))
 
     def _flush(self) -> None:
+        with self._lock:
+            self._wake_pending = False  # what is published from now on wakes again
         if self._stopping.is_set():
             if self._connection is not None and self._connection.is_open:
                 self._connection.close()

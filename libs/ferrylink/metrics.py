@@ -82,6 +82,11 @@ PUSH_SECONDS = Histogram(
     ["protocol", "outcome"],
     buckets=DURATION_BUCKETS,
 )
+EVENT_BATCH_SIZE = Histogram(
+    "ferrylink_event_batch_size",
+    "Events routed together in one batch (claimed, committed and acked together)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
 EVENT_LATENCY_SECONDS = Histogram(
     "ferrylink_event_latency_seconds",
     "From an event's creation to the end of its processing, by kind",

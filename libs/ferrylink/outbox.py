@@ -19,10 +19,11 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy import Table, insert
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, delete, select
 
 from ferrylink.messaging import Publisher
@@ -40,6 +41,23 @@ def stage(session: Session, routing_key: str, body: bytes, message_id: str,
                         headers_json=json.dumps(headers or {}), created_at=time.time())  # fmt: skip
     session.add(row)
     return row
+
+
+def row(routing_key: str, body: bytes, message_id: str,
+        headers: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """An outbox row's columns, for `stage_many`."""
+    return {"routing_key": routing_key, "body": body, "message_id": message_id,
+            "headers_json": json.dumps(headers or {}), "created_at": time.time()}  # fmt: skip
+
+
+def stage_many(connection: Connection, rows: Sequence[dict[str, Any]]) -> list[int]:
+    """Add rows (`row()`) to the caller's Core transaction with one statement; their ids,
+    in order."""
+    if not rows:
+        return []
+    table: Table = OutboxMessage.__table__  # type: ignore[attr-defined]
+    statement = insert(table).returning(table.c.id, sort_by_parameter_order=True)
+    return [int(i) for i in connection.execute(statement, list(rows)).scalars()]
 
 
 def send(engine: Engine, publisher: Publisher, rows: Iterable[OutboxMessage],

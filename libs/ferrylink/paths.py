@@ -12,11 +12,12 @@ class PathError(ValueError):
     """A path that would leave its base folder; the message says why."""
 
 
-def confined(base: Path, relative: str) -> Path:
+def confined(base: Path, relative: str, *, resolved: bool = False) -> Path:
     """`base / relative`, refusing anything that resolves outside `base`.
 
     Symlinks are resolved (for the parts that exist), so a link inside the home that points
-    outside it is refused too.
+    outside it is refused too. `resolved`: the caller resolved `base` already (saves a
+    system call per part of it).
     """
     if "\x00" in relative:
         raise PathError("path contains a NUL byte")
@@ -25,8 +26,21 @@ def confined(base: Path, relative: str) -> Path:
         pure = PurePosixPath(*pure.parts[1:]) if len(pure.parts) > 1 else PurePosixPath(".")
     if any(part == ".." for part in pure.parts):
         raise PathError(f"path {relative!r} may not contain '..'")
-    root = base.resolve()
-    candidate = (root / pure).resolve()
+    root = base if resolved else base.resolve()
+    candidate = root.joinpath(*pure.parts)
+    # The root is resolved, so only the parts below it can be links: look at each (a system
+    # call each) and resolve the whole path the slow way only when one is (or cannot be
+    # looked at).
+    probe = root
+    for part in pure.parts:
+        probe = probe / part
+        try:
+            link = probe.is_symlink()
+        except OSError:
+            link = True
+        if link:
+            candidate = candidate.resolve()
+            break
     if candidate != root and not candidate.is_relative_to(root):
         raise PathError(f"path {relative!r} leaves its base folder")
     return candidate

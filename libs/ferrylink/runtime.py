@@ -5,13 +5,15 @@ work it follows from the coordinator, heartbeats) and an HTTP app with `/healthz
 A service's `main.py` builds one runtime and declares, in one place, what it reacts to:
 
     runtime.consume(WORK_EVENTS, "events", handler.handle, EVENT)   # a work queue, when assigned
+    runtime.consume_batches(WORK_EVENTS, "events", handler.handle_batch, EVENT, batch=64)
     runtime.broadcast("config", on_config, ConfigChanged)           # a fanout, always
     runtime.loop(WORK_SCHEDULER, scheduler)                         # a loop, when assigned
     runtime.publish(message) / runtime.publish_all(messages)        # typed messages out
 
 Handlers take the typed message (parsed from the contract; a bad one is parked with its
-reason) and run inside the trace context it carried. Queue names, message ids and pika stay
-in here and in messaging.py.
+reason) and run inside the trace context it carried; a batch handler takes the messages
+waiting together, each with its context, and answers per message. Queue names, message ids
+and pika stay in here and in messaging.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
@@ -69,12 +72,14 @@ from ferrylink.schema import SchemaError, prepare_schema
 from ferrylink.settings import FerrylinkSettings, redact_url
 from ferrylink.telemetry import (
     consumer_span,
+    end_consumer_span,
     extract_context,
     inject_headers,
     instrument_http,
     producer_span,
     setup_logging,
     setup_tracing,
+    start_consumer_span,
 )
 from ferrylink.transfer_states import TransferStatePublisher
 from ferrylink.work import LoopWork, WorkFollower
@@ -125,6 +130,62 @@ def typed_handler(
                 )
 
     return on_delivery
+
+
+@dataclass(frozen=True)
+class Received(Generic[M]):
+    """One message of a batch, and the trace context to work on it in (its CONSUMER span,
+    continuing the trace the message carried): `with telemetry.attached(item.trace)`."""
+
+    message: M
+    trace: otel_context.Context
+
+
+def typed_batch_handler(
+    handler: Callable[[Sequence[Received[M]]], Sequence[object]],
+    contract: type[M] | TypeAdapter[M],
+    consumer: str,
+) -> Callable[[Sequence[Delivery]], list[BaseException | None]]:
+    """A batch consumer callback: parses each message (a bad one is parked alone), gives the
+    handler the good ones with their trace contexts, and returns per message what to
+    settle it by (None: done; an exception: as if a single handler had raised it). The
+    handler answers per message: an exception, or anything else for done."""
+    adapter = contract if isinstance(contract, TypeAdapter) else TypeAdapter(contract)
+
+    def on_deliveries(deliveries: Sequence[Delivery]) -> list[BaseException | None]:
+        started = time.perf_counter()
+        results: list[BaseException | None] = [None] * len(deliveries)
+        spans = []
+        items: list[Received[M]] = []
+        for i, delivery in enumerate(deliveries):
+            span, context = start_consumer_span(consumer, delivery.headers)
+            try:
+                message = parse(adapter, delivery.body)
+            except RejectMessage as exc:
+                results[i] = exc
+                end_consumer_span(span, exc)
+                continue
+            spans.append((i, span))
+            items.append(Received(message, context))
+        answers: Sequence[object] = []
+        if items:
+            try:
+                answers = handler(items)
+            except Exception as exc:  # the handler failed as a whole: each message with it
+                answers = [exc] * len(items)
+        for (i, span), answer in zip(spans, answers, strict=True):
+            error = answer if isinstance(answer, BaseException) else None
+            results[i] = error
+            end_consumer_span(span, error)
+        elapsed = time.perf_counter() - started
+        for error in results:
+            outcome = ("done" if error is None else "rejected" if isinstance(error, RejectMessage)
+                       else "retry" if isinstance(error, RetryLater) else "error")  # fmt: skip
+            MESSAGES_HANDLED.labels(consumer=consumer, outcome=outcome).inc()
+            MESSAGE_HANDLING_SECONDS.labels(consumer=consumer).observe(elapsed)
+        return results
+
+    return on_deliveries
 
 
 class ServiceRuntime:
@@ -185,6 +246,25 @@ class ServiceRuntime:
                          node_local=node_local,
                          prefetch=prefetch, workers=workers)  # fmt: skip
 
+    def consume_batches(
+        self,
+        unit: str,
+        queue: str,
+        handler: Callable[[Sequence[Received[M]]], Sequence[object]],
+        contract: type[M] | TypeAdapter[M],
+        *,
+        batch: int,
+        node_local: bool = False,
+        prefetch: int = 10,
+        workers: int = 1,
+    ) -> None:
+        """Like `consume`, with a handler that takes up to `batch` messages that waited
+        together (what the consumer had prefetched when a worker became free) and answers
+        per message (see `typed_batch_handler`)."""
+        self._register(unit, queue, node_local,
+                       dict(batch_handler=typed_batch_handler(handler, contract, queue),
+                            batch=batch, prefetch=prefetch, workers=workers))  # fmt: skip
+
     def consume_raw(
         self,
         unit: str,
@@ -197,6 +277,10 @@ class ServiceRuntime:
     ) -> None:
         """Like `consume`, for messages that are not a contract (dead letters are kept
         whatever their bytes)."""
+        self._register(unit, queue, node_local,
+                       dict(handler=handler, prefetch=prefetch, workers=workers))  # fmt: skip
+
+    def _register(self, unit: str, queue: str, node_local: bool, spec: dict[str, Any]) -> None:
         base, _, suffix = queue.partition(".")
         name = (
             self.topology.node_queue(base, self.settings.node_id)
@@ -205,9 +289,7 @@ class ServiceRuntime:
         )
         if suffix == "dead":
             name = self.topology.dead_letter_queue(name)
-        self.consumers.register(
-            ConsumerSpec(unit, name, handler, prefetch=prefetch, workers=workers)
-        )
+        self.consumers.register(ConsumerSpec(unit, name, **spec))
         self.follower.consumer_units.add(unit)
 
     def broadcast(

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import pika.exceptions
+from opentelemetry import context as otel_context
 from prometheus_client import Counter
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, delete
 
 from ferrylink import outbox
@@ -49,7 +50,7 @@ from ferrylink.contracts import TransferState
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.messaging import CONNECTION_ERRORS, Publisher, PublishRejected, connect_blocking
 from ferrylink.models import OutboxMessage
-from ferrylink.telemetry import producer_span
+from ferrylink.telemetry import attached, producer_span
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ class StateOutlet(Protocol):
 
     def stage(self, session: Session, state: TransferState) -> Any: ...
 
+    def stage_many(self, connection: Connection, states: Sequence[TransferState],
+                   traces: Sequence[otel_context.Context]) -> list[Any]: ...  # fmt: skip
+
     def send(self, staged: Sequence[Any]) -> list[Future[Any]]: ...
 
 
@@ -122,6 +126,10 @@ class DirectOutlet:
 
     def stage(self, session: Session, state: TransferState) -> TransferState:
         return state
+
+    def stage_many(self, connection: Connection, states: Sequence[TransferState],
+                   traces: Sequence[otel_context.Context]) -> list[Any]:  # fmt: skip
+        return list(states)
 
     def send(self, staged: Sequence[Any]) -> list[Future[Any]]:
         return [self.publish(state) for state in staged]
@@ -192,6 +200,20 @@ class TransferStatePublisher:
         session.flush()  # the row's id, to delete it once settled
         assert row.id is not None
         return PendingState(row.id, queue, row.body, state.id, headers)
+
+    def stage_many(self, connection: Connection, states: Sequence[TransferState],
+                   traces: Sequence[otel_context.Context]) -> list[PendingState]:  # fmt: skip
+        """Like `stage`, for many states in the caller's Core transaction (one statement);
+        each state's PRODUCER span is made in its trace context (`traces`, one per state)."""
+        queue = self.queue()
+        rows, all_headers = [], []
+        for state, trace in zip(states, traces, strict=True):
+            with attached(trace), producer_span("transfer-states", state.id) as headers:
+                rows.append(outbox.row(queue, state.to_bytes(), state.id, headers))
+            all_headers.append(headers)
+        ids = outbox.stage_many(connection, rows)
+        return [PendingState(row_id, queue, row["body"], row["message_id"], headers)
+                for row_id, row, headers in zip(ids, rows, all_headers, strict=True)]  # fmt: skip
 
     def send(self, staged: Sequence[PendingState]) -> list[Future[bool]]:
         """Publish committed states; their futures resolve once each is stored or dropped."""

@@ -6,16 +6,21 @@ each operation is one statement, atomic on SQLite and PostgreSQL alike:
   it returns a row only to the one caller that holds the claim afterwards;
 - the claim is renewed in every transaction that records a step's plan, and that
   transaction fails (ClaimLost) if the claim passed to another owner meanwhile;
-- `{counter}` is one INSERT .. ON CONFLICT DO UPDATE SET value = value + 1 RETURNING value,
-  inside the write transaction that records the rename's plan.
+- `{counter}` is one INSERT .. ON CONFLICT DO UPDATE SET value = value + n RETURNING value,
+  committed before the rename's plan (values are unique; one drawn by an event that then
+  failed is not reused).
+
+A batch of events (routing.py) takes, renews and drops the claims of all its events in one
+statement each; RETURNING names the events whose claim is (still) ours.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Sequence
 
-from sqlalchemy import text
+from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
@@ -47,6 +52,52 @@ def take(engine: Engine, event_id: str, owner: str, seconds: float) -> bool:
             statement, {"event_id": event_id, "owner": owner, "seconds": seconds}
         ).first()
     return row is not None
+
+
+def take_many(engine: Engine, event_ids: Sequence[str], owner: str, seconds: float) -> set[str]:
+    """Claim every event of `event_ids` (distinct) for `seconds` in one statement; the ids
+    claimed (the others are held by another owner's unexpired claim)."""
+    if not event_ids:
+        return set()
+    now = db_now(engine.dialect.name)
+    rows = ", ".join(f"(:e{i}, :owner, {now} + :seconds, 0, '')" for i in range(len(event_ids)))
+    statement = text(
+        f"INSERT INTO event_claim (event_id, owner, expires_at, attempts, last_error) "
+        f"VALUES {rows} "
+        f"ON CONFLICT (event_id) DO UPDATE SET owner = excluded.owner, "
+        f"expires_at = excluded.expires_at "
+        f"WHERE event_claim.expires_at < {now} OR event_claim.owner = excluded.owner "
+        f"RETURNING event_id"
+    )
+    params: dict[str, object] = {f"e{i}": event_id for i, event_id in enumerate(event_ids)}
+    params.update(owner=owner, seconds=seconds)
+    with engine.begin() as connection:
+        return {row[0] for row in connection.execute(statement, params)}
+
+
+def renew_many(connection: Connection, event_ids: Sequence[str], owner: str,
+               seconds: float) -> set[str]:  # fmt: skip
+    """Extend our claims in the caller's transaction; the ids still ours (a missing one
+    passed to another owner: its work must not commit)."""
+    now = db_now(connection.dialect.name)
+    statement = text(
+        f"UPDATE event_claim SET expires_at = {now} + :seconds "
+        f"WHERE event_id IN :ids AND owner = :owner RETURNING event_id"
+    ).bindparams(bindparam("ids", expanding=True))
+    result = connection.execute(
+        statement, {"ids": list(event_ids), "owner": owner, "seconds": seconds}
+    )
+    return {row[0] for row in result}
+
+
+def finish_many(connection: Connection, event_ids: Sequence[str], owner: str) -> set[str]:
+    """Drop our claims in the transaction that completes the events; the ids that were
+    still ours."""
+    statement = text(
+        "DELETE FROM event_claim WHERE event_id IN :ids AND owner = :owner RETURNING event_id"
+    ).bindparams(bindparam("ids", expanding=True))
+    result = connection.execute(statement, {"ids": list(event_ids), "owner": owner})
+    return {row[0] for row in result}
 
 
 def renew(session: Session, event_id: str, owner: str, seconds: float) -> None:
@@ -89,6 +140,17 @@ def drop(engine: Engine, event_id: str, owner: str) -> None:
         )
 
 
+def drop_many(engine: Engine, event_ids: Sequence[str], owner: str) -> None:
+    """`drop` for many events (one statement)."""
+    if not event_ids:
+        return
+    statement = text(
+        "DELETE FROM event_claim WHERE event_id IN :ids AND owner = :owner"
+    ).bindparams(bindparam("ids", expanding=True))
+    with engine.begin() as connection:
+        connection.execute(statement, {"ids": list(event_ids), "owner": owner})
+
+
 def release(engine: Engine, event_id: str, owner: str) -> None:
     """Let the next copy in at once (after a failure or a retry of ours)."""
     released = RELEASED.format(now=db_now(engine.dialect.name))
@@ -117,12 +179,18 @@ def count_failure(engine: Engine, event_id: str, owner: str, error: str) -> int:
 
 def next_counter(connection: Connection, route_id: int) -> int:
     """The route's next `{counter}` value, in the caller's (write) transaction."""
+    return next_counters(connection, route_id, 1)
+
+
+def next_counters(connection: Connection, route_id: int, count: int) -> int:
+    """Draw `count` consecutive `{counter}` values of the route in the caller's (write)
+    transaction; returns the last (the values are last - count + 1 .. last)."""
     row = connection.execute(
         text(
-            "INSERT INTO route_counter (route_id, value) VALUES (:route_id, 1) "
-            "ON CONFLICT (route_id) DO UPDATE SET value = route_counter.value + 1 "
+            "INSERT INTO route_counter (route_id, value) VALUES (:route_id, :count) "
+            "ON CONFLICT (route_id) DO UPDATE SET value = route_counter.value + :count "
             "RETURNING value"
         ),
-        {"route_id": route_id},
+        {"route_id": route_id, "count": count},
     ).one()
     return int(row[0])

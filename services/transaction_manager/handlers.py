@@ -7,6 +7,14 @@ message, a scheduler re-publishing a run, an overlap around a failover):
 - a completed event has a `processed_event` row (committed with the claim's release), and
   the work of a half-done one is resumed step by step (routing.py).
 
+Batches: `handle_batch` takes the events that waited together (the consumer hands over what
+it has prefetched). File arrivals whose route has local steps only are claimed in one
+statement and routed together (routing.py: one transaction per round of commits, not per
+event); the others - pushes (long, external), scheduled transfers, maintenance, a second
+copy of an event in the same batch - run one at a time as before, on a pool as wide as the
+consumer's workers. Each event keeps its own outcome: one that fails is settled alone and
+never fails or repeats the others.
+
 Failures: attempts are counted here, per event, only when the handler ran and failed for a
 reason of the event's own; after `event_attempts` the event is dead-lettered with its
 reason. Infrastructure trouble (database locked or unreachable, broker) is retried with
@@ -17,14 +25,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, assert_never
 
 from opentelemetry import trace
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col
 
@@ -41,11 +49,13 @@ from ferrylink.contracts import (
 )
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
-from ferrylink.metrics import EVENT_LATENCY_SECONDS
+from ferrylink.metrics import EVENT_BATCH_SIZE, EVENT_LATENCY_SECONDS
 from ferrylink.models import JobRun, ProcessedEvent
+from ferrylink.runtime import Received
+from ferrylink.telemetry import attached
 from services.transaction_manager import claims
 from services.transaction_manager.purges import Removed
-from services.transaction_manager.routing import RouteRunner
+from services.transaction_manager.routing import Config, RouteRunner
 
 log = logging.getLogger(__name__)
 tracer = trace.get_tracer("ferrylink.transaction-manager")
@@ -70,6 +80,7 @@ class EventHandler:
         claim_seconds: float = 60.0,
         max_attempts: int = 5,
         state_dir: Path | None = None,
+        workers: int = 4,
     ) -> None:
         self.engine = engine
         self.state_dir = state_dir  # this server's own files (passive_legacy link data)
@@ -79,6 +90,8 @@ class EventHandler:
         self.publish = publish
         self.claim_seconds = claim_seconds
         self.max_attempts = max_attempts
+        # Events of a batch that run one at a time (pushes, scheduled work), side by side.
+        self._alone = ThreadPoolExecutor(workers, thread_name_prefix="event")
 
     def handle(self, event: Event) -> bool:
         """Claim and complete `event` once; False if it had been completed before. Raises
@@ -94,10 +107,101 @@ class EventHandler:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:500]))
                 raise
         if done:
-            latency = (datetime.now(UTC) - as_utc(event.created_at)).total_seconds()
-            EVENT_LATENCY_SECONDS.labels(kind=event.kind).observe(max(0.0, latency))
+            self._observe(event)
         fault_point("after-commit-before-ack")
         return done
+
+    @staticmethod
+    def _observe(event: Event) -> None:
+        latency = (datetime.now(UTC) - as_utc(event.created_at)).total_seconds()
+        EVENT_LATENCY_SECONDS.labels(kind=event.kind).observe(max(0.0, latency))
+
+    def handle_batch(self, items: Sequence[Received[Event]]) -> list[bool | Exception]:
+        """Handle events that waited together; per event, what `handle` returns (True, or
+        False if it had been completed before) or the RetryLater / RejectMessage it raises,
+        for the consumer to settle that event by."""
+        outcomes: list[bool | Exception] = [False] * len(items)
+        try:
+            config = self.routes.config()
+        except INFRASTRUCTURE_ERRORS as exc:
+            reason = f"infrastructure: cannot read the routes: {_short(exc)}"
+            return [RetryLater(reason, None) for _ in items]
+        together: dict[str, int] = {}
+        alone: list[int] = []
+        copies: list[int] = []  # a second copy in the batch: after the first, finds it done
+        for i, item in enumerate(items):
+            event = item.message
+            if event.id in together:
+                copies.append(i)
+            elif isinstance(event, FileArrived) and config.batched(event):
+                together[event.id] = i
+            else:
+                alone.append(i)
+        running = {i: self._alone.submit(self._handle_alone, items[i]) for i in alone}
+        if together:
+            results = self._handle_together([items[i] for i in together.values()], config)
+            for event_id, i in together.items():
+                outcomes[i] = results[event_id]
+        for i in copies:
+            outcomes[i] = self._handle_alone(items[i])
+        for i, future in running.items():
+            outcomes[i] = future.result()
+        return outcomes
+
+    def _handle_alone(self, item: Received[Event]) -> bool | Exception:
+        with attached(item.trace):
+            try:
+                return self.handle(item.message)
+            except Exception as exc:
+                return exc
+
+    def _handle_together(self, items: Sequence[Received[Event]], config: Config
+                         ) -> dict[str, bool | Exception]:  # fmt: skip
+        """Claim file arrivals (distinct ids) in one statement and route them together."""
+        events = [item.message for item in items]
+        assert all(isinstance(event, FileArrived) for event in events)
+        owner = claims.new_owner(self.node_id)
+        ids = [event.id for event in events]
+        outcomes: dict[str, bool | Exception] = {}
+        try:
+            claimed = claims.take_many(self.engine, ids, owner, self.claim_seconds)
+            held = [event_id for event_id in ids if event_id not in claimed]
+            done = self._processed_among(held)
+        except INFRASTRUCTURE_ERRORS as exc:
+            return {event_id: RetryLater(f"cannot claim: {_short(exc)}", None) for event_id in ids}
+        for event_id in held:
+            outcomes[event_id] = (
+                False
+                if event_id in done
+                else RetryLater("another copy of the event holds its claim", None)
+            )
+        mine = [item for item in items if item.message.id in claimed]
+        if not mine:
+            return outcomes
+        fault_point("after-claim")
+        EVENT_BATCH_SIZE.observe(len(mine))
+        results = self.routes.process_batch(
+            [item.message for item in mine if isinstance(item.message, FileArrived)], owner,
+            [item.trace for item in mine], config,
+        )  # fmt: skip
+        late = []  # copies of completed events: nothing of ours to keep
+        for item in mine:
+            event = item.message
+            result = results[event.id]
+            if isinstance(result, Exception):
+                outcomes[event.id] = self._failed(event, owner, result)
+            else:
+                outcomes[event.id] = result
+                if result:
+                    self._observe(event)
+                else:
+                    late.append(event.id)
+        try:
+            claims.drop_many(self.engine, late, owner)
+        except INFRASTRUCTURE_ERRORS as exc:  # they expire, and the purge removes them
+            log.warning("could not drop the claims of %d late copies: %s", len(late), _short(exc))
+        fault_point("after-commit-before-ack")
+        return outcomes
 
     def _claimed(self, event: Event) -> bool:
         owner = claims.new_owner(self.node_id)
@@ -111,27 +215,35 @@ class EventHandler:
         fault_point("after-claim")
         try:
             done = self.process(event, owner)
-            if not done:  # a late copy of a completed event: nothing of ours to keep
-                self._drop(event.id, owner)
-            return done
-        except (RejectMessage, RetryLater):
+        except Exception as exc:
+            error = self._failed(event, owner, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        if not done:  # a late copy of a completed event: nothing of ours to keep
+            self._drop(event.id, owner)
+        return done
+
+    def _failed(self, event: Event, owner: str, exc: Exception) -> Exception:
+        """What a claimed event that failed with `exc` is settled by: RetryLater (the claim
+        released, an attempt counted if the failure is the event's own) or RejectMessage."""
+        if isinstance(exc, RejectMessage | RetryLater):
             self._release(event.id, owner)
-            raise
-        except INFRASTRUCTURE_ERRORS as exc:
+            return exc
+        if isinstance(exc, INFRASTRUCTURE_ERRORS):
             if not isinstance(exc, claims.ClaimLost):
                 self._release(event.id, owner)
             log.warning("event %s: %s; retrying", event.id, _short(exc))
-            raise RetryLater(f"infrastructure: {_short(exc)}", None) from exc
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {_short(exc)}"
-            try:
-                attempts = claims.count_failure(self.engine, event.id, owner, reason)
-            except INFRASTRUCTURE_ERRORS:
-                raise RetryLater(f"{reason} (attempt not counted)", None) from exc
-            if attempts >= self.max_attempts:
-                raise RejectMessage(f"failed {attempts} time(s): {reason}") from exc
-            log.warning("event %s failed (attempt %d): %s", event.id, attempts, reason)
-            raise RetryLater(f"attempt {attempts} failed: {reason}", backoff(attempts)) from exc
+            return _caused(RetryLater(f"infrastructure: {_short(exc)}", None), exc)
+        reason = f"{type(exc).__name__}: {_short(exc)}"
+        try:
+            attempts = claims.count_failure(self.engine, event.id, owner, reason)
+        except INFRASTRUCTURE_ERRORS:
+            return _caused(RetryLater(f"{reason} (attempt not counted)", None), exc)
+        if attempts >= self.max_attempts:
+            return _caused(RejectMessage(f"failed {attempts} time(s): {reason}"), exc)
+        log.warning("event %s failed (attempt %d): %s", event.id, attempts, reason)
+        return _caused(RetryLater(f"attempt {attempts} failed: {reason}", backoff(attempts)), exc)
 
     def process(self, event: Event, owner: str) -> bool:
         """Complete a claimed `event`; False if it had been completed before."""
@@ -166,6 +278,17 @@ class EventHandler:
         except INFRASTRUCTURE_ERRORS as exc:  # it expires, and the purge removes it
             log.warning("could not drop the claim of %s: %s", event_id, _short(exc))
 
+    def _processed_among(self, event_ids: Sequence[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(col(ProcessedEvent.event_id)).where(
+                    col(ProcessedEvent.event_id).in_(event_ids)
+                )
+            )
+            return set(rows.scalars())
+
     def _release(self, event_id: str, owner: str) -> None:
         try:
             claims.release(self.engine, event_id, owner)
@@ -199,6 +322,11 @@ class EventHandler:
             claims.finish(session, event.id, owner)
             session.commit()
         return True
+
+
+def _caused(error: Exception, cause: Exception) -> Exception:
+    error.__cause__ = cause
+    return error
 
 
 def _short(exc: BaseException) -> str:

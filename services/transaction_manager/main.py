@@ -40,17 +40,31 @@ def build(settings: Settings) -> TransactionManager:
                          settings.claim_seconds)  # fmt: skip
     events = EventHandler(runtime.engine, settings.node_id, routes, data_dir, runtime.publish,
                           settings.claim_seconds, settings.event_attempts,
-                          settings.state_dir.resolve())  # fmt: skip
+                          settings.state_dir.resolve(), settings.workers)  # fmt: skip
     dead_letters = DeadLetterKeeper(runtime.engine, runtime.topology.queue("events"),
                                     runtime.fence)  # fmt: skip
     serves_transfer_log = FlagWork()  # serving GET /transfers is the primary's job
 
     # What it reacts to.
-    prefetch, workers = settings.prefetch, settings.workers
-    runtime.consume(WORK_EVENTS, "events", events.handle, EVENT,
-                    prefetch=prefetch, workers=workers)  # fmt: skip
-    runtime.consume(WORK_EVENTS_LOCAL, "events", events.handle, EVENT, node_local=True,
-                    prefetch=prefetch, workers=workers)  # fmt: skip
+    workers, batch = settings.workers, settings.event_batch
+    if batch > 1:
+        # Two threads take batches (one routes while the other waits for the database or the
+        # broker; more only contend for the GIL); what runs alone (pushes, scheduled work)
+        # runs on the handler's own `workers` threads. Room for a full batch per thread: a
+        # thread takes what is prefetched when it is free.
+        threads = min(workers, 2)
+        prefetch = max(settings.prefetch, batch * threads)
+        runtime.consume_batches(WORK_EVENTS, "events", events.handle_batch, EVENT, batch=batch,
+                                prefetch=prefetch, workers=threads)  # fmt: skip
+        runtime.consume_batches(WORK_EVENTS_LOCAL, "events", events.handle_batch, EVENT,
+                                batch=batch, node_local=True, prefetch=prefetch,
+                                workers=threads)  # fmt: skip
+    else:
+        prefetch = settings.prefetch
+        runtime.consume(WORK_EVENTS, "events", events.handle, EVENT,
+                        prefetch=prefetch, workers=workers)  # fmt: skip
+        runtime.consume(WORK_EVENTS_LOCAL, "events", events.handle, EVENT, node_local=True,
+                        prefetch=prefetch, workers=workers)  # fmt: skip
     runtime.consume_raw(WORK_DEAD_LETTERS, "events.dead", dead_letters)
     own_queue = runtime.topology.node_queue("events", settings.node_id)
     runtime.consume_raw(WORK_DEAD_LETTERS_LOCAL, "events.dead",

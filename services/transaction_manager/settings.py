@@ -9,6 +9,15 @@ class Settings(FerrylinkSettings):
     workers: int = Field(
         default=4, ge=1, le=64, description="Events handled at once by one transaction manager."
     )
+    event_batch: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="File arrivals with local routes (no push) handled together: claimed, "
+        "committed and acked per batch of up to this many events that waited together; "
+        "1 handles every event alone. The event consumers prefetch at least this times "
+        "FERRYLINK_WORKERS.",
+    )
     edges: str = Field(
         default="",
         description="Tunnel listeners of the edge proxies to dial out to (host:port, comma "

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.context import Context
+from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from ferrylink.clock import as_utc, utcnow
@@ -34,15 +36,26 @@ RECEIVING, RECEIVED, ROUTED = (
 SENDING, SENT, FAILED = TransferStatus.SENDING, TransferStatus.SENT, TransferStatus.FAILED
 
 
-def count(leg: Transfer) -> None:
+def count(leg: Transfer | Mapping[str, Any]) -> None:
     """Files and bytes received and sent, once per committed state change."""
-    protocol = leg.protocol or "unknown"
-    if leg.status == RECEIVED:
+    row = leg if isinstance(leg, Mapping) else _columns(leg)
+    protocol = row["protocol"] or "unknown"
+    if row["status"] == RECEIVED:
         FILES_RECEIVED.labels(protocol=protocol).inc()
-        BYTES_RECEIVED.labels(protocol=protocol).inc(leg.bytes or 0)
-    elif leg.status == SENT:
+        BYTES_RECEIVED.labels(protocol=protocol).inc(row["bytes"] or 0)
+    elif row["status"] == SENT:
         FILES_SENT.labels(protocol=protocol).inc()
-        BYTES_SENT.labels(protocol=protocol).inc(leg.bytes or 0)
+        BYTES_SENT.labels(protocol=protocol).inc(row["bytes"] or 0)
+
+
+# What a transfer state says of its leg.
+STATE_COLUMNS = ("leg_key", "cycle_id", "event_id", "leg", "status", "account", "file_name",
+                 "bytes", "direction", "protocol", "partner", "detail")  # fmt: skip
+
+
+def _columns(leg: Transfer) -> dict[str, Any]:
+    """A leg's announced columns, read through the ORM (an expired row loads again)."""
+    return {name: getattr(leg, name) for name in STATE_COLUMNS}
 
 
 @dataclass
@@ -100,14 +113,32 @@ class TransferLog:
 
     def announce(self, session: Session, leg: Transfer) -> StagedLeg:
         """Stage the state message of `leg` (as it is now) in the caller's transaction."""
+        return StagedLeg(leg, self._states.stage(session, self.state(_columns(leg))))
+
+    def state(self, row: Mapping[str, Any]) -> TransferState:
+        """The state message of a leg (its columns by name)."""
         # At least once: the sentinel link drops repeats by the state's id (leg key, state).
-        state = TransferState(
-            leg_key=leg.leg_key, cycle_id=leg.cycle_id, event_id=leg.event_id, leg=leg.leg,
-            state=TransferStatus(leg.status), account=leg.account, file_name=leg.file_name,
-            bytes=leg.bytes or 0, direction=leg.direction, protocol=leg.protocol,
-            partner=leg.partner, detail=leg.detail, node=self.node_id,
+        return TransferState(
+            leg_key=row["leg_key"], cycle_id=row["cycle_id"], event_id=row["event_id"],
+            leg=row["leg"], state=TransferStatus(row["status"]), account=row["account"],
+            file_name=row["file_name"], bytes=row["bytes"] or 0, direction=row["direction"],
+            protocol=row["protocol"], partner=row["partner"], detail=row["detail"],
+            node=self.node_id,
         )  # fmt: skip
-        return StagedLeg(leg, self._states.stage(session, state))
+
+    def announce_rows(self, connection: Connection, rows: Sequence[Mapping[str, Any]],
+                      traces: Sequence[Context]) -> list[Any]:  # fmt: skip
+        """Stage the state messages of many legs (their columns by name; each announced in
+        its trace context) in the caller's Core transaction, with one statement; `send`
+        them once committed."""
+        states = [self.state(row) for row in rows]
+        return self._states.stage_many(connection, states, traces)
+
+    def send(self, rows: Sequence[Mapping[str, Any]], staged: Sequence[Any]) -> list[Future[Any]]:
+        """Send the committed states `announce_rows` staged for `rows` (and count them)."""
+        for row in rows:
+            count(row)
+        return self._states.send(staged)
 
     def publish(self, staged: StagedLeg) -> Future[Any]:
         """Send a committed leg's state (and count it). The future resolves on the broker's
