@@ -180,7 +180,8 @@ def typed_batch_handler(
         elapsed = time.perf_counter() - started
         for error in results:
             outcome = ("done" if error is None else "rejected" if isinstance(error, RejectMessage)
-                       else "retry" if isinstance(error, RetryLater) else "error")  # fmt: skip
+                       else "retry" if isinstance(error, RetryLater)
+                       else "fenced" if isinstance(error, Fenced) else "error")  # fmt: skip
             MESSAGES_HANDLED.labels(consumer=consumer, outcome=outcome).inc()
             MESSAGE_HANDLING_SECONDS.labels(consumer=consumer).observe(elapsed)
         return results
