@@ -127,7 +127,7 @@ def test_web_ui_in_a_real_browser(
             page.get_by_label("Resume event consumption of").select_option("st2")
             page.get_by_role("button", name="Resume").click()
             expect(page.locator("#result")).to_contain_text("Event consumption of st2 resumed")
-            expect(page.locator('#servers tr[data-server="st2"] .events')).to_have_text("-")
+            expect(page.locator('#servers tr[data-server="st2"] .events')).to_have_text("consuming")
             wait_until(lambda: WORK_EVENTS in cluster.active("st2", "transaction-manager"),
                        30, "st2's TM taking events again")  # fmt: skip
             # Manual sync: every server reloads the configuration and says so.
