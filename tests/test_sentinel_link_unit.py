@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from ferrylink.contracts import TransferState
 from ferrylink.db import create_tables, make_engine
-from ferrylink.models import SentinelEndpoint, SentinelOutbox
+from ferrylink.models import SentinelEndpoint, SentinelLeg, SentinelOutbox
 from ferrylink_ops.tracking_sink import TrackingSink
 from services.sentinel_link.api.endpoints import check_url
 from services.sentinel_link.delivery import DeliveryLoop
@@ -107,6 +107,39 @@ def test_seq_per_cycle_in_consumption_order_and_repeats_dropped(store: LinkStore
     store.delivered(endpoint.id, [i for i, _ in batch[:2]], 1.0)
     assert [r["seq"] for _, r in store.next_batch(endpoint.id, 10)] == [2, 3]
     assert store.status()[endpoint.id]["backlog"] == 2
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_a_batch_is_linked_in_order_as_if_one_by_one(store: LinkStore) -> None:
+    """What a batch commit's message links: seqs continue each cycle across batches, a
+    repeat inside the batch or from an earlier one gets none, the leg keeps its last state,
+    and every endpoint gets every new record in order."""
+    a = add_endpoint(store, "a", "http://127.0.0.1:1/")
+    b = add_endpoint(store, "b", "http://127.0.0.1:2/")
+    endpoints = store.endpoints()
+    assert store.link_state(state("c1", "receive", "RECEIVED"), endpoints) == 1
+    batch = [
+        state("c1", "route", "TO_EXECUTE"),
+        state("c2", "route", "TO_EXECUTE"),
+        state("c1", "receive", "RECEIVED"),  # linked before
+        state("c1", "route", "ROUTED"),
+        state("c2", "route", "TO_EXECUTE"),  # a repeat in the batch
+        state("c2", "route", "FAILED"),
+    ]
+    assert store.link_states(batch, endpoints) == [2, 1, None, 3, None, 2]
+    assert store.link_states(batch, endpoints) == [None] * len(batch)  # redelivered
+    assert store.link_states([state("c2", "push", "SENDING")], endpoints) == [3]
+    for endpoint in (a, b):
+        assert endpoint.id is not None
+        queued = store.next_batch(endpoint.id, 20)
+        assert [(r["cycle_id"], r["seq"], r["status"]) for _, r in queued] == [
+            ("c1", 1, "RECEIVED"), ("c1", 2, "TO_EXECUTE"), ("c2", 1, "TO_EXECUTE"),
+            ("c1", 3, "ROUTED"), ("c2", 2, "FAILED"), ("c2", 3, "SENDING"),
+        ]  # fmt: skip
+    with Session(store.link) as session:
+        legs = {leg.leg_key: (leg.status, leg.seq) for leg in session.exec(select(SentinelLeg))}
+    assert legs == {"c1:receive": ("RECEIVED", 1), "c1:route": ("ROUTED", 3),
+                    "c2:route": ("FAILED", 2), "c2:push": ("SENDING", 3)}  # fmt: skip
 
 
 def test_backlog_bounds_drop_the_oldest_and_count_them(store: LinkStore) -> None:

@@ -20,7 +20,16 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from ferrylink.clock import utcnow
 
@@ -452,6 +461,46 @@ class TransferState(Contract):
         return f"{self.leg_key}:{self.state.value}"
 
 
+# At most this many states in one `TransferStates` message (a batch commit with more is sent
+# as several messages): ~1 KB a state keeps a message well under the broker's frame sizes.
+TRANSFER_STATES_PER_MESSAGE = 500
+
+
+class TransferStates(Contract):
+    """Transfer states committed together (a batch of events' commit), in the order they were
+    recorded: one message instead of one per state, so a busy transaction manager pays the
+    broker's per-message cost once per commit. The sentinel link reads them as if they had
+    come one by one, in this order."""
+
+    kind: Literal["transfer.states"] = "transfer.states"
+    states: list[TransferState] = Field(min_length=1, max_length=TRANSFER_STATES_PER_MESSAGE)
+
+    @property
+    def id(self) -> str:
+        # The outbox and the broker tell repeats apart by it; receivers by each state's id.
+        return f"states:{self.states[0].id}:{len(self.states)}"
+
+
+def _state_message_tag(value: Any) -> str:
+    if isinstance(value, dict):
+        return "many" if "states" in value else "one"
+    return "many" if isinstance(value, TransferStates) else "one"
+
+
+# What the transfer-states queue carries: one state (uploads, pushes, the scheduler's
+# transfers) or the states of a batch commit.
+StateMessage = Annotated[
+    Annotated[TransferState, Tag("one")] | Annotated[TransferStates, Tag("many")],
+    Discriminator(_state_message_tag),
+]
+STATE_MESSAGE: TypeAdapter[StateMessage] = TypeAdapter(StateMessage)
+
+
+def states_of(message: TransferState | TransferStates) -> list[TransferState]:
+    """The states a transfer-states message carries, in order."""
+    return message.states if isinstance(message, TransferStates) else [message]
+
+
 # --------------------------------------------------------------------------------------------
 # Cluster: heartbeats, assignments, configuration changes
 # --------------------------------------------------------------------------------------------
@@ -529,7 +578,10 @@ _EXCHANGE_OF: dict[type[Contract], str] = {
     Assignment: "assignments",
     ConfigChanged: "config",
 }
-_QUEUE_OF: dict[type[Contract], str] = {TransferState: "transfer-states"}
+_QUEUE_OF: dict[type[Contract], str] = {
+    TransferState: "transfer-states",
+    TransferStates: "transfer-states",
+}
 
 
 def destination(message: Contract) -> tuple[Literal["queue", "exchange"], str]:
@@ -542,7 +594,7 @@ def destination(message: Contract) -> tuple[Literal["queue", "exchange"], str]:
 
 def message_id(message: Contract) -> str:
     """A stable id, so the broker, dead letters and receivers can tell repeats apart."""
-    if isinstance(message, TransferState):
+    if isinstance(message, TransferState | TransferStates):
         return message.id
     return str(getattr(message, "id", "")) or f"{type(message).__name__}-{uuid.uuid4().hex}"
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -87,12 +87,21 @@ def messaging_attributes(destination: str, operation: str, message_id: str = "")
 
 
 @contextmanager
-def producer_span(destination: str, message_id: str) -> Iterator[dict[str, Any]]:
-    """A PRODUCER span for one message; yields the headers carrying its trace context."""
+def producer_span(
+    destination: str, message_id: str, links: Sequence[context.Context] = ()
+) -> Iterator[dict[str, Any]]:
+    """A PRODUCER span for one message; yields the headers carrying its trace context.
+    `links`: other traces the message carries work of (a batch), linked to the span."""
+    span_links = [
+        trace.Link(linked)
+        for linked in (trace.get_current_span(link).get_span_context() for link in links)
+        if linked.is_valid
+    ]
     with tracer().start_as_current_span(
         f"send {destination}",
         kind=trace.SpanKind.PRODUCER,
         attributes=messaging_attributes(destination, "send", message_id),
+        links=span_links,
     ):
         yield inject_headers()
 

@@ -34,7 +34,7 @@ import logging
 import queue as queues
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -46,7 +46,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, delete
 
 from ferrylink import outbox
-from ferrylink.contracts import TransferState
+from ferrylink.contracts import TRANSFER_STATES_PER_MESSAGE, TransferState, TransferStates
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.messaging import CONNECTION_ERRORS, Publisher, PublishRejected, connect_blocking
 from ferrylink.models import OutboxMessage
@@ -121,7 +121,7 @@ class StateOutlet(Protocol):
 class DirectOutlet:
     """No outbox: the state is published after the commit (the in-memory bus of unit tests)."""
 
-    def __init__(self, publish: Callable[[TransferState], Future[Any]]) -> None:
+    def __init__(self, publish: Callable[[TransferState | TransferStates], Future[Any]]) -> None:
         self.publish = publish
 
     def stage(self, session: Session, state: TransferState) -> TransferState:
@@ -129,10 +129,21 @@ class DirectOutlet:
 
     def stage_many(self, connection: Connection, states: Sequence[TransferState],
                    traces: Sequence[otel_context.Context]) -> list[Any]:  # fmt: skip
-        return list(states)
+        return [TransferStates(states=chunk) for chunk, _traces in _chunks(states, traces)]
 
     def send(self, staged: Sequence[Any]) -> list[Future[Any]]:
-        return [self.publish(state) for state in staged]
+        return [self.publish(message) for message in staged]
+
+
+def _chunks(
+    states: Sequence[TransferState], traces: Sequence[otel_context.Context]
+) -> Iterator[tuple[list[TransferState], list[otel_context.Context]]]:
+    """The states (with their traces) in order, TRANSFER_STATES_PER_MESSAGE at a time."""
+    if len(states) != len(traces):
+        raise ValueError(f"{len(states)} states but {len(traces)} trace contexts")
+    for start in range(0, len(states), TRANSFER_STATES_PER_MESSAGE):
+        end = start + TRANSFER_STATES_PER_MESSAGE
+        yield list(states[start:end]), list(traces[start:end])
 
 
 @dataclass
@@ -203,13 +214,18 @@ class TransferStatePublisher:
 
     def stage_many(self, connection: Connection, states: Sequence[TransferState],
                    traces: Sequence[otel_context.Context]) -> list[PendingState]:  # fmt: skip
-        """Like `stage`, for many states in the caller's Core transaction (one statement);
-        each state's PRODUCER span is made in its trace context (`traces`, one per state)."""
+        """Like `stage`, for the states of a batch commit in the caller's Core transaction
+        (one statement): as `TransferStates` messages of up to TRANSFER_STATES_PER_MESSAGE
+        states. A message's PRODUCER span is in the trace of its first state and links the
+        traces of the others (`traces`, one per state)."""
         queue = self.queue()
         rows, all_headers = [], []
-        for state, trace in zip(states, traces, strict=True):
-            with attached(trace), producer_span("transfer-states", state.id) as headers:
-                rows.append(outbox.row(queue, state.to_bytes(), state.id, headers))
+        for chunk, chunk_traces in _chunks(states, traces):
+            message = TransferStates(states=chunk)
+            with attached(chunk_traces[0]), producer_span(
+                "transfer-states", message.id, links=chunk_traces[1:]
+            ) as headers:  # fmt: skip
+                rows.append(outbox.row(queue, message.to_bytes(), message.id, headers))
             all_headers.append(headers)
         ids = outbox.stage_many(connection, rows)
         return [PendingState(row_id, queue, row["body"], row["message_id"], headers)

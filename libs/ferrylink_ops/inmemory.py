@@ -22,12 +22,15 @@ from pydantic import TypeAdapter
 
 from ferrylink.consumer_manager import Delivery
 from ferrylink.contracts import (
+    STATE_MESSAGE,
     Contract,
     RejectMessage,
     RetryLater,
+    TransferState,
     destination,
     message_id,
     parse,
+    states_of,
 )
 from ferrylink.runtime import typed_handler
 
@@ -79,6 +82,15 @@ class InMemoryBus:
     def messages(self, queue: str, contract: type[M] | TypeAdapter[M]) -> list[M]:
         """What is queued on `queue`, parsed, left in place."""
         return [parse(contract, body) for _id, body in self.queues[queue]]
+
+    def transfer_states(self) -> list[TransferState]:
+        """The transfer states queued, one by one in order (a batch commit's message
+        carries several)."""
+        return [
+            state
+            for message in self.messages("transfer-states", STATE_MESSAGE)
+            for state in states_of(message)
+        ]
 
     def deliver(self, limit: int = 10_000) -> int:
         """Run consumers until none has a message left (handlers may publish more); returns

@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import func, or_, update
+from sqlalchemy import Table, bindparam, func, insert, or_, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
@@ -42,6 +42,14 @@ from ferrylink.models import (
 log = logging.getLogger(__name__)
 
 RECORD_TYPE = "transfer_state"
+# A batch of states that meets another instance's commits is read again and linked up to
+# this many times in all (an overlap around a failover is brief).
+LINK_ATTEMPTS = 3
+
+CYCLES: Table = SentinelCycle.__table__  # type: ignore[attr-defined]
+LEGS: Table = SentinelLeg.__table__  # type: ignore[attr-defined]
+RECORDS: Table = SentinelRecord.__table__  # type: ignore[attr-defined]
+OUTBOX: Table = SentinelOutbox.__table__  # type: ignore[attr-defined]
 HEARTBEAT_TYPE = "heartbeat"
 
 
@@ -116,50 +124,97 @@ class LinkStore:
     def link_state(self, state: TransferState, endpoints: Sequence[SentinelEndpoint]) -> int | None:
         """Record `state` once and queue it for every endpoint; its seq, or None if it was
         linked before (a redelivered message)."""
+        return self.link_states([state], endpoints)[0]
+
+    def link_states(
+        self, states: Sequence[TransferState], endpoints: Sequence[SentinelEndpoint]
+    ) -> list[int | None]:
+        """Record each state once and queue it for every endpoint, in order and in one
+        transaction (a state's seq follows the states of its cycle before it, here or
+        earlier); per state its seq, or None if it was linked before (a redelivered message,
+        or a repeat in `states`)."""
+        for _attempt in range(LINK_ATTEMPTS - 1):
+            try:
+                return self._link_states(states, endpoints)
+            except IntegrityError:
+                # Linked by another instance meanwhile (an overlap around a failover): read
+                # again, and what it linked is a repeat.
+                continue
+        return self._link_states(states, endpoints)
+
+    def _link_states(
+        self, states: Sequence[TransferState], endpoints: Sequence[SentinelEndpoint]
+    ) -> list[int | None]:
         token = self.fence.token()
         now = time.time()
+        seqs: list[int | None] = [None] * len(states)
         with Session(self.link) as session:
-            if session.get(SentinelRecord, state.id) is not None:
-                return None
-            cycle = session.get(SentinelCycle, state.cycle_id, with_for_update=True)
-            if cycle is None:
-                cycle = SentinelCycle(cycle_id=state.cycle_id, next_seq=1, updated_at=now)
-            seq = cycle.next_seq
-            cycle.next_seq += 1
-            cycle.updated_at = now
-            leg = session.get(SentinelLeg, state.leg_key) or SentinelLeg(
-                leg_key=state.leg_key, cycle_id=state.cycle_id, status=state.state, seq=seq,
-                updated_at=now,
-            )  # fmt: skip
-            leg.status, leg.seq, leg.updated_at = state.state, seq, now
-            record = record_for(state, seq)
-            session.add(cycle)
-            session.add(leg)
-            session.add(
-                SentinelRecord(
-                    id=state.id,
-                    cycle_id=state.cycle_id,
-                    seq=seq,
-                    body_json=json.dumps(record),
-                    linked_at=now,
-                )  # fmt: skip
+            ids = {state.id for state in states}
+            linked = set(
+                session.exec(select(SentinelRecord.id).where(col(SentinelRecord.id).in_(ids)))
             )
-            for endpoint in endpoints:
-                assert endpoint.id is not None
-                session.add(
-                    SentinelOutbox(
-                        endpoint_id=endpoint.id, record_id=state.id, created_at=now
-                    )  # fmt: skip
+            cycle_ids = {state.cycle_id for state in states}
+            cycles = select(SentinelCycle.cycle_id, SentinelCycle.next_seq).where(
+                col(SentinelCycle.cycle_id).in_(cycle_ids)
+            )
+            next_seq: dict[str, int] = dict(session.exec(cycles.with_for_update()).all())
+            known_cycles = set(next_seq)
+            leg_keys = {state.leg_key for state in states}
+            known_legs = set(
+                session.exec(
+                    select(SentinelLeg.leg_key).where(col(SentinelLeg.leg_key).in_(leg_keys))
                 )
+            )
+            legs: dict[str, dict[str, Any]] = {}
+            records: list[dict[str, Any]] = []
+            outbox: list[dict[str, Any]] = []
+            for i, state in enumerate(states):
+                if state.id in linked:
+                    continue
+                linked.add(state.id)
+                seq = next_seq.get(state.cycle_id, 1)
+                next_seq[state.cycle_id] = seq + 1
+                seqs[i] = seq
+                legs[state.leg_key] = {"leg_key": state.leg_key, "cycle_id": state.cycle_id,
+                                       "status": state.state.value, "seq": seq,
+                                       "updated_at": now}  # fmt: skip
+                records.append({"id": state.id, "cycle_id": state.cycle_id, "seq": seq,
+                                "body_json": json.dumps(record_for(state, seq)),
+                                "linked_at": now})  # fmt: skip
+                for endpoint in endpoints:
+                    assert endpoint.id is not None
+                    outbox.append({"endpoint_id": endpoint.id, "record_id": state.id,
+                                   "created_at": now})  # fmt: skip
+            if not records:
+                return seqs
+            write = session.connection().execute  # executemany, Core
+            cycle_rows = [{"k_cycle": c, "next_seq": n, "updated_at": now}
+                          for c, n in next_seq.items() if c in known_cycles]  # fmt: skip
+            new_cycles = [{"cycle_id": c, "next_seq": n, "updated_at": now}
+                          for c, n in next_seq.items() if c not in known_cycles]  # fmt: skip
+            leg_rows = [{**{k: v for k, v in row.items() if k != "leg_key"}, "k_leg": key}
+                        for key, row in legs.items() if key in known_legs]  # fmt: skip
+            new_legs = [row for key, row in legs.items() if key not in known_legs]
+            if cycle_rows:
+                # The SET columns are the parameters' other keys.
+                write(update(CYCLES).where(CYCLES.c.cycle_id == bindparam("k_cycle")), cycle_rows)
+            if new_cycles:
+                write(insert(CYCLES), new_cycles)
+            if leg_rows:
+                write(update(LEGS).where(LEGS.c.leg_key == bindparam("k_leg")), leg_rows)
+            if new_legs:
+                write(insert(LEGS), new_legs)
+            write(insert(RECORDS), records)
+            if outbox:
+                write(insert(OUTBOX), outbox)
             try:
                 self._commit_fenced(session, token)
             except IntegrityError:
-                # Linked by another instance meanwhile (an overlap around a failover).
                 session.rollback()
-                return None
+                raise
         for endpoint in endpoints:
             self.enforce_bounds(endpoint, now)
-        return seq
+        return seqs
 
     def enforce_bounds(self, endpoint: SentinelEndpoint, now: float) -> int:
         """Drop the oldest records past the endpoint's bounds; count them. Returns how many."""

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from ferrylink.config import write_sentinel_undelivered
-from ferrylink.contracts import WORK_SENTINEL_LINK, ClusterMode, TransferState
+from ferrylink.contracts import STATE_MESSAGE, WORK_SENTINEL_LINK, ClusterMode
 from ferrylink.db import make_engine
 from ferrylink.metrics import SENTINEL_BACKLOG
 from ferrylink.models import ClusterSetting
@@ -30,6 +30,8 @@ from services.sentinel_link.link import LinkStore
 from services.sentinel_link.settings import Settings
 
 SERVICE_NAME = "sentinel-link"
+# Messages linked in one transaction at most (each one state or a batch commit's states).
+STATES_BATCH = 50
 MODE_KEY = "cluster.mode"  # written by the coordinator (cluster_coordinator/store.py)
 
 log = logging.getLogger(__name__)
@@ -87,11 +89,13 @@ def build(settings: Settings) -> SentinelLink:
         poll_seconds=settings.sentinel_poll_seconds,
         on_pass=report_undelivered,
     )
-    # What it reacts to, on the primary only: the transfer states, one at a time and in
-    # queue order (one worker), and the delivery loop to the endpoints.
+    # What it reacts to, on the primary only: the transfer states, in queue order (one
+    # worker; the messages that waited together linked in one transaction), and the
+    # delivery loop to the endpoints.
     states = StateHandler(store)
-    runtime.consume(WORK_SENTINEL_LINK, "transfer-states", states.handle, TransferState,
-                    node_local=legacy, prefetch=20, workers=1)  # fmt: skip
+    runtime.consume_batches(WORK_SENTINEL_LINK, "transfer-states", states.handle_batch,
+                            STATE_MESSAGE, batch=STATES_BATCH, node_local=legacy,
+                            prefetch=2 * STATES_BATCH, workers=1)  # fmt: skip
     runtime.loop(WORK_SENTINEL_LINK, delivery)
     return SentinelLink(runtime, store, mode, link_db)
 

@@ -225,9 +225,6 @@ class _Work:
     runs: dict[int, tuple[str, str]] = field(default_factory=dict)  # step index: status, plan
     legs: dict[str, dict[str, Any]] = field(default_factory=dict)  # leg key: the whole row
     completed: bool = False  # its processed_event row is staged
-    # The transfer states of the rows being committed (their outbox rows), sent once done.
-    announced: tuple[list[dict[str, Any]], list[Any]] = ([], [])
-    futures: list[Future[Any]] = field(default_factory=list)
     failed_step: str = ""
 
     def discard(self) -> None:
@@ -252,6 +249,10 @@ class _Unit:
         self.folders: dict[str, Path] = {}  # homes and step folders, confined
         self.created: set[str] = set()  # step folders made sure of
         self._connection: Connection | None = None
+        # The states of the rows being committed (with their outbox messages), sent once
+        # committed; the broker's answers to what was sent.
+        self.announced: tuple[list[dict[str, Any]], list[Any]] = ([], [])
+        self.futures: list[Future[Any]] = []
 
     def connection(self) -> Connection:
         if self._connection is None:
@@ -365,6 +366,7 @@ class _Unit:
             if not lost:
                 for work, _request in pending.values():
                     self._committed(work)
+                self._send_announced()
                 return results
             for event_id in lost:  # the others go on without them
                 results[event_id] = claims.ClaimLost(
@@ -432,28 +434,28 @@ class _Unit:
             connection.execute(update(LEGS).where(LEGS.c.leg_key == bindparam("k_leg")), old_legs)
         if completed:
             connection.execute(insert(PROCESSED), completed)
-        # The states in the outbox, committed with their legs.
-        staged = iter(self.log.announce_rows(connection, states, traces))
-        for _work, _request in pending.values():
-            rows = list(_work.legs.values())
-            _work.announced = (rows, [next(staged) for _ in rows])
+        # The states in the outbox, committed with their legs: few messages for the commit.
+        self.announced = (states, self.log.announce_rows(connection, states, traces))
         connection.commit()
         return set()
 
+    def _send_announced(self) -> None:
+        """Publish the states the last commit put in the outbox."""
+        rows, staged = self.announced
+        self.announced = ([], [])
+        try:
+            self.futures += self.log.send(rows, staged)
+        except Exception as exc:  # committed in the outbox: the relay sends them
+            log.warning("%d transfer states not sent (%s); the outbox keeps them",
+                        len(rows), exc)  # fmt: skip
+
     def _committed(self, work: _Work) -> None:
-        """The event's rows are committed: remember them, publish its new leg states."""
+        """The event's rows are committed: remember them."""
         event_id = work.event.id
         for index, run in work.runs.items():
             self.runs[(event_id, index)] = run
         for leg_key, row in work.legs.items():
             self.legs[leg_key] = row
-        rows, staged = work.announced
-        work.announced = ([], [])
-        try:
-            work.futures += self.log.send(rows, staged)
-        except Exception as exc:  # committed in the outbox: the relay sends them
-            log.warning("transfer states of %s not sent (%s); the outbox keeps them",
-                        event_id, exc)  # fmt: skip
         if work.completed:
             self.processed.add(event_id)
         work.runs.clear()
@@ -549,7 +551,7 @@ class RouteRunner:
                         route.close()
         # The broker's answers to every state of the batch (not answered in time: the
         # states are in the outbox, the relay sends them; nothing fails for it).
-        settle([f for work in works.values() for f in work.futures], CONFIRM_SECONDS)
+        settle(unit.futures, CONFIRM_SECONDS)
         for event_id, work in works.items():
             if outcomes.get(event_id) is True and work.failed_step:
                 TRANSFER_FAILURES.labels(reason=work.failed_step).inc()

@@ -20,7 +20,12 @@ from sqlalchemy.engine import Connection
 from sqlmodel import Session, select
 
 from ferrylink.clock import as_utc, utcnow
-from ferrylink.contracts import FINAL_TRANSFER_STATUSES, TransferState, TransferStatus
+from ferrylink.contracts import (
+    FINAL_TRANSFER_STATUSES,
+    TransferState,
+    TransferStates,
+    TransferStatus,
+)
 from ferrylink.metrics import BYTES_RECEIVED, BYTES_SENT, FILES_RECEIVED, FILES_SENT
 from ferrylink.models import Transfer
 from ferrylink.transfer_states import DirectOutlet, StateOutlet
@@ -73,7 +78,9 @@ class TransferLog:
     it (the relay publishes it), never loses it."""
 
     def __init__(
-        self, states: StateOutlet | Callable[[TransferState], Future[Any]], node_id: str
+        self,
+        states: StateOutlet | Callable[[TransferState | TransferStates], Future[Any]],
+        node_id: str,
     ) -> None:
         self._states: StateOutlet = states if not callable(states) else DirectOutlet(states)
         self.node_id = node_id
@@ -128,9 +135,9 @@ class TransferLog:
 
     def announce_rows(self, connection: Connection, rows: Sequence[Mapping[str, Any]],
                       traces: Sequence[Context]) -> list[Any]:  # fmt: skip
-        """Stage the state messages of many legs (their columns by name; each announced in
-        its trace context) in the caller's Core transaction, with one statement; `send`
-        them once committed."""
+        """Stage the states of many legs (their columns by name; each announced in its trace
+        context) in the caller's Core transaction, with one statement, as few messages (in
+        order); `send` them once committed."""
         states = [self.state(row) for row in rows]
         return self._states.stage_many(connection, states, traces)
 

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from ferrylink.clock import utcnow
-from ferrylink.contracts import Event, FileArrived, RejectMessage, RetryLater, TransferState
+from ferrylink.contracts import Event, FileArrived, RejectMessage, RetryLater
 from ferrylink.db import create_tables, make_engine
 from ferrylink.models import Account, EventClaim, ProcessedEvent, Route, Transfer
 from ferrylink.runtime import Received
@@ -98,7 +98,7 @@ def test_a_batch_is_claimed_committed_and_announced_together(worker: Worker) -> 
     assert sorted(int(p.name.split("-")[0]) for p in renamed) == list(range(1, 21))
     for event in events:
         assert worker.legs(event.id) == {"receive": ("RECEIVED", ""), "route": ("ROUTED", "")}
-    states = worker.bus.messages("transfer-states", TransferState)
+    states = worker.bus.transfer_states()
     assert sorted((s.event_id, s.leg) for s in states) == sorted(
         (e.id, leg) for e in events for leg in ("receive", "route")
     )

@@ -24,7 +24,6 @@ from ferrylink.contracts import (
     PullJob,
     TempFileCleanup,
     TransferScheduled,
-    TransferState,
 )
 from ferrylink.db import create_tables, make_engine
 from ferrylink.models import Account, ProcessedEvent, Route, Transfer
@@ -90,7 +89,7 @@ def test_an_arrived_file_runs_through_its_route_and_announces_each_leg(worker: W
     assert (worker.home / "done-a.csv").read_bytes() == b"1,2,3"
     assert not (worker.home / "a.csv").exists()
     assert worker.legs() == [("receive", "RECEIVED"), ("route", "ROUTED")]
-    states = worker.bus.messages("transfer-states", TransferState)
+    states = worker.bus.transfer_states()
     assert [(s.leg, s.state.value, s.cycle_id) for s in states] == [
         ("receive", "RECEIVED", event.cycle_id), ("route", "ROUTED", event.cycle_id),
     ]  # fmt: skip
