@@ -13,11 +13,12 @@ receivers drop by record id.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ferrylink.fencing import Fenced
 from ferrylink.models import SentinelEndpoint
@@ -53,11 +54,11 @@ class EndpointWorker:
                     sent = False
                     if now >= self.next_heartbeat:
                         store.fence.confirm(store.config, token)
-                        self._post(client, [heartbeat_record(self.loop.node, now)])
+                        self._post(client, [json.dumps(heartbeat_record(self.loop.node, now))])
                         self.next_heartbeat = now + self.loop.heartbeat_seconds
                         sent = True
                     store.enforce_bounds(endpoint, now)
-                    batch = store.next_batch(endpoint.id, endpoint.batch_size)
+                    batch = store.next_batch_json(endpoint.id, endpoint.batch_size)
                     if batch:
                         store.fence.confirm(store.config, token)
                         self._post(client, [record for _, record in batch])
@@ -83,8 +84,12 @@ class EndpointWorker:
                 if idle:
                     self.stop_event.wait(self.loop.poll_seconds)
 
-    def _post(self, client: httpx.Client, records: list[dict[str, Any]]) -> None:
-        response = client.post(self.endpoint.url, json={"node": self.loop.node, "records": records})
+    def _post(self, client: httpx.Client, records: list[str]) -> None:
+        """POST `{"node": .., "records": [..]}`; the records are JSON already (as stored), so
+        the body is put together, not parsed and encoded again."""
+        body = f'{{"node": {json.dumps(self.loop.node)}, "records": [{", ".join(records)}]}}'
+        response = client.post(self.endpoint.url, content=body.encode(),
+                               headers={"content-type": "application/json"})  # fmt: skip
         if not response.is_success:
             raise DeliveryError(f"HTTP {response.status_code}")
 

@@ -247,6 +247,12 @@ class LinkStore:
 
     def next_batch(self, endpoint_id: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """The oldest queued records of an endpoint: (outbox id, record)."""
+        return [
+            (row_id, json.loads(body)) for row_id, body in self.next_batch_json(endpoint_id, limit)
+        ]
+
+    def next_batch_json(self, endpoint_id: int, limit: int) -> list[tuple[int, str]]:
+        """Like `next_batch`, each record as the JSON it is stored as (posted as it is)."""
         with Session(self.link) as session:
             rows = session.exec(
                 select(SentinelOutbox.id, SentinelRecord.body_json)
@@ -255,7 +261,7 @@ class LinkStore:
                 .order_by(col(SentinelOutbox.id))
                 .limit(limit)
             ).all()
-        return [(int(row_id or 0), json.loads(body)) for row_id, body in rows]
+        return [(int(row_id or 0), body) for row_id, body in rows]
 
     def delivered(self, endpoint_id: int, outbox_ids: Sequence[int], now: float) -> None:
         token = self.fence.token()
