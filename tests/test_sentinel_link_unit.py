@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sa_event
 from sqlmodel import Session, select
 
 from ferrylink.contracts import TransferState
@@ -162,6 +163,33 @@ def test_backlog_bounds_drop_the_oldest_and_count_them(store: LinkStore) -> None
         aged = row
     assert store.enforce_bounds(aged, time.time() + 3600) == 5
     assert store.status()[big.id]["dropped"] == 5 and store.status()[big.id]["backlog"] == 0
+
+
+def test_bounds_hold_after_every_batch_without_a_scan_for_each(store: LinkStore) -> None:
+    """The bounds statement scans up to `max_backlog` rows: it runs only once the linked
+    records may have filled the endpoint's room (or a second passed), yet the backlog never
+    exceeds the bound after a batch and every record past it is counted as dropped."""
+    endpoint = add_endpoint(store, "down", "http://127.0.0.1:1/", max_backlog=50)
+    assert endpoint.id is not None
+    scans: list[str] = []
+
+    def count_scans(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("DELETE FROM SENTINEL_OUTBOX"):
+            scans.append(statement)
+
+    sa_event.listen(store.link, "before_cursor_execute", count_scans)
+    batches = 20
+    for b in range(batches):
+        linked = [state(f"b{b}-{i}", "receive", "RECEIVED") for i in range(8)]
+        store.link_states(linked, store.endpoints())
+        assert store.status()[endpoint.id]["backlog"] <= 50
+    assert store.status()[endpoint.id]["backlog"] == 50
+    assert store.status()[endpoint.id]["dropped"] == batches * 8 - 50
+    assert len(scans) < batches, len(scans)
+    # What stays is the newest 50, in order.
+    kept = [r["cycle_id"] for _, r in store.next_batch(endpoint.id, 100)]
+    everything = [f"b{b}-{i}" for b in range(batches) for i in range(8)]
+    assert kept == everything[-50:]
 
 
 def test_one_endpoint_down_does_not_hold_the_other_and_gets_its_backlog(

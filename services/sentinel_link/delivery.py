@@ -57,7 +57,7 @@ class EndpointWorker:
                         self._post(client, [json.dumps(heartbeat_record(self.loop.node, now))])
                         self.next_heartbeat = now + self.loop.heartbeat_seconds
                         sent = True
-                    store.enforce_bounds(endpoint, now)
+                    store.keep_bounds(endpoint, now)
                     batch = store.next_batch_json(endpoint.id, endpoint.batch_size)
                     if batch:
                         store.fence.confirm(store.config, token)
