@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from pathlib import Path, PurePosixPath
 
 
@@ -21,12 +22,22 @@ def confined(base: Path, relative: str, *, resolved: bool = False) -> Path:
     """
     if "\x00" in relative:
         raise PathError("path contains a NUL byte")
+    root = base if resolved else base.resolve()
+    if relative not in ("", ".", "..") and "/" not in relative and "\\" not in relative:
+        # One name (what most events carry): only it can be a link.
+        candidate = root / relative
+        try:
+            if not stat.S_ISLNK(os.lstat(candidate).st_mode):
+                return candidate
+        except FileNotFoundError:
+            return candidate
+        except OSError:
+            pass  # cannot be looked at: the careful way below
     pure = PurePosixPath(relative.replace("\\", "/"))
     if pure.is_absolute():
         pure = PurePosixPath(*pure.parts[1:]) if len(pure.parts) > 1 else PurePosixPath(".")
     if any(part == ".." for part in pure.parts):
         raise PathError(f"path {relative!r} may not contain '..'")
-    root = base if resolved else base.resolve()
     candidate = root.joinpath(*pure.parts)
     # The root is resolved, so only the parts below it can be links: look at each (a system
     # call each) and resolve the whole path the slow way only when one is (or cannot be

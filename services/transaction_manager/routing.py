@@ -468,6 +468,7 @@ class RouteRunner:
                  node_id: str, claim_seconds: float = 60.0) -> None:  # fmt: skip
         self.engine = engine
         self.data_dir = data_dir.resolve()
+        self._data_prefix = str(self.data_dir) + "/"
         self.log = transfer_log
         self.node_id = node_id
         self.claim_seconds = claim_seconds
@@ -833,12 +834,11 @@ class RouteRunner:
 
     def _relative(self, path: Path) -> str:
         """`relative_to(data_dir, path)` for a path in a resolved folder: resolving is needed
-        only when its own name is a link."""
-        if not path.is_symlink():
-            try:
-                return path.relative_to(self.data_dir).as_posix()
-            except ValueError:
-                pass
+        only when its own name is a link (string work otherwise: this runs for every step)."""
+        text = str(path)
+        prefix = self._data_prefix
+        if text.startswith(prefix) and not os.path.islink(text):
+            return text[len(prefix) :]
         return relative_to(self.data_dir, path)
 
 
