@@ -24,6 +24,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
+from ferrylink.db import one_of_sql, one_of_value
 from ferrylink.fencing import db_now
 
 
@@ -79,24 +80,26 @@ def renew_many(connection: Connection, event_ids: Sequence[str], owner: str,
                seconds: float) -> set[str]:  # fmt: skip
     """Extend our claims in the caller's transaction; the ids still ours (a missing one
     passed to another owner: its work must not commit)."""
-    now = db_now(connection.dialect.name)
+    dialect = connection.dialect.name
     statement = text(
-        f"UPDATE event_claim SET expires_at = {now} + :seconds "
-        f"WHERE event_id IN :ids AND owner = :owner RETURNING event_id"
-    ).bindparams(bindparam("ids", expanding=True))
-    result = connection.execute(
-        statement, {"ids": list(event_ids), "owner": owner, "seconds": seconds}
+        f"UPDATE event_claim SET expires_at = {db_now(dialect)} + :seconds "
+        f"WHERE event_id {one_of_sql('ids', dialect)} AND owner = :owner RETURNING event_id"
     )
+    ids = one_of_value(event_ids, dialect)
+    result = connection.execute(statement, {"ids": ids, "owner": owner, "seconds": seconds})
     return {row[0] for row in result}
 
 
 def finish_many(connection: Connection, event_ids: Sequence[str], owner: str) -> set[str]:
     """Drop our claims in the transaction that completes the events; the ids that were
     still ours."""
+    dialect = connection.dialect.name
     statement = text(
-        "DELETE FROM event_claim WHERE event_id IN :ids AND owner = :owner RETURNING event_id"
-    ).bindparams(bindparam("ids", expanding=True))
-    result = connection.execute(statement, {"ids": list(event_ids), "owner": owner})
+        f"DELETE FROM event_claim WHERE event_id {one_of_sql('ids', dialect)} "
+        f"AND owner = :owner RETURNING event_id"
+    )
+    ids = one_of_value(event_ids, dialect)
+    result = connection.execute(statement, {"ids": ids, "owner": owner})
     return {row[0] for row in result}
 
 

@@ -63,6 +63,7 @@ from ferrylink.contracts import (
     RetryLater,
     StepRunStatus,
 )
+from ferrylink.db import one_of
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.faults import fault_point
 from ferrylink.metrics import PUSH_SECONDS, STEP_SECONDS, TRANSFER_FAILURES
@@ -271,19 +272,21 @@ class _Unit:
         """What the batch's events did before: completed, step runs, receive and route legs
         (a push leg is read when first staged: pushes run alone)."""
         connection = self.connection()
+        dialect = connection.dialect.name
         self.processed = set(connection.execute(
-            select(PROCESSED.c.event_id).where(PROCESSED.c.event_id.in_(event_ids))
+            select(PROCESSED.c.event_id).where(one_of(PROCESSED.c.event_id, event_ids, dialect))
         ).scalars())  # fmt: skip
         rows = connection.execute(
             select(STEP_RUNS.c.event_id, STEP_RUNS.c.step_index, STEP_RUNS.c.status,
-                   STEP_RUNS.c.result).where(STEP_RUNS.c.event_id.in_(event_ids))
+                   STEP_RUNS.c.result).where(one_of(STEP_RUNS.c.event_id, event_ids, dialect))
         )  # fmt: skip
         for row in rows:
             self.runs[(row.event_id, row.step_index)] = (row.status, row.result)
         self._started = {event_id for event_id, _index in self.runs}
         keys = [f"{event_id}:{leg}" for event_id in event_ids for leg in ("receive", "route")]
         self.legs.update(dict.fromkeys(keys))
-        for leg in connection.execute(select(LEGS).where(LEGS.c.leg_key.in_(keys))).mappings():
+        legs = select(LEGS).where(one_of(LEGS.c.leg_key, keys, dialect))
+        for leg in connection.execute(legs).mappings():
             self.legs[leg["leg_key"]] = dict(leg)
         connection.commit()
 

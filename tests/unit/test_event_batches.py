@@ -1,6 +1,7 @@
 """Events handled in batches (`EventHandler.handle_batch`, routing.py): claimed, committed
-and announced together, each with its own outcome. SQLite, a temporary data directory and the
-in-memory bus; the crash points of batches are in tests/test_engine_batches.py."""
+and announced together, each with its own outcome. SQLite and PostgreSQL, a temporary data
+directory and the in-memory bus; the crash points of batches are in
+tests/test_engine_batches.py."""
 
 from __future__ import annotations
 
@@ -61,9 +62,12 @@ def add_route(engine: Engine, pattern: str, steps: list[dict[str, Any]], positio
         session.commit()
 
 
-@pytest.fixture
-def worker(tmp_path: Path) -> Iterator[Worker]:
-    engine = make_engine(f"sqlite:///{tmp_path / 'ferrylink.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def worker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Worker]:
+    if request.param == "postgresql":
+        engine = make_engine(request.getfixturevalue("postgres_url"))
+    else:
+        engine = make_engine(f"sqlite:///{tmp_path / 'ferrylink.db'}")
     create_tables(engine)
     data_dir = tmp_path / "data"
     (data_dir / "homes" / "acme").mkdir(parents=True)
