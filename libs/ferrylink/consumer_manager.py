@@ -113,6 +113,25 @@ class _RunningConsumer:
     threads: list[threading.Thread]
     cancelled: threading.Event = field(default_factory=threading.Event)
     in_flight: int = 0
+    # Delivery tags not yet acked or nacked (touched on the I/O thread only).
+    unsettled: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class _Settle:
+    """What to do with a delivery once handled (on the I/O thread): ack it (acks are sent
+    together, `_send_acks`), or nack it back to its queue."""
+
+    tag: int
+    ack: bool = True
+
+
+def _ack(tag: int) -> _Settle:
+    return _Settle(tag)
+
+
+def _requeue(tag: int) -> _Settle:
+    return _Settle(tag, ack=False)
 
 
 class ConsumerManager:
@@ -260,6 +279,8 @@ class ConsumerManager:
         def on_message(
             ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
         ) -> None:
+            # Every outstanding delivery, so that no multiple ack covers one left unhandled.
+            running.unsettled.add(method.delivery_tag)
             if running.cancelled.is_set():
                 return  # requeued when the channel closes
             running.in_flight += 1
@@ -378,11 +399,10 @@ class ConsumerManager:
         method: Basic.Deliver,
         props: BasicProperties,
         body: bytes,
-    ) -> Callable[[], None]:
+    ) -> _Settle:
         """Run the handler; return what to do with the delivery, to be run on the I/O thread."""
         delivery = self._delivery(running, method, props, body)
         tag = method.delivery_tag
-        channel = running.channel
         assert running.spec.handler is not None
         if running.spec.exchange is not None:
             # A broadcast of current state (heartbeat, assignment): the next one supersedes a
@@ -391,7 +411,7 @@ class ConsumerManager:
                 running.spec.handler(delivery)
             except Exception:
                 log.exception("%s: %s: dropped a bad broadcast", self._name, running.spec.name)
-            return lambda: channel.basic_ack(tag)
+            return _ack(tag)
         error: BaseException | None = None
         try:
             running.spec.handler(delivery)
@@ -406,7 +426,7 @@ class ConsumerManager:
         self,
         running: _RunningConsumer,
         items: list[tuple[Basic.Deliver, BasicProperties, bytes]],
-    ) -> list[Callable[[], None]]:
+    ) -> list[_Settle]:
         """Run the batch handler; what to do with each delivery (as `_handle`)."""
         deliveries = [self._delivery(running, *item) for item in items]
         assert running.spec.batch_handler is not None
@@ -433,23 +453,22 @@ class ConsumerManager:
         props: BasicProperties,
         tag: int,
         error: BaseException | None,
-    ) -> tuple[Callable[[], None], float]:
+    ) -> tuple[_Settle, float]:
         """What to do with a delivery whose handler returned (`error` None) or raised
         `error`, to be run on the I/O thread; and how long the worker backs off first."""
-        channel = running.channel
         if error is None:
-            return lambda: channel.basic_ack(tag), 0.0
+            return _ack(tag), 0.0
         if isinstance(error, RejectMessage):
             reason = str(error)
         elif isinstance(error, RetryLater):
             if self._delay(delivery, props, error):
-                return lambda: channel.basic_ack(tag), 0.0
-            return lambda: channel.basic_nack(tag, requeue=True), 0.0
+                return _ack(tag), 0.0
+            return _requeue(tag), 0.0
         elif isinstance(error, Fenced):
             # This process is not primary any more (primary-only work): the message is the
             # next primary's, untouched; never counted against it, never parked.
             log.info("%s: %s: %s; returned to the queue", self._name, running.spec.name, error)
-            return lambda: channel.basic_nack(tag, requeue=True), FENCED_REQUEUE_DELAY
+            return _requeue(tag), FENCED_REQUEUE_DELAY
         elif isinstance(error, INFRASTRUCTURE_ERRORS):
             # Not the message's fault (the database or the broker): back off before it comes
             # again, so an outage does not burn through the delivery limit in seconds. The
@@ -458,18 +477,18 @@ class ConsumerManager:
             reason = f"failed {attempts} time(s): {type(error).__name__}: {error}"
             if attempts < self._delivery_limit:
                 log.warning("%s: %s: %s; backing off", self._name, running.spec.name, reason)
-                return (lambda: channel.basic_nack(tag, requeue=True),
+                return (_requeue(tag),
                         backoff(delivery.delivery_count))  # fmt: skip
         else:  # a handler bug or a passing fault: retry, up to the limit
             attempts = delivery.delivery_count + 1
             reason = f"failed {attempts} time(s): {type(error).__name__}: {error}"
             if attempts < self._delivery_limit:
                 log.warning("%s: %s: %s; will retry", self._name, running.spec.name, reason)
-                return lambda: channel.basic_nack(tag, requeue=True), 0.0
+                return _requeue(tag), 0.0
         if self._dead_letter(delivery, props, reason):
-            return lambda: channel.basic_ack(tag), 0.0
+            return _ack(tag), 0.0
         # Could not park it: leave it to the broker (its delivery limit dead-letters it).
-        return lambda: channel.basic_nack(tag, requeue=True), 0.0
+        return _requeue(tag), 0.0
 
     def _delay(self, delivery: Delivery, props: BasicProperties, retry: RetryLater) -> bool:
         """Park the message in its delay queue; False if that could not be confirmed."""
@@ -516,20 +535,42 @@ class ConsumerManager:
         self,
         connection: pika.BlockingConnection,
         running: _RunningConsumer,
-        settles: list[Callable[[], None]],
+        settles: list[_Settle],
     ) -> None:
         def on_io_thread() -> None:
             running.in_flight -= len(settles)
-            for settle in settles:
-                if not running.channel.is_open:
-                    return
-                try:
-                    settle()
-                except CONNECTION_ERRORS as exc:
-                    # The broker will redeliver; handlers are idempotent.
-                    log.warning("%s: ack failed: %s", self._name, exc)
+            if not running.channel.is_open:
+                return  # the broker requeues them
+            try:
+                for settle in settles:
+                    if not settle.ack:
+                        running.channel.basic_nack(settle.tag, requeue=True)
+                        running.unsettled.discard(settle.tag)
+                _send_acks(running, {settle.tag for settle in settles if settle.ack})
+            except CONNECTION_ERRORS as exc:
+                # The broker will redeliver; handlers are idempotent.
+                log.warning("%s: ack failed: %s", self._name, exc)
 
         try:
             connection.add_callback_threadsafe(on_io_thread)
         except CONNECTION_ERRORS:
             pass  # connection gone: the broker redelivers the message
+
+
+def _send_acks(running: _RunningConsumer, tags: set[int]) -> None:
+    """Ack `tags`. Those that, with no unsettled delivery before them, start the channel's
+    unsettled deliveries go in one frame (`multiple`); the others one by one. A batch's
+    acks are so one frame instead of one per message, unless another worker still holds
+    older deliveries."""
+    if not tags:
+        return
+    upto = 0  # delivery tags start at 1
+    for tag in sorted(running.unsettled):
+        if tag not in tags:
+            break
+        upto = tag
+    if upto:
+        running.channel.basic_ack(upto, multiple=True)
+    for tag in sorted(tag for tag in tags if tag > upto):
+        running.channel.basic_ack(tag)
+    running.unsettled.difference_update(tags)
