@@ -31,10 +31,11 @@ def test_upload_killed_after_received_is_still_routed(
         site.start_tm("st1").wait_consuming()
         done = site.data_dir / "done" / "a.dat"
         wait_until(done.is_file, 60, "the relayed event routed")
+        # The file is placed before its step's result commits: wait for the completion.
+        event_id = site.legs()[0].event_id
+        wait_until(lambda: site.processed([event_id]) == 1, 30, "processed once")
         legs = site.legs()
         assert sorted((leg.leg, leg.status) for leg in legs) == [
             ("receive", "RECEIVED"), ("route", "ROUTED")
         ]  # fmt: skip
-        event_id = legs[0].event_id
-        wait_until(lambda: site.processed([event_id]) == 1, 30, "processed once")
         assert done.read_bytes() == b"payload" * 1000
