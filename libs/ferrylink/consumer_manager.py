@@ -49,6 +49,8 @@ log = logging.getLogger(__name__)
 # A message whose handler was fenced off goes back to its queue after this pause (meanwhile
 # the follower cancels the consumer, so it is not handed to this fenced process again).
 FENCED_REQUEUE_DELAY = 0.5
+# How long a batch worker waits for more of a burst after its first message.
+BATCH_LINGER_SECONDS = 0.005
 
 
 @dataclass(frozen=True)
@@ -361,9 +363,13 @@ class ConsumerManager:
             if item is None:
                 return
             items, last = [item], False
-            while len(items) < batch:  # what else is prefetched already
+            # What else is prefetched, and a moment for the rest of a burst the I/O thread
+            # is still reading (a worker woken by a burst's first message would take it
+            # alone): at most BATCH_LINGER_SECONDS after the first.
+            until = time.monotonic() + BATCH_LINGER_SECONDS
+            while len(items) < batch:
                 try:
-                    more = running.work.get_nowait()
+                    more = running.work.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None:
