@@ -47,6 +47,7 @@ from sqlmodel import Session, col, delete
 
 from ferrylink import outbox
 from ferrylink.contracts import TRANSFER_STATES_PER_MESSAGE, TransferState, TransferStates
+from ferrylink.db import writing
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.messaging import CONNECTION_ERRORS, Publisher, PublishRejected, connect_blocking
 from ferrylink.models import OutboxMessage
@@ -112,8 +113,10 @@ class StateOutlet(Protocol):
 
     def stage(self, session: Session, state: TransferState) -> Any: ...
 
-    def stage_many(self, connection: Connection, states: Sequence[TransferState],
-                   traces: Sequence[otel_context.Context]) -> list[Any]: ...  # fmt: skip
+    def prepare_many(self, states: Sequence[TransferState],
+                     traces: Sequence[otel_context.Context]) -> list[Any]: ...  # fmt: skip
+
+    def stage_prepared(self, connection: Connection, prepared: Sequence[Any]) -> list[Any]: ...
 
     def send(self, staged: Sequence[Any]) -> list[Future[Any]]: ...
 
@@ -127,9 +130,12 @@ class DirectOutlet:
     def stage(self, session: Session, state: TransferState) -> TransferState:
         return state
 
-    def stage_many(self, connection: Connection, states: Sequence[TransferState],
-                   traces: Sequence[otel_context.Context]) -> list[Any]:  # fmt: skip
+    def prepare_many(self, states: Sequence[TransferState],
+                     traces: Sequence[otel_context.Context]) -> list[Any]:  # fmt: skip
         return [TransferStates(states=chunk) for chunk, _traces in _chunks(states, traces)]
+
+    def stage_prepared(self, connection: Connection, prepared: Sequence[Any]) -> list[Any]:
+        return list(prepared)
 
     def send(self, staged: Sequence[Any]) -> list[Future[Any]]:
         return [self.publish(message) for message in staged]
@@ -212,24 +218,32 @@ class TransferStatePublisher:
         assert row.id is not None
         return PendingState(row.id, queue, row.body, state.id, headers)
 
-    def stage_many(self, connection: Connection, states: Sequence[TransferState],
-                   traces: Sequence[otel_context.Context]) -> list[PendingState]:  # fmt: skip
-        """Like `stage`, for the states of a batch commit in the caller's Core transaction
-        (one statement): as `TransferStates` messages of up to TRANSFER_STATES_PER_MESSAGE
+    def prepare_many(
+        self, states: Sequence[TransferState], traces: Sequence[otel_context.Context]
+    ) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """The outbox rows (and their headers) of the states of a batch commit, made before
+        its transaction: `TransferStates` messages of up to TRANSFER_STATES_PER_MESSAGE
         states. A message's PRODUCER span is in the trace of its first state and links the
         traces of the others (`traces`, one per state)."""
         queue = self.queue()
-        rows, all_headers = [], []
+        prepared = []
         for chunk, chunk_traces in _chunks(states, traces):
             message = TransferStates(states=chunk)
             with attached(chunk_traces[0]), producer_span(
                 "transfer-states", message.id, links=chunk_traces[1:]
             ) as headers:  # fmt: skip
-                rows.append(outbox.row(queue, message.to_bytes(), message.id, headers))
-            all_headers.append(headers)
-        ids = outbox.stage_many(connection, rows)
-        return [PendingState(row_id, queue, row["body"], row["message_id"], headers)
-                for row_id, row, headers in zip(ids, rows, all_headers, strict=True)]  # fmt: skip
+                prepared.append((outbox.row(queue, message.to_bytes(), message.id, headers),
+                                 headers))  # fmt: skip
+        return prepared
+
+    def stage_prepared(self, connection: Connection,
+                       prepared: Sequence[tuple[dict[str, Any], dict[str, Any]]]
+                       ) -> list[PendingState]:  # fmt: skip
+        """Add `prepare_many`'s rows to the caller's Core transaction (one statement); send
+        them once committed."""
+        ids = outbox.stage_many(connection, [row for row, _headers in prepared])
+        return [PendingState(row_id, row["routing_key"], row["body"], row["message_id"], headers)
+                for row_id, (row, headers) in zip(ids, prepared, strict=True)]  # fmt: skip
 
     def send(self, staged: Sequence[PendingState]) -> list[Future[bool]]:
         """Publish committed states; their futures resolve once each is stored or dropped."""
@@ -393,7 +407,7 @@ class TransferStatePublisher:
         if not ids:
             return
         try:
-            with Session(self.engine) as session:
+            with writing(self.engine), Session(self.engine) as session:
                 session.exec(delete(OutboxMessage).where(col(OutboxMessage.id).in_(ids)))
                 session.commit()
         except INFRASTRUCTURE_ERRORS as exc:

@@ -47,6 +47,7 @@ from ferrylink.contracts import (
     RetryLater,
     TransferScheduled,
 )
+from ferrylink.db import writing
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
 from ferrylink.metrics import EVENT_BATCH_SIZE, EVENT_LATENCY_SECONDS
@@ -164,7 +165,8 @@ class EventHandler:
         ids = [event.id for event in events]
         outcomes: dict[str, bool | Exception] = {}
         try:
-            claimed = claims.take_many(self.engine, ids, owner, self.claim_seconds)
+            with writing(self.engine):
+                claimed = claims.take_many(self.engine, ids, owner, self.claim_seconds)
             held = [event_id for event_id in ids if event_id not in claimed]
             done = self._processed_among(held)
         except INFRASTRUCTURE_ERRORS as exc:

@@ -63,7 +63,7 @@ from ferrylink.contracts import (
     RetryLater,
     StepRunStatus,
 )
-from ferrylink.db import one_of
+from ferrylink.db import one_of, writing
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.faults import fault_point
 from ferrylink.metrics import PUSH_SECONDS, STEP_SECONDS, TRANSFER_FAILURES
@@ -340,11 +340,12 @@ class _Unit:
         values: dict[str, _Resume] = {}
         try:
             connection = self.connection()
-            for route_id, event_ids in by_route.items():
-                last = claims.next_counters(connection, route_id, len(event_ids))
-                first = last - len(event_ids) + 1
-                values.update({e: (first + i, None) for i, e in enumerate(event_ids)})
-            connection.commit()
+            with writing(self.engine):
+                for route_id, event_ids in by_route.items():
+                    last = claims.next_counters(connection, route_id, len(event_ids))
+                    first = last - len(event_ids) + 1
+                    values.update({e: (first + i, None) for i, e in enumerate(event_ids)})
+                connection.commit()
         except Exception as exc:
             self.close()
             return {event_id: (None, exc) for event_id in requests}
@@ -380,19 +381,11 @@ class _Unit:
 
     def _write(self, pending: dict[str, tuple[_Work, _Commit]]) -> set[str]:
         """Renew or drop the claims, write every staged row, commit; or, if some claims
-        are no longer ours, roll back and return those events."""
+        are no longer ours, roll back and return those events. The rows are made before the
+        first write: the database's write lock is held for the statements alone."""
         connection = self.connection()
         renewing = [e for e, (_w, request) in pending.items() if not request.final]
         finishing = [e for e, (_w, request) in pending.items() if request.final]
-        ours: set[str] = set()
-        if renewing:
-            ours |= claims.renew_many(connection, renewing, self.owner, self.claim_seconds)
-        if finishing:
-            ours |= claims.finish_many(connection, finishing, self.owner)
-        lost = set(pending) - ours
-        if lost:
-            connection.rollback()
-            return lost
         now = utcnow()
         new_runs: list[dict[str, Any]] = []
         old_runs: list[dict[str, Any]] = []
@@ -423,6 +416,33 @@ class _Unit:
                 completed.append({"event_id": event_id, "kind": work.event.kind,
                                   "node_id": self.node_id,
                                   "processed_at": time.time()})  # fmt: skip
+        # The states' messages: in the outbox, committed with their legs, few for the commit.
+        prepared = self.log.prepare_rows(states, traces)
+        with writing(self.engine):
+            announced = (states, self.log.announce_prepared(connection, prepared))
+            ours: set[str] = set()
+            if renewing:
+                ours |= claims.renew_many(connection, renewing, self.owner, self.claim_seconds)
+            if finishing:
+                ours |= claims.finish_many(connection, finishing, self.owner)
+            lost = set(pending) - ours
+            if lost:
+                connection.rollback()
+                return lost
+            self._write_rows(connection, new_runs, old_runs, new_legs, old_legs, completed)
+            connection.commit()
+        self.announced = announced
+        return set()
+
+    @staticmethod
+    def _write_rows(
+        connection: Connection,
+        new_runs: list[dict[str, Any]],
+        old_runs: list[dict[str, Any]],
+        new_legs: list[dict[str, Any]],
+        old_legs: list[dict[str, Any]],
+        completed: list[dict[str, Any]],
+    ) -> None:
         if new_runs:
             connection.execute(insert(STEP_RUNS), new_runs)
         if old_runs:
@@ -437,10 +457,6 @@ class _Unit:
             connection.execute(update(LEGS).where(LEGS.c.leg_key == bindparam("k_leg")), old_legs)
         if completed:
             connection.execute(insert(PROCESSED), completed)
-        # The states in the outbox, committed with their legs: few messages for the commit.
-        self.announced = (states, self.log.announce_rows(connection, states, traces))
-        connection.commit()
-        return set()
 
     def _send_announced(self) -> None:
         """Publish the states the last commit put in the outbox."""

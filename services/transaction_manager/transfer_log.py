@@ -133,16 +133,19 @@ class TransferLog:
             node=self.node_id,
         )  # fmt: skip
 
-    def announce_rows(self, connection: Connection, rows: Sequence[Mapping[str, Any]],
-                      traces: Sequence[Context]) -> list[Any]:  # fmt: skip
-        """Stage the states of many legs (their columns by name; each announced in its trace
-        context) in the caller's Core transaction, with one statement, as few messages (in
-        order); `send` them once committed."""
-        states = [self.state(row) for row in rows]
-        return self._states.stage_many(connection, states, traces)
+    def prepare_rows(self, rows: Sequence[Mapping[str, Any]],
+                     traces: Sequence[Context]) -> list[Any]:  # fmt: skip
+        """The state messages of many legs (their columns by name; each announced in its
+        trace context), as few messages, in order: made before their transaction."""
+        return self._states.prepare_many([self.state(row) for row in rows], traces)
+
+    def announce_prepared(self, connection: Connection, prepared: Sequence[Any]) -> list[Any]:
+        """Stage `prepare_rows`' messages in the caller's Core transaction (one statement);
+        `send` them once committed."""
+        return self._states.stage_prepared(connection, prepared)
 
     def send(self, rows: Sequence[Mapping[str, Any]], staged: Sequence[Any]) -> list[Future[Any]]:
-        """Send the committed states `announce_rows` staged for `rows` (and count them)."""
+        """Send the committed states `announce_prepared` staged for `rows` (and count them)."""
         for row in rows:
             count(row)
         return self._states.send(staged)
