@@ -13,6 +13,9 @@ import textwrap
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
+from ferrylink import lean_imports
 from ferrylink.lean_imports import LeanSourceLoader
 from ferrylink.services_registry import ALL_SERVICES, module_name
 
@@ -92,6 +95,26 @@ def test_installed_it_serves_every_import_that_follows(tmp_path: Path) -> None:
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["1", "None", "None", "True"]
+
+
+def test_precompile_writes_the_caches_it_can_and_skips_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stdlib, packages = tmp_path / "stdlib", tmp_path / "site-packages"
+    good = write_module(stdlib / "good.py", cached=False)
+    skipped = write_module(stdlib / "tests" / "test_x.py", cached=False)
+    broken = write_module(packages / "broken.py", "def (:\n", cached=False)
+    package = write_module(packages / "pkg" / "mod.py", cached=False)
+    paths = {"stdlib": str(stdlib), "purelib": str(packages), "platlib": str(packages)}
+    monkeypatch.setattr(lean_imports.sysconfig, "get_paths", lambda: paths)
+    lean_imports.precompile()  # the broken file raises nothing
+
+    def cached(path: Path) -> bool:
+        return Path(importlib.util.cache_from_source(str(path), optimization=2)).exists()
+
+    assert cached(good) and cached(package)
+    assert not cached(skipped) and not cached(broken)
+    assert lean_imports.optimized_code(str(good)) is not None
 
 
 def test_importing_a_service_main_leaves_the_imports_alone() -> None:
