@@ -3,6 +3,11 @@
 Designates the primary and publishes which work runs where (the assignment).
 """
 
+from ferrylink import lean_imports
+
+if __name__ == "__main__":  # a service process: libraries load without docstrings
+    lean_imports.install()
+
 from fastapi import FastAPI
 
 from ferrylink.contracts import Heartbeat

@@ -13,6 +13,11 @@ backend servers and every session streams through to one of them.
 
 from __future__ import annotations
 
+from ferrylink import lean_imports
+
+if __name__ == "__main__":  # a service process: libraries load without docstrings
+    lean_imports.install()
+
 import asyncio
 import contextlib
 import logging

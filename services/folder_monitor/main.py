@@ -5,6 +5,11 @@ Watches folders on shared storage and emits `file.arrived` events on the primary
 managed through `/watches` (api.py) on any server.
 """
 
+from ferrylink import lean_imports
+
+if __name__ == "__main__":  # a service process: libraries load without docstrings
+    lean_imports.install()
+
 from fastapi import FastAPI
 
 from ferrylink.contracts import WORK_FOLDER_MONITOR

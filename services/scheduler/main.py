@@ -6,6 +6,11 @@ as an event to the event queue, which spreads the work over the transaction mana
 jobs are managed through `/jobs` (api.py) on any server.
 """
 
+from ferrylink import lean_imports
+
+if __name__ == "__main__":  # a service process: libraries load without docstrings
+    lean_imports.install()
+
 import logging
 
 from fastapi import FastAPI

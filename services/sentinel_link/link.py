@@ -22,8 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Table, bindparam, func, insert, or_, update
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
@@ -368,9 +366,17 @@ def _update_status(session: Session, endpoint_id: int, **values: Any) -> None:
     (deliveries) may both write the first row: it is created with INSERT .. ON CONFLICT DO
     NOTHING, so neither fails on the other's insert."""
     table = SentinelDelivery.__table__  # type: ignore[attr-defined]
-    dialect = session.get_bind().dialect.name
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    session.exec(insert(table).values(endpoint_id=endpoint_id).on_conflict_do_nothing())
+    if session.get_bind().dialect.name == "postgresql":
+        # Imported here: a server on SQLite does not load the PostgreSQL dialect (~2 MB).
+        from sqlalchemy.dialects import postgresql
+
+        session.exec(
+            postgresql.insert(table).values(endpoint_id=endpoint_id).on_conflict_do_nothing()
+        )
+    else:
+        from sqlalchemy.dialects import sqlite
+
+        session.exec(sqlite.insert(table).values(endpoint_id=endpoint_id).on_conflict_do_nothing())
     session.exec(
         update(SentinelDelivery)
         .where(col(SentinelDelivery.endpoint_id) == endpoint_id)

@@ -8,6 +8,11 @@ and POSTs the queues in order (delivery.py). Endpoints are managed at run time t
 
 from __future__ import annotations
 
+from ferrylink import lean_imports
+
+if __name__ == "__main__":  # a service process: libraries load without docstrings
+    lean_imports.install()
+
 import logging
 from dataclasses import dataclass
 

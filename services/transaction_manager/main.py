@@ -5,6 +5,11 @@ its route once, keeps the consolidated transfer log (served by the primary) and 
 letters, takes streamed uploads, and serves partner sessions through the edges.
 """
 
+from ferrylink import lean_imports
+
+if __name__ == "__main__":  # a service process: libraries load without docstrings
+    lean_imports.install()
+
 from fastapi import FastAPI
 
 from ferrylink import secrets_box
