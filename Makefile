@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=68" wheel
 	$(PY) -m pip install --quiet -e '.[test]'
-	$(PY) -m ferrylink.lean_imports  # the services' docstring-free library caches
+	$(VENV)/bin/ferrylink precompile  # the services' docstring-free library caches
 	touch $@
 
 up: install

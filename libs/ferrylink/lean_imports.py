@@ -4,8 +4,8 @@ per process. Ferrylink's own modules load as usual: FastAPI turns endpoint docst
 the API's descriptions, and our asserts stay.
 
 A service's main installs the hook before anything else (`install()`). The caches are
-written at install time (`python -m ferrylink.lean_imports`: `make install`, the container
-image); a module without a valid one (missing, stale, unreadable) loads the usual way.
+written at install time (`precompile()`: `ferrylink precompile` in `make install`, the
+container image); a module without a valid one (missing, stale, unreadable) loads the usual way.
 Modules keep their `__file__` (the .py), so packages still find their data files by it.
 """
 
@@ -79,7 +79,7 @@ def install() -> None:
 
 def precompile() -> None:
     """Write the optimize=2 caches of the standard library and the installed packages, where
-    they are missing or stale (`python -m ferrylink.lean_imports`, at install time). Best
+    they are missing or stale (`ferrylink precompile`, at install time). Best
     effort: a file that does not compile (the standard library's tests hold some on purpose)
     or a directory this user may not write keeps loading the usual way."""
     paths = sysconfig.get_paths()
@@ -91,7 +91,3 @@ def precompile() -> None:
             invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP,
             rx=re.compile(r"[/\\](tests?|idle_test)[/\\]"),
         )
-
-
-if __name__ == "__main__":
-    precompile()

@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     reencrypt = secrets_commands.add_parser(
         "reencrypt", help="encrypt every partner secret with the first key of the list"
     )
+    commands.add_parser(
+        "precompile",
+        help="write the docstring-free caches the services load libraries from (at install)",
+    )
     db = commands.add_parser("db", help="the database schema: upgrade it, show its revision")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_upgrade = db_commands.add_parser(
@@ -395,6 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_failover(args)
         if args.command == "sync":
             return cmd_sync(args)
+        if args.command == "precompile":
+            from ferrylink.lean_imports import precompile
+
+            precompile()
+            return 0
     except ClusterError as exc:
         print(f"ferrylink: error: {exc}", file=sys.stderr, flush=True)
         return 1
