@@ -12,6 +12,7 @@ from pydantic import TypeAdapter, ValidationError
 from ferrylink.contracts import (
     EVENT,
     JOB_PARAMS,
+    STATE_MESSAGE,
     Assignment,
     ClusterMode,
     ConfigChanged,
@@ -27,10 +28,12 @@ from ferrylink.contracts import (
     TransferLogArchive,
     TransferScheduled,
     TransferState,
+    TransferStates,
     TransferStatus,
     destination,
     parse,
     parse_event,
+    states_of,
 )
 
 FIRE = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -43,6 +46,12 @@ SAMPLES: list[Contract] = [
     MaintenanceRun(job_id=4, fire_time=FIRE, task=TempFileCleanup(patterns=["*.part"])),
     TransferState(leg_key="e1:receive", cycle_id="c1", event_id="e1", leg="receive",
                   state=TransferStatus.RECEIVED, node="st1", bytes=3),
+    TransferStates(states=[
+        TransferState(leg_key="e1:route", cycle_id="c1", event_id="e1", leg="route",
+                      state=TransferStatus.ROUTED, node="st1"),
+        TransferState(leg_key="e2:route", cycle_id="c2", event_id="e2", leg="route",
+                      state=TransferStatus.FAILED, node="st1", detail="checksum"),
+    ]),
     Heartbeat(node="st1", service="scheduler", pid=42, sent_at=1.5, epoch=3, active=["a"],
               api_url="http://st1:8103"),
     Assignment(epoch=2, mode=ClusterMode.PASSIVE, leader="st1", primary="st1",
@@ -56,6 +65,8 @@ SAMPLES: list[Contract] = [
 def test_every_message_survives_its_json_form(message: Contract) -> None:
     if destination(message) == ("queue", "events"):
         assert parse(EVENT, message.to_bytes()) == message
+    elif destination(message) == ("queue", "transfer-states"):
+        assert parse(STATE_MESSAGE, message.to_bytes()) == message  # what the link reads
     else:
         assert parse(type(message), message.to_bytes()) == message
 
@@ -111,6 +122,7 @@ def test_comma_separated_patterns_are_still_accepted() -> None:
 def test_destinations() -> None:
     assert [destination(m) for m in SAMPLES] == [("queue", "events")] * 5 + [
         ("queue", "transfer-states"),
+        ("queue", "transfer-states"),
         ("exchange", "heartbeats"),
         ("exchange", "assignments"),
         ("exchange", "config"),
@@ -131,3 +143,18 @@ def test_dead_letter_headers_round_trip_and_broker_deaths() -> None:
 def test_statuses_are_stored_as_their_plain_names() -> None:
     assert TypeAdapter(TransferStatus).validate_python("SENT") is TransferStatus.SENT
     assert json.loads(SAMPLES[5].to_bytes())["state"] == "RECEIVED"
+
+
+def test_a_state_message_holds_one_state_or_a_batch_and_refuses_an_empty_batch() -> None:
+    one, many = SAMPLES[5], SAMPLES[6]
+    assert isinstance(one, TransferState) and isinstance(many, TransferStates)
+    assert states_of(parse(STATE_MESSAGE, one.to_bytes())) == [one]
+    assert [s.id for s in states_of(parse(STATE_MESSAGE, many.to_bytes()))] == [
+        "e1:route:ROUTED", "e2:route:FAILED"
+    ]  # fmt: skip
+    with pytest.raises(RejectMessage, match="at least 1 item"):
+        parse(STATE_MESSAGE, b'{"schema_version": 1, "kind": "transfer.states", "states": []}')
+    data = json.loads(many.to_bytes())
+    data["schema_version"] = 2
+    with pytest.raises(RejectMessage, match="unknown schema version 2"):
+        parse(STATE_MESSAGE, json.dumps(data).encode())
