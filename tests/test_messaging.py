@@ -141,6 +141,35 @@ def test_every_published_message_is_consumed_once(
         manager.stop()
 
 
+def test_an_unexpected_error_on_the_io_thread_reconnects_instead_of_killing_it(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    """pika raises errors other than connection errors once a connection is gone (CI saw
+    ValueError("Timeout closed before call") after a broker node was killed): the consumer
+    manager's I/O thread connects again instead of dying with nothing consumed any more."""
+    ids = [f"m{i}" for i in range(50)]
+    publish_events(publisher, topology, ids)
+    recorder = Recorder()
+    failures: list[set[str]] = []
+
+    def on_change(active: set[str]) -> None:  # runs on the I/O thread
+        if active and not failures:
+            failures.append(active)
+            raise ValueError("Timeout closed before call")
+
+    manager = ConsumerManager([amqp_url], publisher, declare=topology.declare,
+                              delivery_limit=topology.delivery_limit)  # fmt: skip
+    manager.on_change = on_change
+    manager.register(ConsumerSpec("events", topology.queue("events"), recorder, workers=2))
+    manager.set_active({"events"})
+    manager.start()
+    try:
+        wait_until(lambda: set(recorder.done) == set(ids), what="every message handled")
+        assert failures and manager.connections_opened >= 2
+    finally:
+        manager.stop()
+
+
 def test_publish_to_missing_queue_fails_instead_of_vanishing(publisher: Publisher) -> None:
     with pytest.raises(UnroutableError):
         publisher.publish("", "no-such-queue-anywhere", b"{}").result(10)

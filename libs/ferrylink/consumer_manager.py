@@ -228,6 +228,12 @@ class ConsumerManager:
                 self._serve(connection)
             except CONNECTION_ERRORS as exc:
                 log.warning("%s: broker connection lost: %s", self._name, exc)
+            except Exception:
+                # Never let this thread die (nothing would be consumed again): pika raises
+                # other errors too once a connection is gone, e.g. ValueError("Timeout
+                # closed before call") from the closed I/O loop of a lost connection (seen
+                # in CI after a broker node was killed). Connect again.
+                log.exception("%s: broker connection failed", self._name)
             finally:
                 self._connected.clear()
                 self._abandon_all()

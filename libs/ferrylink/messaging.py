@@ -422,7 +422,10 @@ class Publisher:
                 on_close_callback=self._on_connection_closed,
             )
             self._connection = connection
-            connection.ioloop.start()
+            try:
+                connection.ioloop.start()
+            except Exception:  # never let this thread die: publish through a new connection
+                log.exception("%s: broker connection failed", self._name)
             self._connection = None
             self._channel = None
             self._connected.clear()
