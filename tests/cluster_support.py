@@ -159,6 +159,13 @@ class Cluster:
         url = f"http://127.0.0.1:{self.port(server, service)}{path}"
         return self.http.get(url, timeout=3).json()
 
+    def edge_backends(self, edge: int = 0, secret: str | None = None) -> httpx.Response:
+        """GET an edge's /backends with the edge secret `ferrylink up` made (or `secret`)."""
+        port = self.doc()["edges"][edge]["port"]
+        token = (self.state_dir / "edge-secret").read_text().strip() if secret is None else secret
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.get(f"http://127.0.0.1:{port}/backends", headers=headers, timeout=5)
+
     def view(self, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
         """GET /cluster from the first coordinator that answers."""
         for entry in self.doc()["servers"]:

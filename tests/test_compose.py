@@ -765,6 +765,13 @@ def check_edges(compose: Compose) -> list[str]:
             problems.append(f"{name}: dials {sorted(dialled)}, not the edges {sorted(tunnels)}")
         if {env.get("FERRYLINK_EDGE_SECRET")} != secrets:
             problems.append(f"{name}: FERRYLINK_EDGE_SECRET differs from the edges'")
+    for name, svc in ferrylink_services(compose).items():
+        if command(svc) != ["service", "cluster-coordinator"]:
+            continue
+        env = environment(svc)
+        if env.get("FERRYLINK_EDGE_ADMIN_URLS") and {env.get("FERRYLINK_EDGE_SECRET")} != secrets:
+            # The edges' /backends asks for the secret: the web UI would show them unreachable.
+            problems.append(f"{name}: FERRYLINK_EDGE_SECRET differs from the edges'")
     return problems
 
 

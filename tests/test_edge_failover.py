@@ -11,7 +11,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.edge_support import demo_home, sftp
@@ -25,10 +24,9 @@ SIZE = 1_500_000
 @pytest.mark.fault
 def test_killing_the_backend_during_an_upload_loop(make_cluster: Any, tmp_path: Path) -> None:
     cluster = make_cluster("active_active", servers=2)
-    admin = cluster.doc()["edges"][0]["port"]
 
     def backends() -> dict[str, dict[str, Any]]:
-        return {b["node"]: b for b in httpx.get(f"http://127.0.0.1:{admin}/backends").json()}
+        return {b["node"]: b for b in cluster.edge_backends().json()}
 
     wait_until(lambda: all(backends().get(n, {}).get("idle") for n in ("st1", "st2")), 60,
                "both transaction managers to connect to the edge")  # fmt: skip

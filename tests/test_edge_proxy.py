@@ -160,13 +160,19 @@ def test_sftp_and_https_through_the_edge(make_cluster: Any, tmp_path: Path) -> N
 @pytest.mark.parametrize("mode", ["passive"])
 def test_in_passive_mode_only_the_primary_takes_sessions(make_cluster: Any, mode: str) -> None:
     cluster = make_cluster(mode, servers=2)
-    admin = cluster.doc()["edges"][0]["port"]
 
     def backends() -> list[dict[str, Any]]:
-        import httpx
-
-        answer: list[dict[str, Any]] = httpx.get(f"http://127.0.0.1:{admin}/backends").json()
+        answer: list[dict[str, Any]] = cluster.edge_backends().json()
         return answer
+
+    # The edge's admin API asks for the edge secret: nothing without it, or with another.
+    for wrong in ("", "not-the-secret"):
+        refused = cluster.edge_backends(secret=wrong)
+        assert refused.status_code == 401, refused.text
+        assert refused.json()["error"]["message"] == (
+            "the edge secret is required as a bearer token"
+        )  # fmt: skip
+        assert refused.headers["www-authenticate"] == "Bearer"
 
     wait_until(lambda: any(b["node"] == "st1" and b["idle"] for b in backends()), 30,
                "the primary's TM to connect")  # fmt: skip

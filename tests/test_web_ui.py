@@ -114,6 +114,8 @@ def test_web_ui_in_a_real_browser(
             expect(page.get_by_role("heading", name="Cluster")).to_be_visible()
             expect(page.locator("#primary")).to_have_text("st1")
             expect(page.locator('#servers tr[data-server="st2"] .badge')).to_have_text("up")
+            # The edge's backends, fetched with the edge secret (its /backends asks for it).
+            expect(page.locator("table.edge")).to_contain_text("st1")
             shoot(page, shots, "cluster")
 
             # Pause st2's event consumption: shown, and its TM stops taking events; resume.

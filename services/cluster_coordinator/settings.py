@@ -47,6 +47,11 @@ class Settings(FerrylinkSettings):
         description="The edges' admin APIs (comma separated), whose `/backends` the web UI "
         "shows on the cluster page.",
     )
+    edge_secret: str = Field(
+        default="",
+        description="The edges' shared secret (FERRYLINK_EDGE_SECRET): the credential their "
+        "`/backends` asks for.",
+    )
     web_token_hours: float = Field(
         default=8.0, gt=0, le=24 * 7, description="Life of a web UI login's token."
     )

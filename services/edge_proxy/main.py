@@ -6,7 +6,8 @@ One process, one event loop, four listeners:
 - the tunnel port the backend transaction managers dial out to (`FERRYLINK_TUNNEL_PORT`;
   `backends.py`); the edge never opens a connection into the secure zone,
 - its own small HTTP API (`FERRYLINK_HTTP_PORT`): `/healthz`, `/readyz` (200 once a
-  backend server is connected), `/metrics`, `/backends`.
+  backend server is connected), `/metrics`, and `/backends`, which needs the edge secret
+  as a bearer token (the edge keeps no administrators; the backends hold the secret).
 It keeps no account database, no account keys and no files: logins are checked by the
 backend servers and every session streams through to one of them.
 """
@@ -20,13 +21,15 @@ if __name__ == "__main__":  # a service process: libraries load without docstrin
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import signal
 from collections.abc import Generator
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, Gauge, generate_latest
 
 from ferrylink.error_shape import install_error_handlers
@@ -52,8 +55,24 @@ class _Server(uvicorn.Server):
         yield
 
 
+EDGE_BEARER = HTTPBearer(auto_error=False, description="The edge secret (FERRYLINK_EDGE_SECRET)")
+
+
+def require_edge_secret(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(EDGE_BEARER)],
+) -> None:
+    """What the backends know: the edge secret, as a bearer token."""
+    secret: str = request.app.state.edge_secret
+    given = credentials.credentials if credentials is not None else ""
+    if not secret or not hmac.compare_digest(given.encode(), secret.encode()):
+        raise HTTPException(401, "the edge secret is required as a bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
 def admin_app(hub: BackendHub, settings: Settings) -> FastAPI:
     app = FastAPI(title="Ferrylink edge-proxy", description=__doc__ or "", version="0.1.0")
+    app.state.edge_secret = settings.edge_secret
     install_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])
@@ -67,7 +86,8 @@ def admin_app(hub: BackendHub, settings: Settings) -> FastAPI:
             response.status_code = 503
         return {"ready": ready, "checks": {"backend_connected": ready}, "edge": settings.edge_id}
 
-    @app.get("/backends", tags=["backends"], summary="Connected backend servers")
+    @app.get("/backends", tags=["backends"], summary="Connected backend servers",
+             dependencies=[Depends(require_edge_secret)])  # fmt: skip
     def backends() -> list[dict[str, Any]]:
         return hub.status()
 

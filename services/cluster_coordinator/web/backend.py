@@ -76,7 +76,11 @@ def edges(coordinator: Coordinator) -> list[dict[str, Any]]:
     found = []
     for url in coordinator.settings.edge_admin_url_list:
         try:
-            response = httpx.get(f"{url}/backends", timeout=2.0)
+            response = httpx.get(
+                f"{url}/backends",
+                headers={"Authorization": f"Bearer {coordinator.settings.edge_secret}"},
+                timeout=2.0,
+            )
             response.raise_for_status()
             found.append({"url": url, "backends": response.json(), "error": ""})
         except (httpx.HTTPError, ValueError) as exc:
