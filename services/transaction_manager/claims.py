@@ -20,7 +20,7 @@ import os
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import bindparam, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
@@ -147,11 +147,12 @@ def drop_many(engine: Engine, event_ids: Sequence[str], owner: str) -> None:
     """`drop` for many events (one statement)."""
     if not event_ids:
         return
+    dialect = engine.dialect.name
     statement = text(
-        "DELETE FROM event_claim WHERE event_id IN :ids AND owner = :owner"
-    ).bindparams(bindparam("ids", expanding=True))
+        f"DELETE FROM event_claim WHERE event_id {one_of_sql('ids', dialect)} AND owner = :owner"
+    )
     with engine.begin() as connection:
-        connection.execute(statement, {"ids": list(event_ids), "owner": owner})
+        connection.execute(statement, {"ids": one_of_value(event_ids, dialect), "owner": owner})
 
 
 def release(engine: Engine, event_id: str, owner: str) -> None:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import Session
 
 from ferrylink.admin_api import LoginIn, authenticate, client_address
-from ferrylink.contracts import TransferStatus
+from ferrylink.contracts import WORK_EVENTS, WORK_EVENTS_LOCAL, TransferStatus
 from ferrylink.deps import EngineDep, SessionDep
 from ferrylink.login_guard import LoginGuard
 from ferrylink.models import ApiToken
@@ -149,6 +149,13 @@ def log_out(web: WriteDep, session: SessionDep) -> Response:
 # -- cluster ------------------------------------------------------------------------------------
 
 
+def _event_consumption(paused: bool, work: list[str]) -> str:
+    """What the cluster page says of a server's event consumption."""
+    if paused:
+        return "paused"
+    return "consuming" if {WORK_EVENTS, WORK_EVENTS_LOCAL} & set(work) else "-"
+
+
 def _cluster_context(coordinator: Coordinator, session: Session) -> dict[str, Any]:
     status = cluster_status(coordinator, session)
     servers = [s.id for s in status.servers]
@@ -165,6 +172,7 @@ def _cluster_context(coordinator: Coordinator, session: Session) -> dict[str, An
             "server": server,
             "age": min(ages) if ages else None,
             "versions": versions,
+            "events": _event_consumption(server.events_paused, server.work),
             "services": [
                 {"name": name, "up": info["age"] <= status.connection_timeout, **info}
                 for name, info in sorted(server.services.items())
