@@ -94,7 +94,9 @@ class _Handler(BaseHTTPRequestHandler):
             for chunk in self._body():
                 received += len(chunk)  # read and drop, so the client sees our answer
         else:
-            tmp = target.with_name(f".upload-{threading.get_ident()}-{target.name}")
+            # Named so that no glob for the file's own name finds it while it is written
+            # (`*orders.csv` once matched an empty temporary file of this sink).
+            tmp = target.with_name(f".{target.name}.{threading.get_ident()}.part")
             try:
                 with tmp.open("wb") as out:
                     for chunk in self._body():
