@@ -218,12 +218,23 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
         assert isinstance(owner, EdgeSSHServer)
         self.owner = owner
         owner.sftp = self
+        self._told = ""
 
     def tell(self, message: str) -> None:
         """Show the client why a request failed: OpenSSH's `sftp` prints only the status
-        code's generic text ("Failure"), but passes the channel's stderr through."""
+        code's generic text ("Failure"), but passes the channel's stderr through. The same
+        message twice in a row (each pending request, then the session's end) is told once."""
+        if message == self._told:
+            return
+        self._told = message
         with contextlib.suppress(Exception):
             self.channel.write_stderr(f"ferrylink: {message}\n".encode())
+
+    def _gone(self, exc: BackendGone) -> SFTPFailure:
+        """A request cut by its backend's loss: the client is told why at once (it may exit
+        on the failed request, before the session's end tells it)."""
+        self.tell(str(exc))
+        return SFTPFailure(str(exc))
 
     async def _call(
         self, meta: dict[str, Any], data: bytes = b"", quiet: bool = False
@@ -240,7 +251,7 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
                 self.tell(str(exc))
             raise _sftp_error(exc) from None
         except BackendGone as exc:
-            raise SFTPFailure(str(exc)) from None
+            raise self._gone(exc) from None
 
     # -- names ----------------------------------------------------------------------------------
 
@@ -326,7 +337,7 @@ class EdgeSFTPServer(asyncssh.SFTPServer):
             # Not answered one by one: a failed write is reported by the close.
             await backend.send({"op": "write", "handle": file_obj.handle, "offset": offset}, data)
         except BackendGone as exc:
-            raise SFTPFailure(str(exc)) from None
+            raise self._gone(exc) from None
         if file_obj.max_bytes is not None and offset + len(data) > file_obj.max_bytes:
             # The backend refused this write too (and fails the close): stop the client now.
             if not file_obj.told:
