@@ -4,8 +4,9 @@ settled, with the per-process average and the server's total.
 PSS (proportional set size) splits pages shared between processes (the Python interpreter,
 shared libraries) among them, so the PSS of a server's processes adds up to what the
 server really costs; RSS counts shared pages in every process. Targets: an average of at
-most 72 MB RSS per process; one server (with its edge, when it has one) under 400 MB PSS,
-the goal being 300 MB.
+most 72 MB RSS per process of the server (its five; the edge serves the whole cluster from
+the DMZ, so its smaller figure is shown beside the average, not in it); one server with its
+edge under 400 MB PSS, the goal being 300 MB.
 """
 
 from __future__ import annotations
@@ -44,16 +45,20 @@ def run(settle: float) -> dict[str, Any]:
         # Idle means having run its loops and heartbeats for a while, not just started.
         time.sleep(settle)
         doc = cluster.doc()
-        pids = {name: svc["pid"] for name, svc in doc["servers"][0]["services"].items()}
-        pids.update({edge["id"]: edge["pid"] for edge in doc.get("edges", [])})
-        per_process = {name: memory_mb(pid) for name, pid in pids.items()}
+        backend = {name: svc["pid"] for name, svc in doc["servers"][0]["services"].items()}
+        edges = {edge["id"]: edge["pid"] for edge in doc.get("edges", [])}
+        per_process = {name: memory_mb(pid) for name, pid in {**backend, **edges}.items()}
     rss = [r for r, _ in per_process.values()]
+    backend_rss = [per_process[name][0] for name in backend]
     pss_total = sum(p for _, p in per_process.values())
-    average_rss = sum(rss) / len(rss)
+    # The target is the server's own processes' (an edge serves the whole cluster).
+    average_backend_rss = sum(backend_rss) / len(backend_rss)
     return {
         "per_process": {n: {"rss_mb": r, "pss_mb": p} for n, (r, p) in per_process.items()},
-        "average_rss_mb": average_rss,
+        "average_backend_rss_mb": average_backend_rss,
+        "average_rss_with_edge_mb": sum(rss) / len(rss),
         "average_rss_target_mb": AVERAGE_RSS_TARGET_MB,
+        "average_rss_target_met": average_backend_rss <= AVERAGE_RSS_TARGET_MB,
         "server_rss_mb": sum(rss),
         "server_pss_mb": pss_total,
         "server_pss_target_mb": SERVER_PSS_TARGET_MB,
@@ -70,7 +75,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         [name, f"{m['rss_mb']:.1f}", f"{m['pss_mb']:.1f}"]
         for name, m in data["per_process"].items()
     ]
-    rows.append(["average per process", f"{data['average_rss_mb']:.1f} (target <= 72)", ""])
+    met = "met" if data["average_rss_target_met"] else "not met"
+    rows.append(
+        [
+            "average per server process",
+            f"{data['average_backend_rss_mb']:.1f} (target <= 72: {met})",
+            "",
+        ]
+    )
+    rows.append(["average with the edge", f"{data['average_rss_with_edge_mb']:.1f}", ""])
     rows.append(
         [
             "one server, total",

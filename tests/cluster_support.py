@@ -155,9 +155,17 @@ class Cluster:
                 return port
         raise KeyError(server)
 
-    def get(self, server: str, service: str, path: str) -> Any:
+    def get(self, server: str, service: str, path: str, timeout: float = 15) -> Any:
+        """GET a service's API. Tests read what it answers, not how fast: on a machine that
+        two cluster tests load, the sentinel link (nice 10: a tenth of a core when the CPU
+        is saturated) took more than 3 s to answer `/work` (CI, twice). A timeout is an
+        error that names the service; a refused connection (a killed server) is httpx's."""
         url = f"http://127.0.0.1:{self.port(server, service)}{path}"
-        return self.http.get(url, timeout=3).json()
+        try:
+            return self.http.get(url, timeout=timeout).json()
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(f"{server}'s {service} did not answer GET {path} within "
+                               f"{timeout:g} s") from exc  # fmt: skip
 
     def edge_backends(self, edge: int = 0, secret: str | None = None) -> httpx.Response:
         """GET an edge's /backends with the edge secret `ferrylink up` made (or `secret`)."""
@@ -192,6 +200,8 @@ class Cluster:
         found = []
         for server in servers:
             for service in BACKEND_SERVICES:
+                # A killed server's services refuse the connection: they have no history to
+                # add. A slow one is waited for (`get` raises TimeoutError, not httpx's).
                 with contextlib.suppress(httpx.HTTPError):
                     for item in self.get(server, service, "/work")["history"]:
                         if item["unit"] in PRIMARY_ONLY_WORK:

@@ -17,8 +17,14 @@ from tests.edge_support import demo_home, sftp
 from tests.helpers import wait_until
 
 FILES = 24
-# With -l 16000 (~2 MB/s) an upload takes most of a second, so the kill lands inside one.
+# With -l 16000 (~2 MB/s) an upload takes most of a second.
 SIZE = 1_500_000
+# The test kills once the upload of file KILLED_DURING has started. That file and the next
+# go at -l 2000 (~6 s each): the kill (a CLI process, then the supervisor) lands inside an
+# upload however long it takes, and however fast the machine moves from one file to the
+# next (at 2 MB/s the whole upload had once ended before the kill came).
+KILLED_DURING = 5
+SLOW = {KILLED_DURING, KILLED_DURING + 1}
 
 
 @pytest.mark.fault
@@ -40,8 +46,9 @@ def test_killing_the_backend_during_an_upload_loop(make_cluster: Any, tmp_path: 
     errors: dict[str, str] = {}
 
     def upload_loop() -> None:
-        for path in sources:
-            result = sftp(cluster, f"put {path}\n", "-l", "16000")
+        for i, path in enumerate(sources):
+            rate = "2000" if i in SLOW else "16000"
+            result = sftp(cluster, f"put {path}\n", "-l", rate)
             told[path.name] = result.returncode == 0
             errors[path.name] = result.stderr
 
@@ -49,7 +56,7 @@ def test_killing_the_backend_during_an_upload_loop(make_cluster: Any, tmp_path: 
     loop.start()
     try:
         # Kill the server that serves the session running now, a few files in.
-        wait_until(lambda: len(told) >= 5, 120, "the first uploads")
+        wait_until(lambda: len(told) >= KILLED_DURING, 120, "the first uploads")
         victim = wait_until(
             lambda: next((n for n, b in backends().items() if b["sessions"]), None), 30,
             "a session on a backend",

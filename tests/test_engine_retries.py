@@ -82,8 +82,11 @@ def test_database_unreachable_for_ten_seconds_parks_nothing(
         with running_site(tmp_path, prefix, amqp_url, behind_proxy, ["st1"]) as site:
             site.setup(ROUTE)
             tm = site.start_tm("st1").wait_consuming()
-            ids = _events(site, 300)
+            # Enough that the transaction manager is still at it when the database goes (300
+            # were all done between two polls on a quiet machine).
+            ids = _events(site, 3000)
             wait_until(lambda: site.processed(ids) > 0, 60, "processing under way")
+            assert site.processed(ids) < len(ids), "all processed before the outage"
             proxy.cut()
             cut_at = time.monotonic()
             wait_until(lambda: time.monotonic() - cut_at >= 10, 11, "10 s of outage",

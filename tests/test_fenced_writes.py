@@ -228,7 +228,7 @@ def test_a_fenced_sentinel_link_links_and_delivers_nothing(
     batch = store.next_batch(endpoint.id, 10)
     assert len(batch) == 1
     with pytest.raises(Fenced):
-        store.delivered(endpoint.id, [batch[0][0]], time.time())
+        store.delivered(endpoint.id, batch[0][0], time.time())
     with pytest.raises(Fenced):
         store.failed(endpoint.id, "HTTP 500", time.time())
     assert (records(link), store.status()) == before

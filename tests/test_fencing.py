@@ -108,6 +108,36 @@ def test_the_fence_tells_the_process_which_epoch_was_refused(engine: Engine) -> 
     fence.check_apart(engine, FencingToken(6, "st2"))  # a check of its own passes
 
 
+def test_a_check_apart_waits_for_no_writer(engine: Engine) -> None:
+    """What guards a POST (the sentinel link checks before each one) reads the epoch and
+    holds nothing: it passes or refuses while another connection holds the database's
+    write lock (SQLite) or the cluster_state row (PostgreSQL), instead of waiting for it
+    and stalling the event path's writers meanwhile."""
+    fence = Fence(lambda: ST1)
+    outcomes: list[str] = []
+
+    def check_both() -> None:
+        fence.check_apart(engine, ST1)
+        outcomes.append("passed")
+        try:
+            fence.check_apart(engine, FencingToken(4, "st1"))
+        except Fenced:
+            outcomes.append("refused")
+
+    with engine.connect() as holder:
+        if engine.dialect.name == "sqlite":
+            holder.exec_driver_sql("BEGIN IMMEDIATE")
+        holder.execute(text("UPDATE cluster_state SET epoch = epoch WHERE id = 1"))
+        checker = threading.Thread(target=check_both)
+        checker.start()
+        checker.join(10)  # the writer still holds; a check that waits for it is still here
+        finished = not checker.is_alive()
+        holder.rollback()
+    checker.join(60)
+    assert finished, "the check waited for the writer"
+    assert outcomes == ["passed", "refused"]
+
+
 def other_connection_changes_epoch(engine: Engine, lock_timeout_ms: int) -> bool:
     """The leader's epoch change from another connection; False if it had to wait longer
     than `lock_timeout_ms` (PostgreSQL: a row lock; SQLite: the database's write lock)."""

@@ -32,8 +32,9 @@ from ferrylink.models import (
     ScheduledFile,
     ScheduledJob,
     SentinelCycle,
+    SentinelDelivery,
+    SentinelEndpoint,
     SentinelLeg,
-    SentinelOutbox,
     SentinelRecord,
     StepRun,
     Transfer,
@@ -280,17 +281,16 @@ def test_outbox_purge_parks_messages_never_published_as_dead_letters(
 # -- sentinel link data ----------------------------------------------------------------------------
 
 
-def link_cycle(cycle: str, linked: float, queued_for: int | None = None) -> list[SQLModel]:
+def link_cycle(cycle: str, linked: float, first_pos: int) -> list[SQLModel]:
+    """A cycle of two records, at positions `first_pos` and the next in the record log."""
     rows: list[SQLModel] = [SentinelCycle(cycle_id=cycle, next_seq=3, updated_at=linked)]
     for seq, status in ((1, "RECEIVED"), (2, "ROUTED")):
         leg = "receive" if seq == 1 else "route"
         rows.append(SentinelLeg(leg_key=f"{cycle}:{leg}", cycle_id=cycle, status=status,
                                 seq=seq, updated_at=linked))  # fmt: skip
         rows.append(SentinelRecord(id=f"{cycle}:{leg}:{status}", cycle_id=cycle, seq=seq,
-                                   body_json="{}", linked_at=linked))  # fmt: skip
-    if queued_for is not None:
-        rows.append(SentinelOutbox(endpoint_id=queued_for, record_id=f"{cycle}:route:ROUTED",
-                                   created_at=linked))  # fmt: skip
+                                   body_json="{}", linked_at=linked,
+                                   pos=first_pos + seq - 1))  # fmt: skip
     return rows
 
 
@@ -301,27 +301,30 @@ def test_sentinel_link_purge_removes_quiet_cycles_every_endpoint_got(
     old, new = OLD.timestamp(), NEW.timestamp()
     add(
         engine,
-        *link_cycle("delivered-long-ago", old),
-        *link_cycle("still-queued", old, queued_for=1),  # an endpoint has not got it yet
-        *link_cycle("recent", new),
-        *link_cycle("failed-may-be-resubmitted", old),  # a resubmit goes on numbering
+        *link_cycle("failed-may-be-resubmitted", old, 1),  # a resubmit goes on numbering
         Transfer(leg_key="x:route", cycle_id="failed-may-be-resubmitted", leg="route",
                  event_id="x", direction="internal", account="acme", file_name="f",
                  protocol="file", status="FAILED", node_id="st1"),
+        *link_cycle("delivered-long-ago", old, 3),
+        *link_cycle("still-queued", old, 5),  # the endpoint has not got its second record
+        *link_cycle("recent", new, 7),
+        SentinelEndpoint(id=1, name="tracking", url="http://127.0.0.1:1/"),
+        SentinelDelivery(endpoint_id=1, through_pos=5),
+        # A deleted endpoint's row holds nothing back.
+        SentinelDelivery(endpoint_id=99, through_pos=0),
     )  # fmt: skip
     # passive_legacy: this server's own link data, in its own file
     state_dir = tmp_path / "state"
     state_dir.mkdir()
     local = make_engine(f"sqlite:///{sentinel_link_db(state_dir, 'st1')}")
     create_tables(local)
-    add(local, *link_cycle("local-delivered", old), *link_cycle("local-recent", new))
+    add(local, *link_cycle("local-delivered", old, 1), *link_cycle("local-recent", new, 3))
 
     result = run_job(engine, data_dir, "sentinel_link_purge", state_dir=state_dir)
     kept = ["failed-may-be-resubmitted", "recent", "still-queued"]
     assert keys(engine, SentinelCycle.cycle_id) == kept
     assert sorted(set(keys(engine, SentinelRecord.cycle_id))) == kept
     assert sorted(set(keys(engine, SentinelLeg.cycle_id))) == kept
-    assert keys(engine, SentinelOutbox.record_id) == ["still-queued:route:ROUTED"]
     assert keys(local, SentinelCycle.cycle_id) == ["local-recent"]
     assert sorted(set(keys(local, SentinelRecord.cycle_id))) == ["local-recent"]
     local.dispose()

@@ -34,7 +34,10 @@ class Recorder:
     """A handler that records every message id it completed, thread-safely."""
 
     def __init__(
-        self, fail_ids: frozenset[str] = frozenset(), reject_ids: frozenset[str] = frozenset()
+        self,
+        fail_ids: frozenset[str] = frozenset(),
+        reject_ids: frozenset[str] = frozenset(),
+        pause_after: int | None = None,
     ) -> None:
         self.done: Counter[str] = Counter()
         self.attempts: Counter[str] = Counter()
@@ -43,8 +46,14 @@ class Recorder:
         self.lock = threading.Lock()
         self.gate = threading.Event()
         self.gate.set()
+        # Close the gate itself once this many are done: the next message waits in flight.
+        self.pause_after = pause_after
 
     def __call__(self, delivery: Delivery) -> None:
+        with self.lock:
+            if self.pause_after is not None and len(self.done) >= self.pause_after:
+                self.pause_after = None
+                self.gate.clear()
         self.gate.wait(10)
         message_id = delivery.json()["id"]
         with self.lock:
@@ -209,16 +218,16 @@ def test_consumer_cancelled_mid_stream_loses_nothing(
 ) -> None:
     ids = [f"m{i}" for i in range(300)]
     publish_events(publisher, topology, ids)
-    first, second = Recorder(), Recorder()
+    # The first consumer holds its 51st message in flight (its handler waits at the gate)
+    # while it is cancelled: it stops there however fast it got there.
+    first, second = Recorder(pause_after=50), Recorder()
     manager_a = make_manager(amqp_url, publisher, topology)
     manager_b = make_manager(amqp_url, publisher, topology)
     manager_a.register(ConsumerSpec("events", topology.queue("events"), first, prefetch=5))
     manager_b.register(ConsumerSpec("events", topology.queue("events"), second, prefetch=5))
     try:
         manager_a.set_active({"events"})
-        wait_until(lambda: len(first.done) >= 50, what="first consumer under way")
-        # Hold the handler so that a message is in flight while we cancel.
-        first.gate.clear()
+        wait_until(lambda: not first.gate.is_set(), what="first consumer holding its 51st")
         manager_a.set_active(set())
         first.gate.set()
         wait_until(lambda: not manager_a.active(), what="first consumer cancelled")
@@ -295,6 +304,34 @@ def test_a_fenced_handler_returns_the_message_for_the_primary_uncounted(
         new.stop()
     assert refused[1] - refused[0] >= FENCED_REQUEUE_DELAY * 0.9
     assert queue_depth(amqp_url, topology.dead_letter_queue(topology.queue("events"))) == 0
+
+
+def test_a_batch_waits_its_linger_for_the_rest(
+    amqp_url: str, publisher: Publisher, topology: Topology
+) -> None:
+    """A worker that got a batch's first message waits up to the consumer's `linger` for
+    more (the sentinel link lingers so one transaction links several messages); a full
+    batch does not wait."""
+    batches: list[list[str]] = []
+
+    def batch(deliveries: Sequence[Delivery]) -> list[BaseException | None]:
+        batches.append([delivery.json()["id"] for delivery in deliveries])
+        return [None] * len(deliveries)
+
+    manager = make_manager(amqp_url, publisher, topology)
+    manager.register(ConsumerSpec("events", topology.queue("events"), batch_handler=batch,
+                                  batch=3, prefetch=10, linger=30.0))  # fmt: skip
+    manager.set_active({"events"})
+    try:
+        wait_until(lambda: manager.active() == {"events"}, what="the consumer running")
+        publish_events(publisher, topology, ["first"])
+        # The rest of the batch comes later than the default linger (5 ms) would wait.
+        time.sleep(0.5)
+        assert batches == []
+        publish_events(publisher, topology, ["second", "third"])
+        wait_until(lambda: batches == [["first", "second", "third"]], 10, "one batch of three")
+    finally:
+        manager.stop()
 
 
 def test_a_batch_handler_gets_what_waited_and_each_message_is_settled_by_its_answer(

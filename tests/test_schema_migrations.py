@@ -360,6 +360,88 @@ def test_a_database_of_the_release_before_migrations_keeps_its_rows(
 
 
 # --------------------------------------------------------------------------------------------
+# 0003: the sentinel link's outbox becomes a position per endpoint in one record log
+# --------------------------------------------------------------------------------------------
+
+SENTINEL_0002_ROWS = [
+    "INSERT INTO sentinel_endpoint (id, name, url, paused, batch_size, max_backlog, "
+    "max_age_seconds, created_at) VALUES (1, 'a', 'http://127.0.0.1:1/', false, 100, 1000, "
+    "1e12, '2026-01-01 00:00:00'), (2, 'b', 'http://127.0.0.1:2/', false, 100, 1000, 1e12, "
+    "'2026-01-01 00:00:00'), (3, 'c', 'http://127.0.0.1:3/', false, 100, 1000, 1e12, "
+    "'2026-01-01 00:00:00')",
+    # d: delivered to every endpoint; q and p: queued, linked in one batch (same time).
+    "INSERT INTO sentinel_record (id, cycle_id, seq, body_json, linked_at) VALUES "
+    "('d:receive:RECEIVED', 'd', 1, '{\"n\": \"d1\"}', 1), "
+    "('d:route:ROUTED', 'd', 2, '{\"n\": \"d2\"}', 1), "
+    "('q:route:TO_EXECUTE', 'q', 1, '{\"n\": \"q1\"}', 2), "
+    "('q:route:ROUTED', 'q', 2, '{\"n\": \"q2\"}', 2), "
+    "('p:route:ROUTED', 'p', 1, '{\"n\": \"p1\"}', 2)",
+    # In outbox order (link order): b got q1 already; c got everything.
+    "INSERT INTO sentinel_outbox (id, endpoint_id, record_id, created_at) VALUES "
+    "(1, 1, 'q:route:TO_EXECUTE', 2), (2, 1, 'q:route:ROUTED', 2), (3, 2, 'q:route:ROUTED', 2),"
+    " (4, 1, 'p:route:ROUTED', 2), (5, 2, 'p:route:ROUTED', 2)",
+    # a and c have status rows; b has none yet.
+    "INSERT INTO sentinel_delivery (endpoint_id, dropped, delivered, failures, last_error) "
+    "VALUES (1, 0, 2, 0, ''), (3, 1, 7, 0, '')",
+]
+
+
+def test_sentinel_outbox_rows_become_each_endpoints_position(
+    engine: Engine, other_engine: Engine
+) -> None:
+    from datetime import UTC
+    from datetime import datetime as clock
+
+    from ferrylink.contracts import TransferState
+    from services.sentinel_link.link import LinkStore
+
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0002")
+    with engine.begin() as connection:
+        for statement in SENTINEL_0002_ROWS:
+            connection.execute(text(statement))
+    upgrade_schema(engine)
+    assert model_differences(engine) == []
+    store = LinkStore(engine, engine)
+
+    def queued() -> dict[int, list[str]]:
+        return {e: [r["n"] for _, r in store.next_batch(e, 10)] for e in (1, 2, 3)}
+
+    # Every record an endpoint had queued, in link order; b may get q2 again (it was queued
+    # for b after q1, which b had), none is lost.
+    assert queued() == {1: ["q1", "q2", "p1"], 2: ["q2", "p1"], 3: []}
+    status = store.status()
+    assert {e: status[e]["backlog"] for e in (1, 2, 3)} == {1: 3, 2: 2, 3: 0}
+    assert (status[3]["delivered"], status[3]["dropped"]) == (7, 1)  # counts kept
+    new = TransferState(leg_key="n:receive", cycle_id="n", event_id="n", leg="receive",
+                        state="RECEIVED", account="acme", file_name="a.csv", bytes=1,
+                        direction="inbound", protocol="sftp", node="st1",
+                        at=clock(2026, 1, 1, tzinfo=UTC))  # fmt: skip
+    assert store.link_state(new, store.endpoints()) == 1
+    after = {e: [r.get("n") or r["id"] for _, r in store.next_batch(e, 10)] for e in (1, 2, 3)}
+    assert after == {1: ["q1", "q2", "p1", new.id], 2: ["q2", "p1", new.id], 3: [new.id]}
+
+    # Down again: each endpoint's backlog queued again as outbox rows, in order.
+    with engine.begin() as connection:
+        command.downgrade(alembic_config(connection), "0002")
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text("SELECT endpoint_id, record_id FROM sentinel_outbox ORDER BY id")
+        ).all()
+    by_endpoint: dict[int, list[str]] = {}
+    for endpoint_id, record_id in rows:
+        by_endpoint.setdefault(endpoint_id, []).append(record_id)
+    assert by_endpoint == {
+        1: ["q:route:TO_EXECUTE", "q:route:ROUTED", "p:route:ROUTED", new.id],
+        2: ["q:route:ROUTED", "p:route:ROUTED", new.id],
+        3: [new.id],
+    }
+    with other_engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0002")
+    assert snapshot(engine) == snapshot(other_engine)  # 0002's schema exactly
+
+
+# --------------------------------------------------------------------------------------------
 # what a start does with each kind of database
 # --------------------------------------------------------------------------------------------
 
@@ -483,6 +565,7 @@ engine.connect().close()
 ready.touch()
 wait_until(go.exists, timeout=120, what="the go file", interval=0.002)
 print(prepare_schema(engine, upgrade=upgrade).describe())
+print("alembic" if "alembic" in sys.modules else "no alembic")
 """
 
 
@@ -525,7 +608,9 @@ def test_processes_starting_at_once_prepare_the_schema_once(
             p.kill()
     for p, (out, err) in zip(starters, outputs, strict=True):
         assert p.returncode == 0, err
-        assert out.strip() == f"{schema.head_revision()} (head)"
+        assert out.splitlines()[0] == f"{schema.head_revision()} (head)"
+    # Only the process that did the work imported Alembic (~8 MB for the process's life).
+    assert sorted(out.splitlines()[1] for out, _ in outputs) == ["alembic"] + ["no alembic"] * 3
     assert version_rows(engine) == [schema.head_revision()]
     assert model_differences(engine) == []
     if start == "before_migrations":

@@ -33,7 +33,7 @@ from ferrylink.config import read_sentinel_undelivered
 from ferrylink.db import make_engine
 from ferrylink.messaging import Topology
 from ferrylink_ops.tracking_sink import TrackingSink
-from tests.cluster_support import Cluster
+from tests.cluster_support import Cluster, server_doc
 from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(400)]
@@ -134,6 +134,14 @@ def test_passive_primary_killed_mid_stream_every_leg_once_in_order(
         sink.stop()
 
 
+def nice_values(pid: int) -> set[int]:
+    """The nice value of each thread of a process (Linux keeps one per thread)."""
+    values = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        values.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return values
+
+
 def test_one_endpoint_down_under_load_gets_its_whole_backlog_once_in_order(
     make_cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,6 +152,15 @@ def test_one_endpoint_down_under_load_gets_its_whole_backlog_once_in_order(
                "the sentinel link active")  # fmt: skip
     wait_until(lambda: WORK_EVENTS in cluster.active("st1", "transaction-manager"), 60,
                "the transaction manager consuming")  # fmt: skip
+    # Tracking yields the CPU to the event path: every thread of the sentinel link, and its
+    # autogroup (the kernel shares the CPU between sessions first), at nice 10.
+    services = server_doc(cluster.doc(), "st1")["services"]
+    link_pid, tm_pid = services["sentinel-link"]["pid"], services["transaction-manager"]["pid"]
+    assert nice_values(link_pid) == {10}
+    if Path("/proc/self/autogroup").exists():
+        assert Path(f"/proc/{link_pid}/autogroup").read_text().split()[-2:] == ["nice", "10"]
+        assert Path(f"/proc/{tm_pid}/autogroup").read_text().split()[-2:] == ["nice", "0"]
+    assert nice_values(tm_pid) == {0}
     up, down = TrackingSink(), TrackingSink()
     down.stop()  # its port refuses connections until it is started again
     endpoints_url = f"{url(cluster, 'st1', 'sentinel-link')}/endpoints"

@@ -1,5 +1,5 @@
 """The sentinel link without a broker: pure rules (backoff, bounds, URLs), the link store on a
-real SQLite file (seq per cycle, repeats, outbox bounds), and delivery to real HTTP receivers
+real SQLite file (seq per cycle, repeats, backlog bounds), and delivery to real HTTP receivers
 (one of two down, then back)."""
 
 from __future__ import annotations
@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event as sa_event
 from sqlmodel import Session, select
 
 from ferrylink.contracts import TransferState
 from ferrylink.db import create_tables, make_engine
-from ferrylink.models import SentinelEndpoint, SentinelLeg, SentinelOutbox
+from ferrylink.models import SentinelEndpoint, SentinelLeg
 from ferrylink_ops.tracking_sink import TrackingSink
 from services.sentinel_link.api.endpoints import check_url
 from services.sentinel_link.delivery import DeliveryLoop
@@ -105,7 +104,7 @@ def test_seq_per_cycle_in_consumption_order_and_repeats_dropped(store: LinkStore
     ]  # fmt: skip
     assert batch[2][1]["id"] == "c1:receive:RECEIVED"
     assert store.undelivered_records() == 4
-    store.delivered(endpoint.id, [i for i, _ in batch[:2]], 1.0)
+    store.delivered(endpoint.id, batch[1][0], 1.0)
     assert [r["seq"] for _, r in store.next_batch(endpoint.id, 10)] == [2, 3]
     assert store.status()[endpoint.id]["backlog"] == 2
 
@@ -165,19 +164,22 @@ def test_backlog_bounds_drop_the_oldest_and_count_them(store: LinkStore) -> None
     assert store.status()[big.id]["dropped"] == 5 and store.status()[big.id]["backlog"] == 0
 
 
-def test_bounds_hold_after_every_batch_without_a_scan_for_each(store: LinkStore) -> None:
-    """The bounds statement scans up to `max_backlog` rows: it runs only once the linked
-    records may have filled the endpoint's room (or a second passed), yet the backlog never
-    exceeds the bound after a batch and every record past it is counted as dropped."""
+def test_bounds_hold_after_every_batch_without_a_check_for_each(
+    store: LinkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bounds are checked against the database only once the linked records may have
+    filled the endpoint's room (or a second passed), yet the backlog never exceeds the bound
+    after a batch and every record past it is counted as dropped."""
     endpoint = add_endpoint(store, "down", "http://127.0.0.1:1/", max_backlog=50)
     assert endpoint.id is not None
-    scans: list[str] = []
+    checks: list[float] = []
+    enforce = store.enforce_bounds
 
-    def count_scans(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("DELETE FROM SENTINEL_OUTBOX"):
-            scans.append(statement)
+    def counted(endpoint: SentinelEndpoint, now: float) -> int:
+        checks.append(now)
+        return enforce(endpoint, now)
 
-    sa_event.listen(store.link, "before_cursor_execute", count_scans)
+    monkeypatch.setattr(store, "enforce_bounds", counted)
     batches = 20
     for b in range(batches):
         linked = [state(f"b{b}-{i}", "receive", "RECEIVED") for i in range(8)]
@@ -185,7 +187,7 @@ def test_bounds_hold_after_every_batch_without_a_scan_for_each(store: LinkStore)
         assert store.status()[endpoint.id]["backlog"] <= 50
     assert store.status()[endpoint.id]["backlog"] == 50
     assert store.status()[endpoint.id]["dropped"] == batches * 8 - 50
-    assert len(scans) < batches, len(scans)
+    assert len(checks) < batches, len(checks)
     # What stays is the newest 50, in order.
     kept = [r["cycle_id"] for _, r in store.next_batch(endpoint.id, 100)]
     everything = [f"b{b}-{i}" for b in range(batches) for i in range(8)]
@@ -263,21 +265,15 @@ def all_at_once(actions: Sequence[Callable[[], object]]) -> list[BaseException]:
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
 def test_first_status_row_written_by_many_threads_at_once(store: LinkStore) -> None:
     """The consumer (bounds) and the delivery worker both write an endpoint's status; the
-    first row is created by whichever comes first, the other never fails on it, and no
-    increment is lost."""
+    first row is created by whichever comes first, at the end of the log, the other never
+    fails on it, and no increment is lost; threads enforcing the bounds at once drop each
+    record once and count it once."""
     rounds, threads = 10, 4
     for n in range(rounds):
         endpoint = add_endpoint(store, f"e{n}", "http://127.0.0.1:1/", max_backlog=1)
         assert endpoint.id is not None
         endpoint_id = endpoint.id
-        for c in range(threads + 1):
-            store.link_state(state(f"c{n}-{c}", "receive", "RECEIVED"), [])
-        with Session(store.link) as session:
-            for c in range(threads + 1):
-                session.add(SentinelOutbox(endpoint_id=endpoint_id,
-                                           record_id=f"c{n}-{c}:receive:RECEIVED",
-                                           created_at=time.time()))  # fmt: skip
-            session.commit()
+        store.link_state(state(f"before-{n}", "receive", "RECEIVED"), [])
         now = time.time()
         errors = all_at_once(
             [partial(store.failed, endpoint_id, "ConnectError", now)] * threads
@@ -286,7 +282,79 @@ def test_first_status_row_written_by_many_threads_at_once(store: LinkStore) -> N
         assert not errors, errors
         status = store.status()[endpoint_id]
         assert status["failures"] == threads
+        assert status["backlog"] == 0 and status["dropped"] == 0  # placed after `before-n`
+        for c in range(threads + 1):
+            store.link_state(state(f"c{n}-{c}", "receive", "RECEIVED"), [])
+        errors = all_at_once([partial(store.enforce_bounds, endpoint, now)] * threads)
+        assert not errors, errors
+        status = store.status()[endpoint_id]
         # The bound keeps the newest one; the 4 older ones dropped once, counted once.
         assert status["dropped"] == threads and status["backlog"] == 1
         batch = store.next_batch(endpoint_id, 10)
         assert [r["cycle_id"] for _, r in batch] == [f"c{n}-{threads}"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_two_linkers_at_once_append_in_commit_order_with_no_gap(store: LinkStore) -> None:
+    """Two instances linking at once (an overlap around a failover): positions are taken
+    after the highest committed one, a clash on one is linked again after the other's, so
+    the log has no gap and no repeat, and every cycle's records are in seq order in it."""
+    endpoint = add_endpoint(store, "a", "http://127.0.0.1:1/", max_backlog=10_000)
+    assert endpoint.id is not None
+    endpoints = store.endpoints()
+    store.link_states([state("start", "receive", "RECEIVED")], endpoints)  # placed first
+    other = LinkStore(store.config, store.link)
+    rounds = 30
+
+    def link(instance: LinkStore, name: str) -> None:
+        for n in range(rounds):
+            # Shared cycles: both instances number the same cycles' records.
+            instance.link_states([state(f"c{n}", f"{name}{leg}", "RECEIVED")
+                                  for leg in range(3)], endpoints)  # fmt: skip
+
+    errors = all_at_once([partial(link, store, "x"), partial(link, other, "y")])
+    assert not errors, errors
+    log = store.next_batch(endpoint.id, 10_000)
+    positions = [pos for pos, _ in log]
+    assert positions == list(range(1, 2 + 2 * rounds * 3))  # "start", then both
+    assert len({r["id"] for _, r in log}) == len(log)
+    by_cycle: dict[str, list[int]] = {}
+    for _, record in log:
+        by_cycle.setdefault(record["cycle_id"], []).append(record["seq"])
+    assert by_cycle.pop("start") == [1]
+    assert all(seqs == list(range(1, 7)) for seqs in by_cycle.values()), by_cycle
+
+
+def test_a_worker_records_its_position_less_often_than_it_posts(
+    store: LinkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Posting batch after batch, the worker records its position at most every
+    RECORD_PERIOD_SECONDS (a write transaction each), and at once when the backlog is empty:
+    every record arrives once and in order, and the backlog then reads 0."""
+    sink = TrackingSink()
+    endpoint_id = add_endpoint(store, "up", sink.url, batch_size=1).id
+    assert endpoint_id is not None
+    expected = [f"c{n}:receive:RECEIVED" for n in range(60)]
+    store.link_states([state(f"c{n}", "receive", "RECEIVED") for n in range(60)],
+                      store.endpoints())  # fmt: skip
+    recorded: list[int | None] = []
+    delivered = store.delivered
+
+    def counted(endpoint_id: int, through: int | None, now: float) -> None:
+        recorded.append(through)
+        delivered(endpoint_id, through, now)
+
+    monkeypatch.setattr(store, "delivered", counted)
+    loop = DeliveryLoop(store, "st1", heartbeat_seconds=3600, timeout=2.0,
+                        backoff_initial=0.05, backoff_max=0.5, poll_seconds=0.05)  # fmt: skip
+    loop.start()
+    try:
+        wait_until(lambda: store.status()[endpoint_id]["backlog"] == 0, 30, "all recorded")
+    finally:
+        loop.stop()
+        sink.stop()
+    assert list(sink.unique_states()) == expected and len(sink.states()) == len(expected)
+    assert sink.batches >= len(expected)  # one record a POST
+    positions = [p for p in recorded if p is not None]
+    assert positions == sorted(positions) and len(positions) < len(expected) / 2, positions
+    assert store.status()[endpoint_id]["delivered"] == len(expected)

@@ -19,6 +19,11 @@ TOOLING = ("ferrylink_ops", "pytest", "testcontainers")
 # Imported on first use only (partner exchanges, partner secrets, forwarding to the primary,
 # tracking deliveries, the web UI): an idle process does not pay for them (~20 MB in all).
 ON_DEMAND = ("asyncssh", "cryptography", "httpx", "jinja2")
+# What libraries would load for nothing (ferrylink.lean_imports keeps it out): FastAPI's check
+# for Pydantic v1 models, uvicorn's command line, the compiler of the library caches.
+LEFT_OUT = ("pydantic.v1", "click", "uvicorn.main", "uvicorn.supervisors", "compileall")
+# Logged though refused (None in sys.modules): its own modules are never loaded.
+REFUSED = {"pydantic.v1"}
 
 
 def imported_modules(import_log: str) -> set[str]:
@@ -73,3 +78,7 @@ def test_a_service_process_imports_no_tooling(tmp_path: Path, amqp_url: str, pre
     assert held == [], f"the service process imported tooling: {held}"
     idle = sorted({m.split(".")[0] for m in modules} & set(ON_DEMAND))
     assert idle == [], f"the idle service process imported what it loads on demand: {idle}"
+    needless = sorted(
+        m for m in modules - REFUSED if any(m == n or m.startswith(n + ".") for n in LEFT_OUT)
+    )
+    assert needless == [], f"the service process imported what it never uses: {needless}"

@@ -26,9 +26,9 @@ from ferrylink.admin_auth import (
 from ferrylink.audit import AuditDep, Auditor, client_address
 from ferrylink.deps import ConfigChangeDep, EngineDep, SessionDep
 from ferrylink.login_guard import LoginGuard, LoginRefused, check_password
-from ferrylink.models import AdminUser, ApiToken
 from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.passwords import hash_password
+from ferrylink.tables.admin import AdminUser, ApiToken
 
 
 def get_login_guard(request: Request) -> LoginGuard:

@@ -23,8 +23,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session, select
 
 from ferrylink.deps import SessionDep
-from ferrylink.models import AdminUser, ApiToken
 from ferrylink.passwords import hash_password
+from ferrylink.tables.admin import AdminUser, ApiToken
 
 Role = Literal["admin", "operator"]
 ROLES: tuple[Role, ...] = ("admin", "operator")

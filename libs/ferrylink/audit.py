@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from sqlmodel import Session
 
 from ferrylink.admin_auth import PrincipalDep
-from ferrylink.models import AuditRecord
+from ferrylink.tables.admin import AuditRecord
 
 # Field names whose values never reach the audit log (nor any log).
 SECRET_FIELDS = frozenset({

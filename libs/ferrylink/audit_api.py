@@ -11,8 +11,8 @@ from sqlmodel import col, or_, select
 
 from ferrylink.audit import AuditOut, audit_out
 from ferrylink.deps import SessionDep
-from ferrylink.models import AuditRecord
 from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.tables.admin import AuditRecord
 
 router = APIRouter(tags=["audit"])
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from ferrylink.models import ClusterSetting, utcnow
+from ferrylink.clock import utcnow
+from ferrylink.tables.cluster import ClusterSetting
 
 CONFIG_VERSION_KEY = "config_version"
 

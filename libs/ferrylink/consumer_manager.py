@@ -98,6 +98,8 @@ class ConsumerSpec:
     # Instead of `handler`: takes up to `batch` deliveries that waited together.
     batch_handler: BatchHandler | None = None
     batch: int = 1
+    # How long a worker waits for more of a batch after its first message.
+    linger: float = BATCH_LINGER_SECONDS
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.batch_handler is None):
@@ -371,8 +373,8 @@ class ConsumerManager:
             items, last = [item], False
             # What else is prefetched, and a moment for the rest of a burst the I/O thread
             # is still reading (a worker woken by a burst's first message would take it
-            # alone): at most BATCH_LINGER_SECONDS after the first.
-            until = time.monotonic() + BATCH_LINGER_SECONDS
+            # alone): at most `linger` after the first.
+            until = time.monotonic() + running.spec.linger
             while len(items) < batch:
                 try:
                     more = running.work.get(timeout=max(0.0, until - time.monotonic()))

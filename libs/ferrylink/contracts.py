@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import time
 import uuid
 from datetime import datetime
 from enum import StrEnum
@@ -381,14 +383,29 @@ JOB_KINDS: tuple[str, ...] = (
 # --------------------------------------------------------------------------------------------
 
 
-def _new_id() -> str:
-    return uuid.uuid4().hex
+def new_id() -> str:
+    """A unique id that sorts by creation time: UUID version 7 (RFC 9562) as 32 hex digits,
+    the Unix time in milliseconds first, then 74 random bits.
+
+    Events, cycles, legs and sentinel records are keyed by ids derived from these, in
+    B-tree indexes. Random ids (version 4) put each new key on a random index page, so a
+    commit of a few hundred rows rewrote nearly every leaf page of each index (and the
+    SQLite WAL and its checkpoints grew with the database); ids in time order land on the
+    last pages: linking a state cost half as much in the sentinel link's microbenchmark."""
+    millis = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits; 74 used
+    value = (millis & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version
+    value |= (rand >> 68) << 64  # rand_a: 12 bits
+    value |= 0b10 << 62  # variant
+    value |= rand & ((1 << 62) - 1)  # rand_b: 62 bits
+    return f"{value:032x}"
 
 
 class _EventBase(Contract):
-    id: str = Field(default_factory=_new_id, min_length=1, max_length=64)
+    id: str = Field(default_factory=new_id, min_length=1, max_length=64)
     # Links the legs of one file's journey (the sentinel link's cycle id).
-    cycle_id: str = Field(default_factory=_new_id, min_length=1, max_length=64)
+    cycle_id: str = Field(default_factory=new_id, min_length=1, max_length=64)
     created_at: datetime = Field(default_factory=utcnow)
 
 

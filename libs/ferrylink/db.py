@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import ARRAY, ColumnElement, any_, bindparam, event, func, select, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.elements import BindParameter
 from sqlmodel import Session, create_engine
 
 
@@ -70,7 +71,19 @@ def one_of(column: ColumnElement[Any], values: Sequence[Any], dialect: str) -> C
     """`column IN values`, the values bound as one parameter (Core statements)."""
     if dialect == "postgresql":
         return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))
-    table = func.json_each(bindparam(None, json.dumps(list(values)))).table_valued("value")
+    return _in_json_array(column, bindparam(None, json.dumps(list(values))))
+
+
+def one_of_param(column: ColumnElement[Any], name: str, dialect: str) -> ColumnElement[bool]:
+    """`column IN :name` for a Core statement built once and run many times (building one
+    with `one_of` costs ~0.1 ms); the values bound by `one_of_value`."""
+    if dialect == "postgresql":
+        return column == any_(bindparam(name, type_=ARRAY(column.type)))
+    return _in_json_array(column, bindparam(name))
+
+
+def _in_json_array(column: ColumnElement[Any], array: BindParameter[Any]) -> ColumnElement[bool]:
+    table = func.json_each(array).table_valued("value")
     return column.in_(select(table.c.value))
 
 

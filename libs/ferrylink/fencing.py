@@ -34,13 +34,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import bindparam, func, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
 
 from ferrylink.metrics import FENCED_WRITES
-from ferrylink.models import ClusterState
+from ferrylink.tables.cluster import ClusterState
 
 log = logging.getLogger(__name__)
 
@@ -171,36 +171,48 @@ class DatabaseClock:
 # -- the fence ---------------------------------------------------------------------------------
 
 
+_CLUSTER_STATE = ClusterState.__table__  # type: ignore[attr-defined]
+_epoch, _primary = _CLUSTER_STATE.c["epoch"], _CLUSTER_STATE.c["primary"]
+# Built once: the sentinel link checks before every batch's commit.
+_HOLD_EPOCH_POSTGRESQL = (
+    select(_epoch, _primary, func.set_config("idle_in_transaction_session_timeout",
+                                             str(int(IDLE_TIMEOUT_SECONDS * 1000)), True))
+    .where(_CLUSTER_STATE.c.id == 1)
+    .with_for_update(read=True)
+)  # fmt: skip
+_HOLD_EPOCH_SQLITE = (
+    update(_CLUSTER_STATE)
+    .where(_CLUSTER_STATE.c.id == 1, _epoch == bindparam("epoch"), _primary == bindparam("node"))
+    .values(epoch=_epoch)
+)
+_READ_EPOCH = select(_epoch, _primary).where(_CLUSTER_STATE.c.id == 1)
+
+
 def check(session: Session | Connection, token: FencingToken) -> None:
     """Raise `Fenced` unless `cluster_state` names `token`'s epoch and node; otherwise hold
     the epoch still until the caller's transaction ends. Run it as the last statement before
     the commit (PostgreSQL holds the row until then)."""
     bind = session.get_bind() if isinstance(session, Session) else session
-    table = ClusterState.__table__  # type: ignore[attr-defined]
-    epoch, primary = table.c["epoch"], table.c["primary"]
     if bind.dialect.name == "postgresql":
-        timeout_ms = str(int(IDLE_TIMEOUT_SECONDS * 1000))
-        row = session.execute(
-            select(
-                epoch, primary,
-                func.set_config("idle_in_transaction_session_timeout", timeout_ms, True),
-            )
-            .where(table.c.id == 1)
-            .with_for_update(read=True)
-        ).first()  # fmt: skip
+        row = session.execute(_HOLD_EPOCH_POSTGRESQL).first()
         if row is not None and (row[0], row[1]) == (token.epoch, token.node):
             return
     else:
         # SQLite: a write, so this transaction holds the database's write lock from here to
         # its commit and no epoch change can come in between.
-        result = session.execute(
-            update(table)
-            .where(table.c.id == 1, epoch == token.epoch, primary == token.node)
-            .values(epoch=epoch)
-        )
+        result = session.execute(_HOLD_EPOCH_SQLITE, {"epoch": token.epoch, "node": token.node})
         if result.rowcount == 1:  # type: ignore[attr-defined]
             return
-        row = session.execute(select(epoch, primary).where(table.c.id == 1)).first()
+    read_check(session, token)
+
+
+def read_check(session: Session | Connection, token: FencingToken) -> None:
+    """Raise `Fenced` unless `cluster_state` names `token`'s epoch and node, holding nothing:
+    for a check apart from what it guards (a POST, another database's commit), which can
+    prove only that the grant was current a moment before."""
+    row = session.execute(_READ_EPOCH).first()
+    if row is not None and (row[0], row[1]) == (token.epoch, token.node):
+        return
     current = f"epoch {row[0]}, primary {row[1]}" if row is not None else "no cluster state"
     raise Fenced(f"{token.node} at epoch {token.epoch} is fenced off: the database has {current}")
 
@@ -244,22 +256,32 @@ class Fence:
 
     def check(self, session: Session | Connection, token: FencingToken) -> None:
         """`check(session, token)`, telling `on_fenced` when the database refuses."""
+        self._judged(check, session, token)
+
+    def check_apart(self, engine: Engine, token: FencingToken) -> None:
+        """The check on a connection of its own, for writes to another database (the
+        sentinel link's node-local data in passive_legacy) and side effects outside any: it
+        proves the grant was current a moment before, not at the commit. So it only reads:
+        holding the epoch (on SQLite, the database's write lock) for a moment ending before
+        the act would guard nothing, and the sentinel link checks before every POST, so it
+        would stall the event path's writers each time."""
+        with engine.connect() as connection:
+            self._judged(read_check, connection, token)
+
+    def _judged(
+        self,
+        judge: Callable[[Session | Connection, FencingToken], None],
+        session: Session | Connection,
+        token: FencingToken,
+    ) -> None:
         try:
-            check(session, token)
+            judge(session, token)
         except Fenced as exc:
             FENCED_WRITES.labels(judged_by="database").inc()
             log.warning("%s", exc)
             if self._on_fenced is not None:
                 self._on_fenced(token)
             raise
-
-    def check_apart(self, engine: Engine, token: FencingToken) -> None:
-        """The check in a transaction of its own, for writes to another database (the
-        sentinel link's node-local data in passive_legacy): it proves the grant was current
-        a moment before, not at the commit."""
-        with Session(engine) as session:
-            self.check(session, token)
-            session.rollback()
 
 
 def _always(node: str) -> Callable[[], FencingToken]:

@@ -26,7 +26,7 @@ from sqlmodel import Session, col, delete
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ferrylink.models import IdempotencyRecord
+from ferrylink.tables.admin import IdempotencyRecord
 
 HEADER = b"idempotency-key"
 METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})

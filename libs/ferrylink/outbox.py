@@ -27,7 +27,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session, col, delete, select
 
 from ferrylink.messaging import Publisher
-from ferrylink.models import OutboxMessage
+from ferrylink.tables.outbox import OutboxMessage
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from ferrylink.clock import utcnow
-from ferrylink.models import ServiceUrl
+from ferrylink.tables.cluster import ServiceUrl
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -36,11 +37,17 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session
+from uvicorn.config import STARTUP_FAILURE
 
 from ferrylink import outbox
 from ferrylink.api_app import build_api
 from ferrylink.config import bump_config_version, read_config_version
-from ferrylink.consumer_manager import ConsumerManager, ConsumerSpec, Delivery
+from ferrylink.consumer_manager import (
+    BATCH_LINGER_SECONDS,
+    ConsumerManager,
+    ConsumerSpec,
+    Delivery,
+)
 from ferrylink.contracts import (
     Assignment,
     ClusterMode,
@@ -66,10 +73,11 @@ from ferrylink.metrics import (
     MESSAGES_HANDLED,
     PRIMARY,
 )
-from ferrylink.models import ClusterState, OutboxMessage
 from ferrylink.primary_proxy import register_service_url
 from ferrylink.schema import SchemaError, prepare_schema
 from ferrylink.settings import FerrylinkSettings, redact_url
+from ferrylink.tables.cluster import ClusterState
+from ferrylink.tables.outbox import OutboxMessage
 from ferrylink.telemetry import (
     consumer_span,
     end_consumer_span,
@@ -258,13 +266,16 @@ class ServiceRuntime:
         node_local: bool = False,
         prefetch: int = 10,
         workers: int = 1,
+        linger: float = BATCH_LINGER_SECONDS,
     ) -> None:
         """Like `consume`, with a handler that takes up to `batch` messages that waited
         together (what the consumer had prefetched when a worker became free) and answers
-        per message (see `typed_batch_handler`)."""
+        per message (see `typed_batch_handler`). A worker waits up to `linger` seconds after
+        a batch's first message for more of it."""
         self._register(unit, queue, node_local,
                        dict(batch_handler=typed_batch_handler(handler, contract, queue),
-                            batch=batch, prefetch=prefetch, workers=workers))  # fmt: skip
+                            batch=batch, prefetch=prefetch, workers=workers,
+                            linger=linger))  # fmt: skip
 
     def consume_raw(
         self,
@@ -651,7 +662,8 @@ def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:
     setup_logging(service_name, settings.node_id, settings.log_level)
     if setup_tracing(service_name, settings.node_id, settings.otlp_endpoint):
         instrument_http(app)
-    uvicorn.run(
+    # What uvicorn.run does, without importing uvicorn's command line (lean_imports).
+    config = uvicorn.Config(
         app,
         host=settings.http_host,
         port=settings.http_port,
@@ -659,3 +671,10 @@ def serve(app: FastAPI, settings: FerrylinkSettings, service_name: str) -> None:
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+    server = uvicorn.Server(config)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

@@ -196,10 +196,15 @@ def prepare_schema(engine: Engine, *, upgrade: bool) -> SchemaState:
         if head is not None and database_revisions(connection) == (head,):
             # What nearly every start finds: no lock, no Alembic.
             return SchemaState(SchemaStatus.CURRENT, head, head)
-    from alembic import command
 
     with _schema_lock(engine) as connection:
-        # Again under the lock: another process may have just done the work.
+        # Again under the lock: another process may have just done the work. Checked before
+        # Alembic is imported, so that of a server's processes starting together on a new
+        # database only the one that creates it pays for Alembic.
+        if head is not None and database_revisions(connection) == (head,):
+            return SchemaState(SchemaStatus.CURRENT, head, head)
+        from alembic import command
+
         state = schema_state(connection)
         where = engine.url.render_as_string(hide_password=True)
         if state.status is SchemaStatus.UNKNOWN:

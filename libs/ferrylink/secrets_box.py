@@ -123,7 +123,7 @@ def reencrypt_partners(engine: Any, secrets_at_rest: SecretBox) -> int:
     encrypt secrets stored in clear); returns how many partners changed. One transaction."""
     from sqlmodel import Session, select
 
-    from ferrylink.models import Partner
+    from ferrylink.tables.accounts import Partner
 
     if not secrets_at_rest.enabled:
         raise SecretError("FERRYLINK_SECRET_KEY is unset: nothing to encrypt with")

@@ -15,7 +15,6 @@ from typing import Any
 from opentelemetry import context, propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 
 TRACER_NAME = "ferrylink"
@@ -44,7 +43,9 @@ def setup_tracing(service_name: str, node_id: str, otlp_endpoint: str = "") -> b
     sampler = None if exporting else ParentBased(ALWAYS_OFF)
     provider = TracerProvider(resource=Resource.create(attributes), sampler=sampler)
     if exporting:
+        # Only when exporting: an idle process without an exporter does not load them.
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         exporter = OTLPSpanExporter(endpoint=otlp_endpoint or None)  # None: from OTEL_*
         provider.add_span_processor(BatchSpanProcessor(exporter))

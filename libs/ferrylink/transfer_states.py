@@ -50,7 +50,7 @@ from ferrylink.contracts import TRANSFER_STATES_PER_MESSAGE, TransferState, Tran
 from ferrylink.db import writing
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.messaging import CONNECTION_ERRORS, Publisher, PublishRejected, connect_blocking
-from ferrylink.models import OutboxMessage
+from ferrylink.tables.outbox import OutboxMessage
 from ferrylink.telemetry import attached, producer_span
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,34 @@ def wait_pids_gone(pids: Iterable[int], timeout: float) -> list[int]:
         time.sleep(0.05)
         remaining = [p for p in remaining if pid_alive(p)]
     return remaining
+
+
+def time_of_death(pids: Sequence[int], kill: Callable[[], object], timeout: float = 30) -> float:
+    """Run `kill` while a thread watches `pids` every 5 ms; the `time.time()` at which the
+    last of them was first seen gone. A failover is timed from there: the command that
+    kills (a CLI: an interpreter to start) can take seconds of its own on a loaded machine.
+    Raises TimeoutError if one still runs `timeout` s after `kill` returned."""
+    died: list[float] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not any(pid_alive(pid) for pid in pids):
+                died.append(time.time())
+                return
+            time.sleep(0.005)  # the poll interval, not a wait for a result
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        kill()
+        watcher.join(timeout)
+    finally:
+        stop.set()
+    if not died:
+        raise TimeoutError(f"still running {timeout:g} s after the kill: "
+                           f"{[pid for pid in pids if pid_alive(pid)]}")  # fmt: skip
+    return died[0]
 
 
 def terminate_pids(pids: Sequence[int], timeout: float = STOP_TIMEOUT) -> None:

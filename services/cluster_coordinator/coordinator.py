@@ -33,8 +33,8 @@ from ferrylink.cluster import (
 from ferrylink.config import read_config_version
 from ferrylink.messaging import queue_message_counts
 from ferrylink.metrics import PRIMARY_CHANGES, QUEUE_MESSAGES
-from ferrylink.models import ClusterState
 from ferrylink.runtime import ServiceRuntime
+from ferrylink.tables.cluster import ClusterState
 from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.settings import Settings
 

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from ferrylink.fencing import read_db_time
-from ferrylink.models import LeaderLease
+from ferrylink.tables.cluster import LeaderLease
 
 
 @dataclass(frozen=True)

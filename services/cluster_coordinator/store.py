@@ -16,9 +16,10 @@ from pathlib import Path
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 
+from ferrylink.clock import utcnow
 from ferrylink.cluster import CLUSTER_MODES
 from ferrylink.config import bump_config_version
-from ferrylink.models import ClusterServer, ClusterSetting, utcnow
+from ferrylink.tables.cluster import ClusterServer, ClusterSetting
 
 log = logging.getLogger(__name__)
 

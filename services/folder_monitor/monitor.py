@@ -35,8 +35,9 @@ from sqlmodel import Session, col, select
 
 from ferrylink.contracts import FileArrived
 from ferrylink.fencing import Fence, Fenced, FencingToken, Unfenced
-from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paths import PathError, confined, in_data_dir, is_temporary, relative_to
+from ferrylink.tables.accounts import Account
+from ferrylink.tables.folders import WatchedFile, WatchedFolder
 from ferrylink.work import PollingLoop
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,8 @@ from ferrylink.contracts import (
     SentinelLinkPurge,
     TransferLogPurge,
 )
-from ferrylink.models import ClusterSetting, ScheduledJob
+from ferrylink.tables.cluster import ClusterSetting
+from ferrylink.tables.scheduling import ScheduledJob
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,9 @@ from ferrylink.contracts import (
     PushJob,
     TransferScheduled,
 )
-from ferrylink.models import Account, Partner, ScheduledJob
 from ferrylink.paths import PathError, confined, in_data_dir, relative_to
+from ferrylink.tables.accounts import Account, Partner
+from ferrylink.tables.scheduling import ScheduledJob
 
 # The kinds and their parameters are contracts (ferrylink.contracts): pull, push,
 # transfer_log_purge (older than `days`), transfer_log_archive (to JSON lines under

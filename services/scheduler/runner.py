@@ -43,7 +43,7 @@ from ferrylink.clock import as_utc
 from ferrylink.contracts import EVENT, Event, JobRunStatus
 from ferrylink.faults import fault_point
 from ferrylink.fencing import Fence, Fenced, FencingToken, Unfenced
-from ferrylink.models import JobRun, ScheduledJob
+from ferrylink.tables.scheduling import JobRun, ScheduledJob
 from services.scheduler.jobs import JobError, first_due, job_trigger, run_event
 
 log = logging.getLogger(__name__)

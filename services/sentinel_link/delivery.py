@@ -1,4 +1,4 @@
-"""Delivery: one worker thread per endpoint POSTs its outbox in order, in JSON batches.
+"""Delivery: one worker thread per endpoint POSTs its backlog in order, in JSON batches.
 
 An endpoint that fails (connection error, timeout, non-2xx) backs off exponentially with
 jitter and retries the same batch, so the order per endpoint holds; the other endpoints'
@@ -21,13 +21,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ferrylink.fencing import Fenced
-from ferrylink.models import SentinelEndpoint
+from ferrylink.tables.sentinel import SentinelEndpoint
 from services.sentinel_link.link import LinkStore, heartbeat_record, retry_delay
 
 if TYPE_CHECKING:
     import httpx
 
 log = logging.getLogger(__name__)
+
+# While batches keep coming, an endpoint's position is recorded at most this often.
+RECORD_PERIOD_SECONDS = 0.25
 
 
 class EndpointWorker:
@@ -46,36 +49,58 @@ class EndpointWorker:
         store, endpoint = self.loop.store, self.endpoint
         assert endpoint.id is not None
         failures = 0
+        # The last position posted and not yet recorded: recorded at most every
+        # RECORD_PERIOD_SECONDS while batches keep coming (each record is a write transaction
+        # on the database the event path writes too), and at once when the backlog is empty,
+        # on a heartbeat, before a failure and when stopping. A crash in between posts those
+        # records again (delivery is at least once; receivers drop repeats by id).
+        posted: int | None = None
+        recorded_at = 0.0
         with httpx.Client(timeout=self.loop.timeout, follow_redirects=False) as client:
             while not self.stop_event.is_set():
                 now = time.time()
                 try:
                     token = store.fence.token()
-                    sent = False
+                    beat = False
                     if now >= self.next_heartbeat:
                         store.fence.confirm(store.config, token)
                         self._post(client, [json.dumps(heartbeat_record(self.loop.node, now))])
                         self.next_heartbeat = now + self.loop.heartbeat_seconds
-                        sent = True
+                        beat = True
                     store.keep_bounds(endpoint, now)
-                    batch = store.next_batch_json(endpoint.id, endpoint.batch_size)
+                    batch = store.next_batch_json(endpoint.id, endpoint.batch_size, after=posted)
                     if batch:
                         store.fence.confirm(store.config, token)
                         self._post(client, [record for _, record in batch])
-                    if batch or sent:
-                        store.delivered(endpoint.id, [i for i, _ in batch], time.time())
-                    failures = 0
+                        posted = batch[-1][0]
                     idle = not batch
+                    due = posted is not None and (
+                        idle or now - recorded_at >= RECORD_PERIOD_SECONDS
+                    )
+                    if beat or due:
+                        store.delivered(endpoint.id, posted, time.time())
+                        posted, recorded_at = None, now
+                    failures = 0
                 except Fenced as exc:
-                    # Not primary any more: the follower stops this loop; post nothing more.
+                    # Not primary any more: the follower stops this loop; post nothing more
+                    # (the new primary goes on from the last recorded position).
                     log.info("endpoint %s: delivery paused: %s", endpoint.name, exc)
+                    posted = None
                     self.stop_event.wait(self.loop.poll_seconds)
                     continue
                 except Exception as exc:
                     try:
+                        if posted is not None:  # what was delivered before this failure
+                            store.delivered(endpoint.id, posted, time.time())
+                            posted = None
                         failures = store.failed(endpoint.id, _describe(exc), time.time())
                     except Fenced:
+                        posted = None
                         continue
+                    except Exception:
+                        log.exception("endpoint %s: cannot record the delivery status",
+                                      endpoint.name)  # fmt: skip
+                        failures += 1
                     delay = retry_delay(failures, self.loop.backoff_initial, self.loop.backoff_max)
                     log.warning("endpoint %s: delivery failed (%d in a row): %s; retry in %.1f s",
                                 endpoint.name, failures, _describe(exc), delay)  # fmt: skip
@@ -83,6 +108,12 @@ class EndpointWorker:
                     continue
                 if idle:
                     self.stop_event.wait(self.loop.poll_seconds)
+            if posted is not None:
+                try:
+                    store.delivered(endpoint.id, posted, time.time())
+                except Exception:
+                    log.info("endpoint %s: the last position was not recorded; its records "
+                             "will be posted again", endpoint.name)  # fmt: skip
 
     def _post(self, client: httpx.Client, records: list[str]) -> None:
         """POST `{"node": .., "records": [..]}`; the records are JSON already (as stored), so

@@ -1,8 +1,8 @@
 """Entry point of the sentinel-link service.
 
 Delivers every transfer leg's state to the external tracking systems from the primary:
-links each state to its cycle with a sequence number, queues it durably for every endpoint
-and POSTs the queues in order (delivery.py). Endpoints are managed at run time through
+links each state to its cycle with a sequence number in one record log, and POSTs each
+endpoint's part of it in order (delivery.py). Endpoints are managed at run time through
 `/endpoints` on any server.
 """
 
@@ -14,6 +14,7 @@ if __name__ == "__main__":  # a service process: libraries load without docstrin
     lean_imports.install()
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fastapi import FastAPI
@@ -24,10 +25,11 @@ from ferrylink.config import write_sentinel_undelivered
 from ferrylink.contracts import STATE_MESSAGE, WORK_SENTINEL_LINK, ClusterMode
 from ferrylink.db import make_engine
 from ferrylink.metrics import SENTINEL_BACKLOG
-from ferrylink.models import ClusterSetting
 from ferrylink.paths import sentinel_link_db
+from ferrylink.priority import lower_cpu_priority
 from ferrylink.runtime import ServiceRuntime, create_app, prepare_database, serve
 from ferrylink.schema import prepare_schema
+from ferrylink.tables.cluster import ClusterSetting
 from services.sentinel_link.api import endpoints, link
 from services.sentinel_link.consume import StateHandler
 from services.sentinel_link.delivery import DeliveryLoop
@@ -37,6 +39,10 @@ from services.sentinel_link.settings import Settings
 SERVICE_NAME = "sentinel-link"
 # Messages linked in one transaction at most (each one state or a batch commit's states).
 STATES_BATCH = 50
+# A batch waits this long for more state messages after its first: tracking can be a tenth
+# of a second late, and a transaction links more states at once (a transaction manager
+# sends one message per batch commit, several a second under load).
+STATES_LINGER_SECONDS = 0.1
 MODE_KEY = "cluster.mode"  # written by the coordinator (cluster_coordinator/store.py)
 
 log = logging.getLogger(__name__)
@@ -100,15 +106,19 @@ def build(settings: Settings) -> SentinelLink:
     states = StateHandler(store)
     runtime.consume_batches(WORK_SENTINEL_LINK, "transfer-states", states.handle_batch,
                             STATE_MESSAGE, batch=STATES_BATCH, node_local=legacy,
-                            prefetch=2 * STATES_BATCH, workers=1)  # fmt: skip
+                            prefetch=2 * STATES_BATCH, workers=1,
+                            linger=STATES_LINGER_SECONDS)  # fmt: skip
     runtime.loop(WORK_SENTINEL_LINK, delivery)
     return SentinelLink(runtime, store, mode, link_db)
 
 
-def app_from(settings: Settings) -> FastAPI:
+def app_from(settings: Settings, on_start: Sequence[Callable[[], None]] = ()) -> FastAPI:
     sentinel = build(settings)
     api = create_app(
-        sentinel.runtime, routers=[endpoints.router, link.router], description=__doc__ or ""
+        sentinel.runtime,
+        routers=[endpoints.router, link.router],
+        description=__doc__ or "",
+        on_start=on_start,
     )
     api.state.link_store = sentinel.store
     api.state.link_info = {"mode": sentinel.mode, "link_db": sentinel.link_db}
@@ -118,7 +128,14 @@ def app_from(settings: Settings) -> FastAPI:
 def main() -> None:
     settings = Settings()
     prepare_database(settings, SERVICE_NAME)
-    serve(app_from(settings), settings, SERVICE_NAME)
+
+    def yield_cpu() -> None:
+        # Once started (lower_cpu_priority says why not before), and only in the service's
+        # own process: an app in a test runs in the test runner's process.
+        lowered = lower_cpu_priority(settings.sentinel_cpu_nice)
+        log.info("CPU priority lowered: %s", ", ".join(lowered) or "no (nice 0)")
+
+    serve(app_from(settings, on_start=[yield_cpu]), settings, SERVICE_NAME)
 
 
 if __name__ == "__main__":

@@ -19,5 +19,12 @@ class Settings(FerrylinkSettings):
         60.0, gt=0, description="Longest retry delay of a failing endpoint."
     )
     sentinel_poll_seconds: float = Field(
-        0.2, gt=0, description="How often an idle endpoint's outbox is checked."
+        0.2, gt=0, description="How often an idle endpoint's backlog is checked."
+    )
+    sentinel_cpu_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority of the sentinel link as a nice value (0 = as the other "
+        "services): tracking may lag behind on a busy machine, event processing should not.",
     )

@@ -23,7 +23,7 @@ from ferrylink.clock import utcnow
 from ferrylink.consumer_manager import Delivery
 from ferrylink.contracts import REASON_HEADER, SOURCE_QUEUE_HEADER
 from ferrylink.fencing import Fence, Unfenced
-from ferrylink.models import DeadEvent
+from ferrylink.tables.events import DeadEvent
 
 log = logging.getLogger(__name__)
 

@@ -60,8 +60,9 @@ from ferrylink.edge_wire import (
     set_keepalive,
 )
 from ferrylink.login_guard import LoginRefused
-from ferrylink.models import Account, EdgeLimits
 from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.tables.accounts import Account
+from ferrylink.tables.transfers import EdgeLimits
 from ferrylink.telemetry import extract_context, tracer
 from services.transaction_manager.api import TransactionManager
 from services.transaction_manager.api.edge_limits import read_edge_limits

@@ -51,8 +51,9 @@ from ferrylink.db import writing
 from ferrylink.faults import fault_point
 from ferrylink.messaging import backoff
 from ferrylink.metrics import EVENT_BATCH_SIZE, EVENT_LATENCY_SECONDS
-from ferrylink.models import JobRun, ProcessedEvent
 from ferrylink.runtime import Received
+from ferrylink.tables.events import ProcessedEvent
+from ferrylink.tables.scheduling import JobRun
 from ferrylink.telemetry import attached
 from services.transaction_manager import claims
 from services.transaction_manager.purges import Removed

@@ -16,8 +16,9 @@ import time
 
 from sqlmodel import Session
 
-from ferrylink.models import Account, ClusterSetting
 from ferrylink.passwords import hash_password, verify_password
+from ferrylink.tables.accounts import Account
+from ferrylink.tables.cluster import ClusterSetting
 
 log = logging.getLogger(__name__)
 

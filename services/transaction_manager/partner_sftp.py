@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 
 import asyncssh
 
-from ferrylink.models import Partner
+from ferrylink.tables.accounts import Partner
 from services.transaction_manager.partners import PartnerError, RemoteFile, _fail, _short
 
 T = TypeVar("T")

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from ferrylink.models import Partner
 from ferrylink.secrets_box import SecretError, box
+from ferrylink.tables.accounts import Partner
 
 if TYPE_CHECKING:
     import asyncssh

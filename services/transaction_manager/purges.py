@@ -24,28 +24,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import String, and_, cast, exists, or_
+from sqlalchemy import String, and_, cast, exists, func, or_
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, delete, select
 
 from ferrylink.clock import utcnow
 from ferrylink.contracts import JobRunStatus, ScheduledFileStatus, TransferStatus
-from ferrylink.models import (
-    DeadEvent,
-    EventClaim,
-    JobRun,
-    OutboxMessage,
-    ProcessedEvent,
-    ScheduledFile,
-    ScheduledJob,
+from ferrylink.tables.events import DeadEvent, EventClaim, ProcessedEvent
+from ferrylink.tables.outbox import OutboxMessage
+from ferrylink.tables.scheduling import JobRun, ScheduledFile, ScheduledJob
+from ferrylink.tables.sentinel import (
     SentinelCycle,
+    SentinelDelivery,
+    SentinelEndpoint,
     SentinelLeg,
-    SentinelOutbox,
     SentinelRecord,
-    StepRun,
-    Transfer,
 )
+from ferrylink.tables.transfers import StepRun, Transfer
 
 log = logging.getLogger(__name__)
 
@@ -286,8 +282,8 @@ def _park(session: Session, row: OutboxMessage) -> None:
 
 def purge_sentinel_link(engine: Engine, links: Sequence[Engine], cutoff: datetime) -> Removed:
     """Delete the link data (cycle, legs, records) of cycles linked last before `cutoff` of
-    which no record is still queued for an endpoint (every endpoint got them, or dropped
-    them by its bounds). `links` are where link data lives: the shared database, and in
+    which every record is behind every endpoint's position in the record log (delivered, or
+    dropped by its bounds). `links` are where link data lives: the shared database, and in
     passive_legacy this server's own file.
 
     A record's id is the sentinel link's dedup key for a repeated state, and a cycle's row
@@ -298,14 +294,24 @@ def purge_sentinel_link(engine: Engine, links: Sequence[Engine], cutoff: datetim
     seq 1."""
     limit = cutoff.timestamp()
     removed = Removed()
-    queued = (
-        select(SentinelOutbox.id)
-        .join(SentinelRecord, col(SentinelRecord.id) == col(SentinelOutbox.record_id))
-        .where(col(SentinelRecord.cycle_id) == col(SentinelCycle.cycle_id))
-        .exists()
-    )
-    quiet = [col(SentinelCycle.updated_at) < limit, ~queued]
+    with Session(engine) as session:
+        endpoint_ids = list(session.exec(select(SentinelEndpoint.id)).all())
     for link in links:
+        with Session(link) as session:
+            # The lowest position of an endpoint (a deleted endpoint's row does not hold
+            # records back); without one, no record is waiting.
+            lowest = session.exec(
+                select(func.min(SentinelDelivery.through_pos)).where(
+                    col(SentinelDelivery.endpoint_id).in_(endpoint_ids)
+                )
+            ).one()
+        quiet = [col(SentinelCycle.updated_at) < limit]
+        if lowest is not None:
+            waiting = select(SentinelRecord.id).where(
+                col(SentinelRecord.cycle_id) == col(SentinelCycle.cycle_id),
+                col(SentinelRecord.pos) > lowest,
+            )
+            quiet.append(~waiting.exists())
         after = ""
         while True:
             with Session(link) as session:

@@ -18,7 +18,9 @@ from sqlmodel import Session, select
 
 from ferrylink.clock import as_utc
 from ferrylink.contracts import FileArrived, StepRunStatus, TransferStatus
-from ferrylink.models import Account, ProcessedEvent, StepRun, Transfer
+from ferrylink.tables.accounts import Account
+from ferrylink.tables.events import ProcessedEvent
+from ferrylink.tables.transfers import StepRun, Transfer
 from services.transaction_manager.routing import RouteRunner
 from services.transaction_manager.steps import STEPS, ChecksumStep
 

@@ -67,15 +67,10 @@ from ferrylink.db import one_of, writing
 from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.faults import fault_point
 from ferrylink.metrics import PUSH_SECONDS, STEP_SECONDS, TRANSFER_FAILURES
-from ferrylink.models import (
-    Account,
-    Partner,
-    ProcessedEvent,
-    Route,
-    StepRun,
-    Transfer,
-)
 from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.tables.accounts import Account, Partner
+from ferrylink.tables.events import ProcessedEvent
+from ferrylink.tables.transfers import Route, StepRun, Transfer
 from ferrylink.telemetry import attached, mark_error, tracer
 from services.transaction_manager import claims
 from services.transaction_manager.steps import (

@@ -58,17 +58,12 @@ from ferrylink.contracts import (
 )
 from ferrylink.contracts import ScheduledFileStatus as FileStatus
 from ferrylink.db import make_engine
-from ferrylink.models import (
-    Account,
-    AuditRecord,
-    DeadEvent,
-    Partner,
-    ProcessedEvent,
-    ScheduledFile,
-    StepRun,
-    Transfer,
-)
 from ferrylink.paths import PathError, confined, is_temporary, relative_to, sentinel_link_db
+from ferrylink.tables.accounts import Account, Partner
+from ferrylink.tables.admin import AuditRecord
+from ferrylink.tables.events import DeadEvent, ProcessedEvent
+from ferrylink.tables.scheduling import ScheduledFile
+from ferrylink.tables.transfers import StepRun, Transfer
 from services.transaction_manager import partners, purges
 from services.transaction_manager.transfer_log import TransferLog, settle
 

@@ -27,7 +27,7 @@ from ferrylink.contracts import (
     TransferStatus,
 )
 from ferrylink.metrics import BYTES_RECEIVED, BYTES_SENT, FILES_RECEIVED, FILES_SENT
-from ferrylink.models import Transfer
+from ferrylink.tables.transfers import Transfer
 from ferrylink.transfer_states import DirectOutlet, StateOutlet
 
 log = logging.getLogger(__name__)

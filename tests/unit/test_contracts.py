@@ -4,6 +4,8 @@ version, kind or body it cannot read (parks it with a reason)."""
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from datetime import UTC, datetime
 
 import pytest
@@ -31,6 +33,7 @@ from ferrylink.contracts import (
     TransferStates,
     TransferStatus,
     destination,
+    new_id,
     parse,
     parse_event,
     states_of,
@@ -158,3 +161,25 @@ def test_a_state_message_holds_one_state_or_a_batch_and_refuses_an_empty_batch()
     data["schema_version"] = 2
     with pytest.raises(RejectMessage, match="unknown schema version 2"):
         parse(STATE_MESSAGE, json.dumps(data).encode())
+
+
+def test_new_ids_are_unique_uuid7_in_creation_order() -> None:
+    ids = [new_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    for value in ids[:100]:
+        parsed = uuid.UUID(value)
+        assert (parsed.version, parsed.variant) == (7, uuid.RFC_4122)
+        assert len(value) == 32
+    # The first 48 bits are the time in milliseconds: an id made in a later millisecond
+    # sorts after every earlier one.
+    first = new_id()
+    started = time.time_ns() // 1_000_000
+    while time.time_ns() // 1_000_000 == started:
+        pass
+    later = new_id()
+    assert later > first
+    assert int(later[:12], 16) >= started + 1 > int(first[:12], 16) - 1
+    assert abs(int(later[:12], 16) - time.time_ns() // 1_000_000) < 5_000
+    # Events get such ids, for themselves and their cycle.
+    event = FileArrived(account="acme", path="in/a.csv")
+    assert uuid.UUID(event.id).version == uuid.UUID(event.cycle_id).version == 7

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pika
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
@@ -12,8 +11,7 @@ from ferrylink.admin_auth import OPERATOR_MAY
 from ferrylink.audit import AuditDep
 from ferrylink.config import read_sentinel_undelivered
 from ferrylink.deps import SessionDep
-from ferrylink.messaging import connection_parameters
-from ferrylink.models import ClusterState
+from ferrylink.tables.cluster import ClusterState
 from services.cluster_coordinator import store
 from services.cluster_coordinator.api.deps import CoordinatorDep
 from services.cluster_coordinator.coordinator import Coordinator
@@ -92,20 +90,5 @@ def _stranded_counts(coordinator: Coordinator, node: str | None) -> tuple[int, i
     """Messages left on the old primary's node-local queues (passive_legacy loses them)."""
     if node is None:
         return 0, 0
-    topology = coordinator.runtime.topology
-    counts = []
-    connection = pika.BlockingConnection(connection_parameters(coordinator.settings.amqp_urls))
-    try:
-        for name in (
-            topology.node_queue("events", node),
-            topology.node_queue("transfer-states", node),
-        ):
-            channel = connection.channel()
-            try:
-                counts.append(channel.queue_declare(name, passive=True).method.message_count)
-                channel.close()
-            except pika.exceptions.ChannelClosedByBroker:  # never declared: nothing queued
-                counts.append(0)
-    finally:
-        connection.close()
-    return counts[0], counts[1]
+    depths = coordinator.runtime.queue_depths(["events", "transfer-states"], node)
+    return depths["events"], depths["transfer-states"]

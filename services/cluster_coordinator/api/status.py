@@ -12,7 +12,7 @@ from sqlmodel import Session
 from ferrylink.cluster import Assignment
 from ferrylink.deps import SessionDep
 from ferrylink.fencing import read_db_time
-from ferrylink.models import ClusterState
+from ferrylink.tables.cluster import ClusterState
 from services.cluster_coordinator import leadership
 from services.cluster_coordinator.api.deps import CoordinatorDep
 from services.cluster_coordinator.coordinator import Coordinator

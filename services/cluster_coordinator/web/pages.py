@@ -20,7 +20,7 @@ from ferrylink.admin_api import LoginIn, authenticate, client_address
 from ferrylink.contracts import WORK_EVENTS, WORK_EVENTS_LOCAL, TransferStatus
 from ferrylink.deps import EngineDep, SessionDep
 from ferrylink.login_guard import LoginGuard
-from ferrylink.models import ApiToken
+from ferrylink.tables.admin import ApiToken
 from services.cluster_coordinator.api.deps import CoordinatorDep
 from services.cluster_coordinator.api.status import cluster_status
 from services.cluster_coordinator.coordinator import Coordinator

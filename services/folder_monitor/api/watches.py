@@ -14,9 +14,10 @@ from sqlmodel import Session, col, delete, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import CommitConfigChange, ConfigChangeDep, SessionDep
-from ferrylink.models import Account, WatchedFile, WatchedFolder
 from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.paths import PathError, relative_to
+from ferrylink.tables.accounts import Account
+from ferrylink.tables.folders import WatchedFile, WatchedFolder
 from services.folder_monitor.api.deps import StoreDep
 from services.folder_monitor.monitor import watch_paths
 

@@ -17,8 +17,8 @@ from sqlmodel import Session, col, delete, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import CommitConfigChange, ConfigChangeDep, SessionDep
-from ferrylink.models import JobRun, ScheduledJob
 from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.tables.scheduling import JobRun, ScheduledJob
 from services.scheduler.api.deps import StoreDep
 from services.scheduler.jobs import (
     JobError,

@@ -19,8 +19,8 @@ from sqlmodel import col, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import ConfigChangeDep, SessionDep
-from ferrylink.models import SentinelEndpoint
 from ferrylink.paging import Page, PagingDep, page_from_list
+from ferrylink.tables.sentinel import SentinelEndpoint
 from services.sentinel_link.api.deps import StoreDep
 
 router = APIRouter(prefix="/endpoints", tags=["endpoints"])

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from ferrylink.models import SentinelCycle, SentinelRecord
+from ferrylink.tables.sentinel import SentinelCycle, SentinelRecord
 from services.sentinel_link.api.deps import RuntimeDep, StoreDep
 
 router = APIRouter(prefix="/link", tags=["link"])

@@ -12,10 +12,11 @@ from sqlmodel import Session, col, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
-from ferrylink.models import Account, Route
 from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.passwords import hash_password
 from ferrylink.paths import PathError, confined, relative_to
+from ferrylink.tables.accounts import Account
+from ferrylink.tables.transfers import Route
 from services.transaction_manager.api.deps import TMDep, check_name, config_changed
 
 SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+) [A-Za-z0-9+/=]+( .*)?$")

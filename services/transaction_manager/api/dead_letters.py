@@ -10,8 +10,8 @@ from sqlmodel import col, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
-from ferrylink.models import DeadEvent
 from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.tables.events import DeadEvent
 from services.transaction_manager.api.deps import TMDep
 from services.transaction_manager.dead_letters import replay
 

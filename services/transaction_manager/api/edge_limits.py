@@ -13,7 +13,7 @@ from sqlmodel import Session
 from ferrylink.audit import AuditDep
 from ferrylink.clock import utcnow
 from ferrylink.deps import ConfigChangeDep, SessionDep
-from ferrylink.models import EdgeLimits
+from ferrylink.tables.transfers import EdgeLimits
 
 router = APIRouter(prefix="/edge-limits", tags=["edge limits"])
 

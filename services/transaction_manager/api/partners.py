@@ -12,9 +12,11 @@ from sqlmodel import Session, col, select
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
 from ferrylink.destinations import DestinationPolicy, DestinationRefused
-from ferrylink.models import Partner, Route, ScheduledJob
 from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.secrets_box import SecretError, box
+from ferrylink.tables.accounts import Partner
+from ferrylink.tables.scheduling import ScheduledJob
+from ferrylink.tables.transfers import Route
 from services.transaction_manager.api.deps import TMDep, check_name, config_changed
 from services.transaction_manager.partners import load_private_key
 from services.transaction_manager.steps import STEPS, PushStep

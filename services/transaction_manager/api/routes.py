@@ -8,8 +8,9 @@ from sqlmodel import Session, col, select
 
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
-from ferrylink.models import Account, Partner, Route
 from ferrylink.paging import Page, PagingDep, page_of
+from ferrylink.tables.accounts import Account, Partner
+from ferrylink.tables.transfers import Route
 from services.transaction_manager.api.deps import TMDep, config_changed
 from services.transaction_manager.steps import STEPS, PushStep, Step
 

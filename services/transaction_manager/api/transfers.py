@@ -12,9 +12,9 @@ from sqlmodel import col, select
 from ferrylink.audit import AuditDep
 from ferrylink.deps import SessionDep
 from ferrylink.fencing import Fenced
-from ferrylink.models import Transfer
 from ferrylink.paging import Page, PagingDep, page_of
 from ferrylink.primary_proxy import forward_to_primary
+from ferrylink.tables.transfers import Transfer
 from services.transaction_manager import resubmit
 from services.transaction_manager.api.deps import TMDep, TransactionManager
 
