@@ -64,8 +64,9 @@ def upload(tm: str, name: str) -> dict[str, Any]:
 
 
 def expected_ids(event_id: str) -> list[str]:
-    return [f"{event_id}:receive:RECEIVING", f"{event_id}:receive:RECEIVED",
-            f"{event_id}:route:ROUTED"]  # fmt: skip
+    """A routed upload's records in journey order (the id ends with the leg's revision)."""
+    return [f"{event_id}:receive:RECEIVING:1", f"{event_id}:receive:RECEIVED:2",
+            f"{event_id}:route:ROUTED:1"]  # fmt: skip
 
 
 def test_passive_primary_killed_mid_stream_every_leg_once_in_order(

@@ -22,16 +22,35 @@ from ferrylink.models import SentinelEndpoint, SentinelLeg
 from ferrylink_ops.tracking_sink import TrackingSink
 from services.sentinel_link.api.endpoints import check_url
 from services.sentinel_link.delivery import DeliveryLoop
-from services.sentinel_link.link import LinkStore, retry_delay
+from services.sentinel_link.link import LinkStore, becomes_current, retry_delay
 from tests.helpers import wait_until
 
 
-def state(cycle: str, leg: str, status: str) -> TransferState:
+def state(cycle: str, leg: str, status: str, revision: int = 0) -> TransferState:
     return TransferState(
         leg_key=f"{cycle}:{leg}", cycle_id=cycle, event_id=cycle, leg=leg, state=status,
         account="acme", file_name="in/a.csv", bytes=3, direction="inbound", protocol="sftp",
-        node="st1", at=datetime(2025, 1, 1, tzinfo=UTC),
+        node="st1", at=datetime(2025, 1, 1, tzinfo=UTC), revision=revision,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("revision", "current", "becomes"),
+    [
+        (1, None, True),  # the leg's first state
+        (2, 1, True),  # the next one
+        (5, 2, True),  # states squashed in one commit leave gaps
+        (2, 3, False),  # arrived after a later state: linked, superseded
+        (1, 3, False),
+        (0, 3, True),  # sent before revisions: cannot be placed, the last one wins as before
+        (0, None, True),
+        (1, 0, True),  # the leg's state from before revisions, then a revised one
+    ],
+)
+def test_a_state_becomes_its_legs_current_unless_a_later_one_came_first(
+    revision: int, current: int | None, becomes: bool
+) -> None:
+    assert becomes_current(revision, current) is becomes
 
 
 @pytest.mark.parametrize(
@@ -107,6 +126,57 @@ def test_seq_per_cycle_in_consumption_order_and_repeats_dropped(store: LinkStore
     store.delivered(endpoint.id, batch[1][0], 1.0)
     assert [r["seq"] for _, r in store.next_batch(endpoint.id, 10)] == [2, 3]
     assert store.status()[endpoint.id]["backlog"] == 2
+
+
+def leg_row(store: LinkStore, leg_key: str) -> tuple[str, int, int]:
+    with Session(store.link) as session:
+        leg = session.get(SentinelLeg, leg_key)
+        assert leg is not None
+        return leg.status, leg.revision, leg.seq
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_a_state_that_arrives_after_a_later_one_is_linked_superseded(store: LinkStore) -> None:
+    """SENDING (revision 1) published again after a nack reaches the link after SENT
+    (revision 2): the receiver gets both, the late one marked, and the leg stays SENT. Also
+    within one batch, and for a state whose later one is in the same batch."""
+    endpoint = add_endpoint(store, "a", "http://127.0.0.1:1/")
+    endpoints = store.endpoints()
+    assert store.link_state(state("c1", "push:0", "SENT", 2), endpoints) == 1
+    assert store.link_state(state("c1", "push:0", "SENDING", 1), endpoints) == 2
+    assert leg_row(store, "c1:push:0") == ("SENT", 2, 1)
+    batch = [
+        state("c2", "push:0", "SENT", 2), state("c2", "push:0", "SENDING", 1),
+        state("c3", "receive", "RECEIVING", 1), state("c3", "receive", "RECEIVED", 2),
+    ]  # fmt: skip
+    assert store.link_states(batch, endpoints) == [1, 2, 1, 2]
+    assert leg_row(store, "c2:push:0") == ("SENT", 2, 1)
+    assert leg_row(store, "c3:receive") == ("RECEIVED", 2, 2)
+    assert endpoint.id is not None
+    got = [(r["cycle_id"], r["status"], r["revision"], r["superseded"])
+           for _, r in store.next_batch(endpoint.id, 10)]  # fmt: skip
+    assert got == [
+        ("c1", "SENT", 2, False), ("c1", "SENDING", 1, True),
+        ("c2", "SENT", 2, False), ("c2", "SENDING", 1, True),
+        ("c3", "RECEIVING", 1, False), ("c3", "RECEIVED", 2, False),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_a_resubmitted_leg_reaching_a_state_again_is_a_new_record(store: LinkStore) -> None:
+    """A push that failed, was resubmitted and failed again: the second SENDING and FAILED are
+    new states (new revisions), not repeats; a redelivered one still is a repeat."""
+    endpoint = add_endpoint(store, "a", "http://127.0.0.1:1/")
+    endpoints = store.endpoints()
+    attempts = [state("c1", "push:0", status, revision)
+                for revision, status in enumerate(["SENDING", "FAILED", "SENDING", "FAILED",
+                                                   "SENDING", "SENT"], start=1)]  # fmt: skip
+    assert store.link_states(attempts, endpoints) == [1, 2, 3, 4, 5, 6]
+    assert store.link_states(attempts[2:4], endpoints) == [None, None]
+    assert leg_row(store, "c1:push:0") == ("SENT", 6, 6)
+    assert endpoint.id is not None
+    ids = [r["id"] for _, r in store.next_batch(endpoint.id, 10)]
+    assert ids == [f"c1:push:0:{a.state.value}:{a.revision}" for a in attempts]
 
 
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)

@@ -50,7 +50,9 @@ def test_json_round_trip_keeps_every_field_and_the_schema_version() -> None:
     assert b'"schema_version":1' in body
     again = parse(TransferState, body)
     assert again == state and again.at.tzinfo is not None
-    assert again.id == "e7:receive:SENT"
+    assert again.id == "e7:receive:SENT"  # revision 0: sent before revisions existed
+    revised = state.model_copy(update={"revision": 3})
+    assert parse(TransferState, revised.to_bytes()).id == "e7:receive:SENT:3"
 
 
 @pytest.mark.parametrize(

@@ -456,7 +456,7 @@ def parse_event(body: bytes) -> Event:
 
 class TransferState(Contract):
     """A leg of a file's journey entered a state (transaction manager -> sentinel link). At
-    least once: a receiver drops repeats by `id` (leg key and state)."""
+    least once: a receiver drops repeats by `id` (leg key, state and revision)."""
 
     leg_key: str = Field(min_length=1, max_length=200)
     cycle_id: str = Field(min_length=1, max_length=64)
@@ -472,10 +472,19 @@ class TransferState(Contract):
     node: str = Field(max_length=64)
     at: datetime = Field(default_factory=utcnow, description="When the state was recorded.")
     detail: str = Field(default="", max_length=2000)
+    revision: int = Field(
+        default=0,
+        ge=0,
+        description="The leg's state change number: 1 for its first state, one more for each "
+        "change (a resubmitted leg reaches a state again with a new revision). It orders a "
+        "leg's states whatever order they arrive in. 0: sent before revisions existed.",
+    )
 
     @property
     def id(self) -> str:
-        return f"{self.leg_key}:{self.state.value}"
+        if self.revision == 0:
+            return f"{self.leg_key}:{self.state.value}"
+        return f"{self.leg_key}:{self.state.value}:{self.revision}"
 
 
 # At most this many states in one `TransferStates` message (a batch commit with more is sent

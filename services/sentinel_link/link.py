@@ -85,8 +85,19 @@ NEXT_BATCH = (
 # -- pure rules --------------------------------------------------------------------------------
 
 
-def record_for(state: TransferState, seq: int) -> dict[str, Any]:
-    """What a receiver gets for one state; `id` is its idempotency key."""
+def becomes_current(revision: int, current: int | None) -> bool:
+    """Whether a newly linked state (its `revision`) becomes its leg's current state, given
+    the revision of the leg's current state (None: none yet). Not when it arrives after a
+    later state of its leg (published again after a nack, or by another server's outbox
+    relay): it is still linked, marked superseded. Revision 0 (sent before revisions
+    existed) cannot be placed and, as before, always does."""
+    return current is None or revision == 0 or revision >= current
+
+
+def record_for(state: TransferState, seq: int, superseded: bool = False) -> dict[str, Any]:
+    """What a receiver gets for one state; `id` is its idempotency key. `superseded`: a
+    later state of the leg (higher `revision`) was sent before this one, so it does not
+    change what the leg is now."""
     return {
         "type": RECORD_TYPE,
         "id": state.id,
@@ -95,6 +106,8 @@ def record_for(state: TransferState, seq: int) -> dict[str, Any]:
         "leg": state.leg,
         "leg_key": state.leg_key,
         "status": state.state,
+        "revision": state.revision,
+        "superseded": superseded,
         "at": state.at.isoformat(),
         "event_id": state.event_id,
         "account": state.account,
@@ -151,7 +164,9 @@ class LinkStore:
             .where(one_of_param(CYCLES.c.cycle_id, "ids", dialect))
             .with_for_update()
         )
-        self._legs = select(LEGS.c.leg_key).where(one_of_param(LEGS.c.leg_key, "ids", dialect))
+        self._legs = select(LEGS.c.leg_key, LEGS.c.revision).where(
+            one_of_param(LEGS.c.leg_key, "ids", dialect)
+        )
 
     def _commit_fenced(self, session: Session, token: FencingToken) -> None:
         """Check the grant (in this transaction when the link data is in the shared
@@ -211,7 +226,11 @@ class LinkStore:
             next_seq: dict[str, int] = {cycle_id: n for cycle_id, n in found}
             known_cycles = set(next_seq)
             leg_keys = {state.leg_key for state in states}
-            known_legs = set(read(self._legs, {"ids": self._values(leg_keys)}).scalars().all())
+            # Each known leg's current revision (this batch's states update it as they go).
+            revisions: dict[str, int] = {
+                key: revision for key, revision in read(self._legs, {"ids": self._values(leg_keys)})
+            }
+            known_legs = set(revisions)
             head = _head(session)
             legs: dict[str, dict[str, Any]] = {}
             records: list[dict[str, Any]] = []
@@ -222,13 +241,17 @@ class LinkStore:
                 seq = next_seq.get(state.cycle_id, 1)
                 next_seq[state.cycle_id] = seq + 1
                 seqs[i] = seq
-                legs[state.leg_key] = {"leg_key": state.leg_key, "cycle_id": state.cycle_id,
-                                       "status": state.state.value, "seq": seq,
-                                       "updated_at": now}  # fmt: skip
+                current = becomes_current(state.revision, revisions.get(state.leg_key))
+                if current:
+                    revisions[state.leg_key] = state.revision
+                    legs[state.leg_key] = {"leg_key": state.leg_key, "cycle_id": state.cycle_id,
+                                           "status": state.state.value, "seq": seq,
+                                           "revision": state.revision,
+                                           "updated_at": now}  # fmt: skip
+                body = record_for(state, seq, superseded=not current)
                 records.append({"id": state_id, "pos": head + len(records) + 1,
                                 "cycle_id": state.cycle_id, "seq": seq,
-                                "body_json": json.dumps(record_for(state, seq)),
-                                "linked_at": now})  # fmt: skip
+                                "body_json": json.dumps(body), "linked_at": now})  # fmt: skip
             if not records:
                 return seqs
             write = session.connection().execute  # executemany, Core

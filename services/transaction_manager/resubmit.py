@@ -6,6 +6,10 @@ attempt count and republishes the same event (same id and cycle id) through the 
 one transaction with the audit record. The claim/plan machinery (routing.py) then skips the
 done steps and resumes at the failed one; a planned push first asks the partner whether the
 file is there already, so a resubmit never sends twice what had arrived.
+
+The cycle's FAILED legs become TO_EXECUTE in the same transaction, announced like any state:
+the transfer log and tracking show the resubmission at once, and its outcome is a new state
+of each leg (FAILED again included), never a repeat of the first attempt's.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ferrylink.tables.events import ProcessedEvent
 from ferrylink.tables.transfers import StepRun, Transfer
 from services.transaction_manager.routing import RouteRunner
 from services.transaction_manager.steps import STEPS, ChecksumStep
+from services.transaction_manager.transfer_log import StagedLeg, TransferLog
 
 
 class ResubmitRefused(Exception):
@@ -38,11 +43,14 @@ class Resubmission:
     event: FileArrived
     failed_step: int
     detail: str
+    # The FAILED legs' TO_EXECUTE states: `transfer_log.publish` each once committed.
+    states: list[StagedLeg]
 
 
-def prepare(session: Session, cycle_id: str) -> Resubmission:
-    """Reset the failed cycle's event in `session` (not committed) and return the event to
-    publish; ResubmitRefused when the cycle is unknown, not failed, or cannot be re-run."""
+def prepare(session: Session, cycle_id: str, transfer_log: TransferLog) -> Resubmission:
+    """Reset the failed cycle's event and its failed legs in `session` (not committed) and
+    return the event to publish; ResubmitRefused when the cycle is unknown, not failed, or
+    cannot be re-run."""
     legs = {
         leg.leg: leg for leg in session.exec(select(Transfer).where(Transfer.cycle_id == cycle_id))
     }
@@ -93,6 +101,23 @@ def prepare(session: Session, cycle_id: str) -> Resubmission:
     done = session.get(ProcessedEvent, event_id)
     if done is not None:
         session.delete(done)
+    detail = route_leg.detail
+    states = [
+        staged
+        for leg in legs.values()
+        if leg.status == TransferStatus.FAILED
+        and (
+            staged := transfer_log.stage(
+                session,
+                leg.leg_key,
+                TransferStatus.TO_EXECUTE,
+                detail="resubmitted",
+                finished_at=None,
+                duration_ms=None,
+            )
+        )
+        is not None  # fmt: skip
+    ]
     event = FileArrived(
         id=event_id,
         cycle_id=cycle_id,
@@ -102,4 +127,4 @@ def prepare(session: Session, cycle_id: str) -> Resubmission:
         size=receive.bytes or None,
         protocol=receive.protocol,
     )
-    return Resubmission(event, failed_step, route_leg.detail)
+    return Resubmission(event, failed_step, detail, states)

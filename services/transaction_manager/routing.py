@@ -93,6 +93,7 @@ from services.transaction_manager.transfer_log import (
     SENDING,
     SENT,
     TransferLog,
+    next_revision,
     settle,
 )
 
@@ -309,7 +310,8 @@ class _Unit:
             return
         else:
             row = {**current, **fields}
-        row.update(leg_key=leg_key, status=str(status), node_id=self.node_id)
+        revision = next_revision(None if current is None else current["revision"])
+        row.update(leg_key=leg_key, status=str(status), node_id=self.node_id, revision=revision)
         if status in FINAL_TRANSFER_STATUSES:
             row["finished_at"] = now
             row["duration_ms"] = int((now - as_utc(row["started_at"])).total_seconds() * 1000)

@@ -65,7 +65,7 @@ from ferrylink.tables.events import DeadEvent, ProcessedEvent
 from ferrylink.tables.scheduling import ScheduledFile
 from ferrylink.tables.transfers import StepRun, Transfer
 from services.transaction_manager import partners, purges
-from services.transaction_manager.transfer_log import TransferLog, settle
+from services.transaction_manager.transfer_log import TransferLog, next_revision, settle
 
 log = logging.getLogger(__name__)
 
@@ -361,8 +361,10 @@ def _leg(engine: Engine, leg_key: str, status: str, event: TransferScheduled, no
         row = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
         if row is None:
             row = Transfer(leg_key=leg_key, event_id=event.id, status=status, node_id=node_id,
-                           **fields)  # fmt: skip
+                           revision=next_revision(None), **fields)  # fmt: skip
         else:
+            if row.status != status:  # the same state again is a repeat (the same id)
+                row.revision = next_revision(row.revision)
             row.status, row.node_id, row.detail = status, node_id, fields["detail"]
         row.finished_at = now
         started = as_utc(row.started_at)

@@ -41,6 +41,12 @@ RECEIVING, RECEIVED, ROUTED = (
 SENDING, SENT, FAILED = TransferStatus.SENDING, TransferStatus.SENT, TransferStatus.FAILED
 
 
+def next_revision(current: int | None) -> int:
+    """A leg's revision after a state change: 1 for a new leg (None), one more otherwise.
+    Every writer of a leg's state uses it, so a leg's states are ordered by it."""
+    return 1 if current is None else current + 1
+
+
 def count(leg: Transfer | Mapping[str, Any]) -> None:
     """Files and bytes received and sent, once per committed state change."""
     row = leg if isinstance(leg, Mapping) else _columns(leg)
@@ -55,7 +61,7 @@ def count(leg: Transfer | Mapping[str, Any]) -> None:
 
 # What a transfer state says of its leg.
 STATE_COLUMNS = ("leg_key", "cycle_id", "event_id", "leg", "status", "account", "file_name",
-                 "bytes", "direction", "protocol", "partner", "detail")  # fmt: skip
+                 "bytes", "direction", "protocol", "partner", "detail", "revision")  # fmt: skip
 
 
 def _columns(leg: Transfer) -> dict[str, Any]:
@@ -103,7 +109,8 @@ class TransferLog:
         leg = session.exec(select(Transfer).where(Transfer.leg_key == leg_key)).first()
         now = utcnow()
         if leg is None:
-            leg = Transfer(leg_key=leg_key, status=status, node_id=self.node_id, **fields)
+            leg = Transfer(leg_key=leg_key, status=status, node_id=self.node_id,
+                           revision=next_revision(None), **fields)  # fmt: skip
         elif leg.status == status:
             return None
         else:
@@ -111,6 +118,7 @@ class TransferLog:
                 setattr(leg, name, value)
             leg.status = status
             leg.node_id = self.node_id
+            leg.revision = next_revision(leg.revision)
         if status in FINAL_TRANSFER_STATUSES:
             leg.finished_at = now
             started = as_utc(leg.started_at)
@@ -130,7 +138,7 @@ class TransferLog:
             leg=row["leg"], state=TransferStatus(row["status"]), account=row["account"],
             file_name=row["file_name"], bytes=row["bytes"] or 0, direction=row["direction"],
             protocol=row["protocol"], partner=row["partner"], detail=row["detail"],
-            node=self.node_id,
+            node=self.node_id, revision=row["revision"] or 0,
         )  # fmt: skip
 
     def prepare_rows(self, rows: Sequence[Mapping[str, Any]],

@@ -40,7 +40,8 @@ class SentinelCycle(SQLModel, table=True):
 
 
 class SentinelLeg(SQLModel, table=True):
-    """The last state linked for each leg of a cycle."""
+    """The current state of each leg of a cycle: the linked state of the highest revision
+    (a state that arrives after a later one is linked, marked superseded, and leaves it)."""
 
     __tablename__ = "sentinel_leg"
 
@@ -49,6 +50,7 @@ class SentinelLeg(SQLModel, table=True):
     status: str = Field(max_length=16)
     seq: int
     updated_at: float
+    revision: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class SentinelRecord(SQLModel, table=True):

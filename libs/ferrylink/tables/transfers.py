@@ -48,6 +48,8 @@ class Transfer(SQLModel, table=True):
     finished_at: datetime | None = Field(default=None)
     duration_ms: int | None = Field(default=None)
     detail: str = Field(default="", max_length=2000)
+    # One more at each state change (1 for the first): orders the leg's transfer states.
+    revision: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class StepRun(SQLModel, table=True):

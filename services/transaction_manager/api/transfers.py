@@ -17,6 +17,7 @@ from ferrylink.primary_proxy import forward_to_primary
 from ferrylink.tables.transfers import Transfer
 from services.transaction_manager import resubmit
 from services.transaction_manager.api.deps import TMDep, TransactionManager
+from services.transaction_manager.transfer_log import settle
 
 router = APIRouter(prefix="/transfers", tags=["transfers"])
 
@@ -121,14 +122,15 @@ def resubmit_transfer(
     cycle_id: str, tm: TMDep, session: SessionDep, audit: AuditDep
 ) -> ResubmitOut:
     """Accepted: the event is queued again; the transfer log shows its legs as it runs (the
-    failed push leg goes SENDING/SENT or FAILED again). Recorded in the audit log."""
+    failed legs go TO_EXECUTE at once, then the push SENDING/SENT or FAILED again).
+    Recorded in the audit log."""
     _require_primary(tm)
     try:
         token = tm.runtime.fence.token()
     except Fenced as exc:
         raise HTTPException(409, f"not the primary: {exc}") from None
     try:
-        again = resubmit.prepare(session, cycle_id)
+        again = resubmit.prepare(session, cycle_id, tm.transfer_log)
     except resubmit.ResubmitRefused as exc:
         raise HTTPException(exc.status, str(exc)) from None
     out = ResubmitOut(cycle_id=cycle_id, event_id=again.event.id, from_step=again.failed_step,
@@ -147,4 +149,5 @@ def resubmit_transfer(
         raise HTTPException(409, f"not the primary any more: {exc}") from None
     session.commit()
     tm.runtime.send(rows)
+    settle([tm.transfer_log.publish(state) for state in again.states])
     return out
