@@ -1,5 +1,5 @@
 """The failed-login defender for anything that checks a password (account uploads, the
-edge proxy, administrators' logins).
+edge proxy's sessions, administrators' logins).
 
 Every failure is logged with the client's address and delays the answer (doubling per
 recent failure from that address, capped); past a threshold of failures within a window
@@ -8,7 +8,10 @@ spread-out guess). Banned attempts are refused before any password is checked, s
 neither cost a KDF run nor count again. An unknown account costs the same KDF run as a
 known one (`check_password` verifies against a dummy hash), so timing tells nothing.
 
-State is per process, in memory: a restart forgives, and each server counts on its own.
+Where the counts live (`GuardStore`): a service process keeps them in the shared database
+(`DatabaseGuardStore`), so failures spread over every server and service of the cluster
+add up, and a ban holds on all of them. While the database cannot be reached, the process
+counts alone in memory (logged); an app built without a database uses memory alone.
 """
 
 from __future__ import annotations
@@ -20,11 +23,22 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Protocol, TypeVar
 
+from sqlalchemy import Table, and_, delete, func, insert, or_, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from ferrylink.db import writing
+from ferrylink.errors import INFRASTRUCTURE_ERRORS
 from ferrylink.metrics import LOGIN_BANS, LOGIN_FAILURES, LOGINS_REFUSED
 from ferrylink.passwords import hash_password, verify_password
+from ferrylink.tables.admin import LoginBan, LoginFailure
 
 log = logging.getLogger(__name__)
+
+ADDRESS, ACCOUNT = "address", "account"
+KEY_LENGTH = 255  # the tables' key column
 
 
 @dataclass(frozen=True)
@@ -37,12 +51,6 @@ class GuardPolicy:
     ban_seconds: float = 900.0
 
 
-@dataclass
-class _Counter:
-    failures: deque[float] = field(default_factory=deque)
-    banned_until: float = 0.0
-
-
 class LoginRefused(Exception):
     """A banned address or account: the answer is 429 with `retry_after` seconds."""
 
@@ -52,69 +60,205 @@ class LoginRefused(Exception):
         self.retry_after = retry_after
 
 
-class LoginGuard:
-    def __init__(
-        self, policy: GuardPolicy | None = None, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.policy = policy or GuardPolicy()
-        self._clock = clock
+class GuardStore(Protocol):
+    """The failures and bans the guard's rules read and write (times in epoch seconds)."""
+
+    def banned_until(self, address: str, account: str) -> tuple[float, float]:
+        """Until when the address and the account are banned (0: never was)."""
+        ...
+
+    def fail(self, address: str, account: str, now: float, window: float) -> tuple[int, int]:
+        """Record a failure; the failures of the address and of the account within `window`
+        before `now`, this one included."""
+        ...
+
+    def ban(self, scope: str, key: str, until: float) -> None:
+        """Ban the address or account (`scope`) until `until`; its failures start again."""
+        ...
+
+    def forgive(self, address: str) -> None:
+        """The address logged in: its failures are forgotten (a ban stays)."""
+        ...
+
+
+@dataclass
+class _Counter:
+    failures: deque[float] = field(default_factory=deque)
+    banned_until: float = 0.0
+
+
+class MemoryGuardStore:
+    """This process alone counts."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._addresses: dict[str, _Counter] = {}
-        self._accounts: dict[str, _Counter] = {}
+        self._tables: dict[str, dict[str, _Counter]] = {ADDRESS: {}, ACCOUNT: {}}
 
-    def check(self, address: str, account: str) -> None:
-        """Raise LoginRefused while the address or the account is banned."""
-        now = self._clock()
+    def banned_until(self, address: str, account: str) -> tuple[float, float]:
         with self._lock:
-            for kind, key, table in (
-                ("address", address, self._addresses),
-                ("account", account, self._accounts),
-            ):
-                counter = table.get(key)
-                if counter and counter.banned_until > now:
-                    LOGINS_REFUSED.labels(scope=kind).inc()
-                    raise LoginRefused(
-                        f"too many failed logins from this {kind}; try again later",
-                        counter.banned_until - now,
-                    )
+            found = [self._tables[scope].get(key) for scope, key in
+                     ((ADDRESS, address), (ACCOUNT, account))]  # fmt: skip
+        by_address, by_account = (c.banned_until if c else 0.0 for c in found)
+        return by_address, by_account
 
-    def failed(self, address: str, account: str) -> float:
-        """Record a failure; returns how long to delay the answer."""
-        policy = self.policy
-        now = self._clock()
+    def fail(self, address: str, account: str, now: float, window: float) -> tuple[int, int]:
         with self._lock:
-            by_address = self._count(self._addresses, address, now)
-            by_account = self._count(self._accounts, account, now)
-            LOGIN_FAILURES.inc()
-            if len(by_address.failures) >= policy.address_threshold:
-                LOGIN_BANS.labels(scope="address").inc()
-                by_address.banned_until = now + policy.ban_seconds
-                by_address.failures.clear()
-                log.warning("login: banned address %s for %.0f s", address, policy.ban_seconds)
-            if len(by_account.failures) >= policy.account_threshold:
-                LOGIN_BANS.labels(scope="account").inc()
-                by_account.banned_until = now + policy.ban_seconds
-                by_account.failures.clear()
-                log.warning("login: banned account %r for %.0f s", account, policy.ban_seconds)
-            recent = len(by_address.failures) or policy.address_threshold
-        log.warning("login failed for account %r from %s (%d recent)", account, address, recent)
-        return min(policy.max_delay, policy.delay * 2 ** (recent - 1))
+            return (self._count(ADDRESS, address, now, window),
+                    self._count(ACCOUNT, account, now, window))  # fmt: skip
 
-    def succeeded(self, address: str, account: str) -> None:
+    def ban(self, scope: str, key: str, until: float) -> None:
         with self._lock:
-            counter = self._addresses.get(address)
+            counter = self._tables[scope].setdefault(key, _Counter())
+            counter.banned_until = until
+            counter.failures.clear()
+
+    def forgive(self, address: str) -> None:
+        with self._lock:
+            counter = self._tables[ADDRESS].get(address)
             if counter:
                 counter.failures.clear()
 
-    def _count(self, table: dict[str, _Counter], key: str, now: float) -> _Counter:
+    def _count(self, scope: str, key: str, now: float, window: float) -> int:
+        table = self._tables[scope]
         counter = table.setdefault(key, _Counter())
-        while counter.failures and counter.failures[0] <= now - self.policy.window:
+        while counter.failures and counter.failures[0] <= now - window:
             counter.failures.popleft()
         counter.failures.append(now)
         if len(table) > 100_000:  # bound memory under a flood of new addresses
             for stale in [k for k, c in table.items() if not c.failures and c.banned_until < now]:
                 del table[stale]
-        return counter
+        return len(counter.failures)
+
+
+FAILURES: Table = LoginFailure.__table__  # type: ignore[attr-defined]
+BANS: Table = LoginBan.__table__  # type: ignore[attr-defined]
+T = TypeVar("T")
+
+
+class DatabaseGuardStore:
+    """Every process of the cluster counts in the shared database. Failures older than the
+    window and lapsed bans are deleted as failures are recorded (index on their times)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._alone = MemoryGuardStore()  # while the database cannot be reached
+
+    def _or_alone(self, shared: Callable[[], T], alone: Callable[[], T]) -> T:
+        try:
+            return shared()
+        except INFRASTRUCTURE_ERRORS as exc:
+            log.warning("login guard: the database is unreachable (%s); this process "
+                        "counts failed logins alone meanwhile", type(exc).__name__)  # fmt: skip
+            return alone()
+
+    def banned_until(self, address: str, account: str) -> tuple[float, float]:
+        def shared() -> tuple[float, float]:
+            query = select(BANS.c.scope, BANS.c.banned_until).where(
+                or_(and_(BANS.c.scope == ADDRESS, BANS.c.key == address[:KEY_LENGTH]),
+                    and_(BANS.c.scope == ACCOUNT, BANS.c.key == account[:KEY_LENGTH]))
+            )  # fmt: skip
+            with self.engine.connect() as connection:
+                found = {scope: until for scope, until in connection.execute(query)}
+            return found.get(ADDRESS, 0.0), found.get(ACCOUNT, 0.0)
+
+        shared_bans = self._or_alone(shared, lambda: (0.0, 0.0))
+        alone = self._alone.banned_until(address, account)
+        return max(shared_bans[0], alone[0]), max(shared_bans[1], alone[1])
+
+    def fail(self, address: str, account: str, now: float, window: float) -> tuple[int, int]:
+        keys = ((ADDRESS, address[:KEY_LENGTH]), (ACCOUNT, account[:KEY_LENGTH]))
+
+        def shared() -> tuple[int, int]:
+            with writing(self.engine), self.engine.begin() as connection:
+                connection.execute(delete(FAILURES).where(FAILURES.c.at <= now - window))
+                connection.execute(delete(BANS).where(BANS.c.banned_until <= now))
+                rows = [{"scope": scope, "key": key, "at": now} for scope, key in keys]
+                connection.execute(insert(FAILURES), rows)
+                counts = [
+                    connection.execute(
+                        select(func.count()).where(FAILURES.c.scope == s, FAILURES.c.key == k)
+                    ).scalar_one()
+                    for s, k in keys
+                ]
+            return counts[0], counts[1]
+
+        return self._or_alone(shared, lambda: self._alone.fail(address, account, now, window))
+
+    def ban(self, scope: str, key: str, until: float) -> None:
+        def shared() -> None:
+            key_ = key[:KEY_LENGTH]
+            try:
+                with writing(self.engine), self.engine.begin() as connection:
+                    connection.execute(
+                        delete(FAILURES).where(FAILURES.c.scope == scope, FAILURES.c.key == key_)
+                    )
+                    connection.execute(
+                        delete(BANS).where(BANS.c.scope == scope, BANS.c.key == key_)
+                    )
+                    connection.execute(
+                        insert(BANS), {"scope": scope, "key": key_, "banned_until": until}
+                    )
+            except IntegrityError:
+                pass  # another process banned it at the same moment
+
+        self._or_alone(shared, lambda: self._alone.ban(scope, key, until))
+
+    def forgive(self, address: str) -> None:
+        def shared() -> None:
+            with writing(self.engine), self.engine.begin() as connection:
+                connection.execute(
+                    delete(FAILURES).where(
+                        FAILURES.c.scope == ADDRESS, FAILURES.c.key == address[:KEY_LENGTH]
+                    )
+                )
+
+        self._alone.forgive(address)
+        self._or_alone(shared, lambda: None)
+
+
+class LoginGuard:
+    """The rules; the counts are in `store` (this process's memory unless given)."""
+
+    def __init__(
+        self,
+        policy: GuardPolicy | None = None,
+        clock: Callable[[], float] = time.time,
+        store: GuardStore | None = None,
+    ) -> None:
+        self.policy = policy or GuardPolicy()
+        self._clock = clock
+        self.store: GuardStore = store or MemoryGuardStore()
+
+    def check(self, address: str, account: str) -> None:
+        """Raise LoginRefused while the address or the account is banned."""
+        now = self._clock()
+        for kind, until in zip((ADDRESS, ACCOUNT), self.store.banned_until(address, account),
+                               strict=True):  # fmt: skip
+            if until > now:
+                LOGINS_REFUSED.labels(scope=kind).inc()
+                raise LoginRefused(f"too many failed logins from this {kind}; try again later",
+                                   until - now)  # fmt: skip
+
+    def failed(self, address: str, account: str) -> float:
+        """Record a failure; returns how long to delay the answer."""
+        policy = self.policy
+        now = self._clock()
+        by_address, by_account = self.store.fail(address, account, now, policy.window)
+        LOGIN_FAILURES.inc()
+        if by_address >= policy.address_threshold:
+            LOGIN_BANS.labels(scope=ADDRESS).inc()
+            self.store.ban(ADDRESS, address, now + policy.ban_seconds)
+            log.warning("login: banned address %s for %.0f s", address, policy.ban_seconds)
+        if by_account >= policy.account_threshold:
+            LOGIN_BANS.labels(scope=ACCOUNT).inc()
+            self.store.ban(ACCOUNT, account, now + policy.ban_seconds)
+            log.warning("login: banned account %r for %.0f s", account, policy.ban_seconds)
+        log.warning("login failed for account %r from %s (%d recent)", account, address,
+                    by_address)  # fmt: skip
+        return min(policy.max_delay, policy.delay * 2 ** (min(by_address, 64) - 1))
+
+    def succeeded(self, address: str, account: str) -> None:
+        self.store.forgive(address)
 
 
 @cache

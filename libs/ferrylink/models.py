@@ -5,7 +5,14 @@ instead, and never this module (tests/unit/test_layout.py): importing it builds 
 from __future__ import annotations
 
 from ferrylink.tables.accounts import Account, Partner
-from ferrylink.tables.admin import AdminUser, ApiToken, AuditRecord, IdempotencyRecord
+from ferrylink.tables.admin import (
+    AdminUser,
+    ApiToken,
+    AuditRecord,
+    IdempotencyRecord,
+    LoginBan,
+    LoginFailure,
+)
 from ferrylink.tables.cluster import (
     ClusterServer,
     ClusterSetting,
@@ -36,6 +43,8 @@ __all__ = [
     "ApiToken",
     "AuditRecord",
     "IdempotencyRecord",
+    "LoginFailure",
+    "LoginBan",
     "OutboxMessage",
     "ProcessedEvent",
     "EventClaim",

@@ -62,7 +62,7 @@ from ferrylink.contracts import (
 )
 from ferrylink.db import database_works, make_engine
 from ferrylink.fencing import DatabaseClock, Fence, Fenced
-from ferrylink.login_guard import GuardPolicy, LoginGuard
+from ferrylink.login_guard import DatabaseGuardStore, GuardPolicy, GuardStore, LoginGuard
 from ferrylink.messaging import Publisher, Topology, queue_message_counts, wait_all
 from ferrylink.metrics import (
     BROKER_CONNECTED,
@@ -223,8 +223,9 @@ class ServiceRuntime:
         self.fence = Fence(self.follower.token, self.follower.fenced)
         self._transfer_states: TransferStatePublisher | None = None
         self._outbox_relay: outbox.OutboxRelay | None = None
-        # One failed-login defender a process: uploads and edge sessions share its counts.
-        self.login_guard = login_guard_from(settings)
+        # One failed-login defender a process, counting in the shared database: uploads, edge
+        # sessions and admin logins of every server add up.
+        self.login_guard = login_guard_from(settings, DatabaseGuardStore(self.engine))
         # The configuration version this process has applied; 0 until its first sync (a
         # process that starts or comes back is out of sync until the cluster syncs it).
         self.config_version = 0
@@ -625,16 +626,17 @@ def create_app(
     return app
 
 
-def login_guard_from(settings: FerrylinkSettings) -> LoginGuard:
+def login_guard_from(settings: FerrylinkSettings, store: GuardStore | None = None) -> LoginGuard:
     return LoginGuard(
-        GuardPolicy(
+        store=store,
+        policy=GuardPolicy(
             delay=settings.login_failure_delay,
             max_delay=settings.login_max_delay,
             address_threshold=settings.login_address_threshold,
             account_threshold=settings.login_account_threshold,
             window=settings.login_window_seconds,
             ban_seconds=settings.login_ban_seconds,
-        )
+        ),
     )
 
 

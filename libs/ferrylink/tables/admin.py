@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
 
 from ferrylink.clock import utcnow
@@ -69,3 +70,26 @@ class IdempotencyRecord(SQLModel, table=True):
     body: bytes = Field(default=b"")
     created_at: float
     expires_at: float = Field(index=True)
+
+
+class LoginFailure(SQLModel, table=True):
+    """A failed login, counted against its address and its account (`scope`, `key`) by every
+    process of the cluster (ferrylink.login_guard); rows older than the window are deleted."""
+
+    __tablename__ = "login_failure"
+    __table_args__ = (Index("ix_login_failure_scope_key", "scope", "key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=16)  # address | account
+    key: str = Field(max_length=255)
+    at: float = Field(index=True)  # epoch seconds
+
+
+class LoginBan(SQLModel, table=True):
+    """An address or account refused until `banned_until` (epoch seconds) on every server."""
+
+    __tablename__ = "login_ban"
+
+    scope: str = Field(primary_key=True, max_length=16)
+    key: str = Field(primary_key=True, max_length=255)
+    banned_until: float = Field(index=True)
