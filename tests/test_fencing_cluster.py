@@ -32,6 +32,7 @@ from sqlmodel import Session, col, func, select
 
 from ferrylink.clock import as_utc
 from ferrylink.cluster import PRIMARY_ONLY_WORK, WORK_FOLDER_MONITOR, WORK_SCHEDULER
+from ferrylink.contracts import transfer_state_id
 from ferrylink.db import make_engine
 from ferrylink.models import JobRun, ProcessedEvent, SentinelRecord, Transfer
 from tests.cluster_support import Cluster
@@ -211,8 +212,9 @@ def test_a_primary_frozen_past_its_grant_commits_nothing_when_it_wakes_up(
     # messages to the queue rather than dropping or linking them).
     def unlinked() -> set[str]:
         with Session(engine) as session:
-            states = {f"{key}:{status}" for key, status in session.exec(
-                select(Transfer.leg_key, Transfer.status))}  # fmt: skip
+            states = {transfer_state_id(key, status, revision) for key, status, revision
+                      in session.exec(select(Transfer.leg_key, Transfer.status,
+                                             Transfer.revision))}  # fmt: skip
             linked = set(session.exec(select(SentinelRecord.id)).all())
         return states - linked
 

@@ -482,9 +482,16 @@ class TransferState(Contract):
 
     @property
     def id(self) -> str:
-        if self.revision == 0:
-            return f"{self.leg_key}:{self.state.value}"
-        return f"{self.leg_key}:{self.state.value}:{self.revision}"
+        return transfer_state_id(self.leg_key, self.state.value, self.revision)
+
+
+def transfer_state_id(leg_key: str, status: str, revision: int) -> str:
+    """The id of a leg's state (receivers drop repeats by it), e.g. from a transfer-log row:
+    `<leg_key>:<status>:<revision>`, or `<leg_key>:<status>` for revision 0 (sent before
+    revisions existed)."""
+    if revision == 0:
+        return f"{leg_key}:{status}"
+    return f"{leg_key}:{status}:{revision}"
 
 
 # At most this many states in one `TransferStates` message (a batch commit with more is sent

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from ferrylink.cluster import WORK_SCHEDULER
+from ferrylink.contracts import transfer_state_id
 from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink_ops.polling import WaitTimeout, wait_until
 from ferrylink_ops.processes import wait_pids_gone
@@ -324,7 +325,7 @@ class Chaos:
 
     def _push_rows(self, event_ids: list[str]) -> list[tuple[Any, ...]]:
         return self.world.query(
-            "SELECT event_id, leg_key, leg, status, file_name FROM transfer "
+            "SELECT event_id, leg_key, leg, status, file_name, revision FROM transfer "
             "WHERE event_id = ANY(%s)", event_ids)  # fmt: skip
 
     def _transfer_log(self, accepted: dict[str, Accepted]) -> dict[str, Any]:
@@ -365,7 +366,7 @@ class Chaos:
         assert tracker is not None
         ids = [a.event_id for a in accepted.values()]
         # What the receiver must get: each leg of each accepted upload, as the log has it.
-        expected = {f"{r[1]}:{r[3]}" for r in self._push_rows(ids)
+        expected = {transfer_state_id(r[1], r[3], r[5]) for r in self._push_rows(ids)
                     if r[3] in ("RECEIVED", "SENT", "ROUTED")}  # fmt: skip
         with_deadline = True
         try:
