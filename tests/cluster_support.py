@@ -22,7 +22,7 @@ from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink_ops.admin_setup import auth_headers
 from ferrylink_ops.local_cluster import SPARE_BASE_PORT_RANGE, pick_free_base_port
-from ferrylink_ops.processes import pid_alive
+from ferrylink_ops.processes import pid_alive, started_for
 from tests.helpers import wait_until
 
 BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
@@ -123,11 +123,13 @@ def wait_all_ready(ports: list[int], timeout: float = 60.0) -> None:
 
 
 def kill_leftovers(state_dir: Path) -> None:
-    """Last resort in a failed test: SIGKILL whatever cluster.json still lists."""
+    """Last resort in a failed test: SIGKILL what cluster.json still lists and still runs for
+    this cluster. Only that: a recorded pid of a process that ended (a server killed by the
+    test) may belong by now to another test's cluster, running beside this one."""
     with contextlib.suppress(OSError, ValueError):
         doc = read_json(state_dir / "cluster.json")
         for pid in [*all_pids(doc), doc.get("supervisor_pid") or 0]:
-            if pid_alive(pid):
+            if pid_alive(pid) and started_for(pid, "FERRYLINK_STATE_DIR", state_dir):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError, PermissionError):

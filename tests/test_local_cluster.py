@@ -7,6 +7,7 @@ prefix, and deletes its queues and exchanges at the end.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -129,7 +130,7 @@ def test_kill_and_start_one_server_of_a_detached_cluster(
         print(f"detached up: {time.monotonic() - started:.1f} s")
         doc = read_json(state_dir / "cluster.json")
         assert doc["status"] == "running"
-        supervisor = int((state_dir / "supervisor.pid").read_text())
+        supervisor = int((state_dir / "supervisor.pid").read_text().split()[0])
         assert supervisor == doc["supervisor_pid"] and pid_alive(supervisor)
         st1_pids, st2_pids = all_pids(doc, "st1"), all_pids(doc, "st2")
         assert len(st1_pids) == len(st2_pids) == len(BACKEND_SERVICES)
@@ -179,9 +180,10 @@ def test_kill_and_start_one_server_of_a_detached_cluster(
 
 def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path, cluster_prefix: str) -> None:
     """SIGKILL the supervisor: its service processes live on; `server kill` and `down` then
-    act on the pids of cluster.json directly."""
+    act on the pids of cluster.json directly, and only on processes this cluster started."""
     state_dir = tmp_path / "state"
     common = ("--state-dir", str(state_dir))
+    impostors: tuple[list[subprocess.Popen[bytes]], ...] = ([], [])
     try:
         up = ferrylink(
             "up", "--servers", "2", "--base-port", str(free_base_port(2)),
@@ -204,10 +206,30 @@ def test_down_cleans_up_after_a_killed_supervisor(tmp_path: Path, cluster_prefix
         assert wait_pids_gone(st2_pids, 5.0) == []
         assert server_doc(read_json(state_dir / "cluster.json"), "st2")["state"] == "down"
 
+        # Pids recorded in cluster.json that now belong to other processes (pid reuse), with
+        # the words a weaker check looked for in their command lines: never signalled.
+        for impostor in impostors:
+            impostor.append(subprocess.Popen(
+                [sys.executable, "-c", "import time; time.sleep(120)", "ferrylink", "services.",
+                 "rabbit", "beam", str(state_dir.resolve())],
+                start_new_session=True,
+            ))  # fmt: skip
+        [service_impostor], [broker_impostor] = impostors
+        doc = read_json(state_dir / "cluster.json")  # st2's scheduler ended: its pid reused
+        st2 = next(server for server in doc["servers"] if server["id"] == "st2")
+        st2["services"]["scheduler"].update(pid=service_impostor.pid, running=True)
+        doc["broker_pid"] = broker_impostor.pid
+        (state_dir / "cluster.json").write_text(json.dumps(doc))
+
         down = ferrylink("down", *common)
         assert down.returncode == 0, down.stdout + down.stderr
         assert "leftover" in down.stdout
         assert wait_pids_gone(st1_pids, 5.0) == []
         assert read_json(state_dir / "cluster.json")["status"] == "stopped"
+        assert service_impostor.poll() is None and broker_impostor.poll() is None
     finally:
         kill_leftovers(state_dir)
+        for impostor in impostors:
+            for process in impostor:
+                process.kill()
+                process.wait()

@@ -23,15 +23,16 @@ from ferrylink_ops.local_cluster import (
     HTTP_HOST,
     PROBE_TIMEOUT,
     ClusterError,
-    cluster_pids,
+    cluster_processes,
     probe_ready,
     read_cluster_json,
     running_supervisor,
+    runs_for,
 )
 from ferrylink_ops.processes import (
     pid_alive,
-    runs_ferrylink,
     signal_group,
+    started_for,
     terminate_pids,
     wait_pids_gone,
     write_json_atomic,
@@ -58,7 +59,7 @@ def act_without_supervisor(state_dir: Path, action: str, server_id: str) -> str:
     for server in doc["servers"]:
         if server["id"] != server_id:
             continue
-        pids = [p for p in cluster_pids({"servers": [server]}) if runs_ferrylink(p)]
+        pids = cluster_processes(state_dir, {"servers": [server]})
         if action == "kill":
             for pid in pids:
                 signal_group(pid, signal.SIGKILL)
@@ -66,7 +67,7 @@ def act_without_supervisor(state_dir: Path, action: str, server_id: str) -> str:
         else:
             terminate_pids(pids)
         for svc in server["services"].values():
-            svc["running"] = bool(svc.get("pid")) and pid_alive(svc["pid"])
+            svc["running"] = runs_for(state_dir, svc.get("pid"))
         server["state"] = DOWN
     write_json_atomic(state_dir / "cluster.json", doc)
     return f"{server_id} is down"
@@ -103,7 +104,7 @@ def down(state_dir: Path, timeout: float = 60.0) -> str:
             return "no cluster runs here"
         return "; ".join(messages)
     doc = read_cluster_json(state_dir)
-    left = [p for p in cluster_pids(doc) if pid_alive(p) and runs_ferrylink(p)]
+    left = cluster_processes(state_dir, doc)
     if left:
         messages.append(f"stopping {len(left)} leftover processes")
         terminate_pids(left)
@@ -111,14 +112,16 @@ def down(state_dir: Path, timeout: float = 60.0) -> str:
     if (
         broker_pid
         and pid_alive(broker_pid)
-        and runs_ferrylink(broker_pid, ("rabbit", "beam", str(state_dir.resolve())))
+        # Its own node only: any RabbitMQ (the machine's own included) now holding the pid
+        # has "rabbit" and "beam" in its command line, but not this broker's directory.
+        and started_for(broker_pid, "RABBITMQ_MNESIA_BASE", state_dir / "broker", under=True)
     ):
         messages.append(f"stopping private broker {broker_pid}")
         terminate_pids([int(broker_pid)], 30.0)
     if pid is None or left:
         for server in doc.get("servers", []):
             for svc in server.get("services", {}).values():
-                svc["running"] = bool(svc.get("pid")) and pid_alive(svc["pid"])
+                svc["running"] = runs_for(state_dir, svc.get("pid"))
             server["state"] = DOWN
         doc["status"] = "stopped"
         write_json_atomic(cluster_file, doc)
@@ -186,7 +189,10 @@ def status_table(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]], list[
                 ]
             for name, svc in server.get("services", {}).items():
                 pid = svc.get("pid")
-                alive = bool(pid) and svc.get("running", True) and pid_alive(pid)
+                alive = bool(svc.get("running", True)) and (
+                    runs_for(Path(doc["state_dir"]), pid) if doc.get("state_dir")
+                    else bool(pid) and pid_alive(pid)
+                )  # fmt: skip
                 ready = alive and probe_ready(client, f"http://{HTTP_HOST}:{svc.get('port')}")
                 rows.append(
                     [

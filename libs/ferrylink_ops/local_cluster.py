@@ -82,6 +82,8 @@ from ferrylink_ops.processes import (
     port_free,
     runs_ferrylink,
     signal_group,
+    start_time,
+    started_for,
     timestamp,
     write_json_atomic,
 )
@@ -718,13 +720,38 @@ def read_cluster_json(state_dir: Path) -> dict[str, Any]:
     return doc
 
 
+def write_supervisor_pid(state_dir: Path) -> None:
+    """This process is the state directory's supervisor: its pid, and its start time, which
+    tells it from a later process given the same pid."""
+    pid = os.getpid()
+    supervisor_pid_file(state_dir).write_text(f"{pid}\n{start_time(pid) or ''}\n")
+
+
 def running_supervisor(state_dir: Path) -> int | None:
     """The pid of the live `ferrylink up` of this state directory, if any."""
     try:
-        pid = int(supervisor_pid_file(state_dir).read_text().strip())
+        lines = supervisor_pid_file(state_dir).read_text().split("\n")
+        pid = int(lines[0])
+        started = int(lines[1]) if len(lines) > 1 and lines[1].strip() else None
     except (OSError, ValueError):
         return None
-    return pid if pid_alive(pid) and runs_ferrylink(pid) else None
+    if not pid_alive(pid):
+        return None
+    if started is not None and start_time(pid) is not None:
+        return pid if start_time(pid) == started else None
+    return pid if runs_ferrylink(pid) else None  # a file from before start times
+
+
+def runs_for(state_dir: Path, pid: int | None) -> bool:
+    """Whether a pid recorded in cluster.json still runs a process this cluster started (not
+    a process of another cluster, or anything else, that was given the pid since)."""
+    return bool(pid) and pid_alive(pid) and started_for(int(pid or 0), "FERRYLINK_STATE_DIR",
+                                                        state_dir)  # fmt: skip
+
+
+def cluster_processes(state_dir: Path, doc: dict[str, Any]) -> list[int]:
+    """The recorded pids of services and edges that still run for this cluster."""
+    return [pid for pid in cluster_pids(doc) if runs_for(state_dir, pid)]
 
 
 def cluster_pids(doc: dict[str, Any]) -> list[int]:
@@ -751,11 +778,7 @@ def check_no_cluster_running(state_dir: Path) -> None:
         )
     if (state_dir / "cluster.json").exists():
         with contextlib.suppress(ClusterError):
-            left = [
-                p
-                for p in cluster_pids(read_cluster_json(state_dir))
-                if pid_alive(p) and runs_ferrylink(p)
-            ]
+            left = cluster_processes(state_dir, read_cluster_json(state_dir))
             if left:
                 raise ClusterError(
                     f"processes of an earlier cluster still run from {state_dir} "

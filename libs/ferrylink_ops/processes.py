@@ -49,12 +49,47 @@ def cmdline(pid: int) -> str:
 
 
 def runs_ferrylink(pid: int, markers: Sequence[str] = ("ferrylink", "services.")) -> bool:
-    """Guard against pid reuse before signalling a pid read from a file: whether its command
-    line has one of `markers` (True where there is no /proc to ask)."""
+    """Whether the command line of `pid` has one of `markers` (True where there is no /proc
+    to ask). A weak guard against pid reuse: any cluster's process passes it; prefer
+    `started_for` or `start_time`."""
     if not Path("/proc").is_dir():
         return True
     command = cmdline(pid)
     return any(marker in command for marker in markers)
+
+
+def started_for(pid: int, variable: str, directory: Path, *, under: bool = False) -> bool:
+    """Guard against pid reuse before signalling a pid read from a cluster's files: whether
+    the process's environment sets `variable` to `directory` (or, `under`, a path under
+    it), the mark the runner gives what it starts (FERRYLINK_STATE_DIR for services, edges
+    and a detached supervisor; RABBITMQ_MNESIA_BASE under the private broker's folder).
+    Another cluster's process now holding the pid, or anything else, is not. True where
+    there is no /proc to ask."""
+    if not Path("/proc").is_dir():
+        return True
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False  # gone, or not ours to read (then not ours to signal either)
+    root = str(directory.resolve())
+    prefix = f"{variable}=".encode()
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            value = entry[len(prefix) :].decode(errors="replace")
+            return value == root or (under and value.startswith(root.rstrip("/") + "/"))
+    return False
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (/proc/<pid>/stat field 22): with the
+    pid it names one process for as long as the machine runs. None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name (which may hold spaces) start at field 3.
+    fields = stat.rsplit(")", 1)[-1].split()
+    return int(fields[22 - 3]) if len(fields) > 22 - 3 else None
 
 
 def signal_group(pid: int, sig: signal.Signals) -> None:

@@ -51,6 +51,7 @@ from ferrylink_ops.local_cluster import (
     read_cluster_json,
     running_supervisor,
     supervisor_pid_file,
+    write_supervisor_pid,
 )
 from ferrylink_ops.processes import STOP_TIMEOUT, log_tail, pid_alive, write_json_atomic
 
@@ -119,7 +120,7 @@ class Supervisor:
         state_dir.mkdir(parents=True, exist_ok=True)
         check_no_cluster_running(state_dir)
         pid_file = supervisor_pid_file(state_dir)
-        pid_file.write_text(f"{os.getpid()}\n")
+        write_supervisor_pid(state_dir)
         controls = control_dir(state_dir)
         controls.mkdir(exist_ok=True)
         for stale in controls.iterdir():
@@ -164,7 +165,7 @@ class Supervisor:
         finally:
             self._shutdown()
             with contextlib.suppress(OSError):
-                if pid_file.read_text().strip() == str(os.getpid()):
+                if pid_file.read_text().split()[:1] == [str(os.getpid())]:
                     pid_file.unlink()
             if self.waker is not None:
                 self.waker.close()
@@ -305,6 +306,8 @@ def start_detached(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=os.getcwd(),
+            # The mark `started_for` looks for: this supervisor belongs to this directory.
+            env=dict(os.environ, FERRYLINK_STATE_DIR=str(state_dir)),
         )
     deadline = time.monotonic() + timeout
     try:
