@@ -20,7 +20,7 @@ import time
 import uuid
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import (
     BaseModel,
@@ -345,37 +345,14 @@ MaintenanceTask = Annotated[
     | SentinelLinkPurge,
     Field(discriminator="kind"),
 ]
-JobParams = Annotated[
-    PullJob
-    | PushJob
-    | TransferLogPurge
-    | TransferLogArchive
-    | DeadLetterPurge
-    | TempFileCleanup
-    | AuditLogPurge
-    | JobRunPurge
-    | ScheduledFilePurge
-    | EventClaimPurge
-    | OutboxPurge
-    | SentinelLinkPurge,
-    Field(discriminator="kind"),
-]
+# A job is a transfer or a maintenance task: one tagged union (pydantic flattens the two).
+JobParams = Annotated[PullJob | PushJob | MaintenanceTask, Field(discriminator="kind")]
 JOB_PARAMS: TypeAdapter[JobParams] = TypeAdapter(JobParams)
 TRANSFER_JOB_KINDS: tuple[str, ...] = ("pull", "push")
-JOB_KINDS: tuple[str, ...] = (
-    "pull",
-    "push",
-    "transfer_log_purge",
-    "transfer_log_archive",
-    "dead_letter_purge",
-    "temp_file_cleanup",
-    "audit_log_purge",
-    "job_run_purge",
-    "scheduled_file_purge",
-    "event_claim_purge",
-    "outbox_purge",
-    "sentinel_link_purge",
+MAINTENANCE_KINDS: tuple[str, ...] = tuple(
+    model.model_fields["kind"].default for model in get_args(get_args(MaintenanceTask)[0])
 )
+JOB_KINDS: tuple[str, ...] = TRANSFER_JOB_KINDS + MAINTENANCE_KINDS
 
 
 # --------------------------------------------------------------------------------------------
