@@ -17,6 +17,7 @@ from ferrylink.admin_auth import check_token, create_admin
 from ferrylink.db import create_tables
 from services.cluster_coordinator.main import app_from
 from services.cluster_coordinator.settings import Settings
+from services.cluster_coordinator.web.pages import endpoint_state
 from services.cluster_coordinator.web.session import COOKIE, csrf_token
 
 PASSWORD = "a-long-test-password"
@@ -90,3 +91,29 @@ def test_writes_need_the_csrf_token_and_the_same_origin(app: FastAPI) -> None:
         assert check_token(session, token) is None  # revoked
     client.cookies.set(COOKIE, token, path="/ui")
     assert client.get("/ui/transfers").status_code == 303
+
+
+def test_the_tracking_page_and_its_actions_need_a_login_and_the_csrf_token(app: FastAPI) -> None:
+    client = TestClient(app, follow_redirects=False)
+    assert client.get("/ui/tracking").headers["location"] == "/ui/login?next=%2Fui%2Ftracking"
+    assert client.get("/ui/tracking/live").status_code == 401
+    log_in(client)
+    token = client.cookies[COOKIE]
+    no_csrf = client.post("/ui/actions/tracking/t/pause")
+    assert no_csrf.status_code == 403 and "CSRF" in no_csrf.text
+    headers = {"X-CSRF-Token": csrf_token(token), "Origin": "http://testserver"}
+    other = client.post("/ui/actions/tracking/t/delete", headers=headers)
+    assert other.status_code == 422  # only pause and resume
+    # No cluster runs behind this app: the page says so instead of failing.
+    page = client.get("/ui/tracking")
+    assert page.status_code == 200 and 'role="alert"' in page.text
+
+
+@pytest.mark.parametrize(
+    ("paused", "failures", "state"),
+    [(False, 0, "delivering"), (False, 3, "failing"), (True, 3, "paused"), (True, 0, "paused")],
+)
+def test_an_endpoints_state_is_paused_failing_or_delivering(
+    paused: bool, failures: int, state: str
+) -> None:
+    assert endpoint_state({"paused": paused, "failures": failures}) == state

@@ -1,7 +1,8 @@
 """The web administration UI in a real browser (Debian's headless Chromium driven by
 playwright) against a real local cluster: log in, watch the primary change after a SIGKILL,
 find a transfer by file name, resubmit a failed push once the partner is back and see it
-SENT, purge a dead letter; every page's screenshot is checked not to be blank.
+SENT, purge a dead letter, see a tracking endpoint that is down with its backlog and pause
+it; every page's screenshot is checked not to be blank.
 
 Set FERRYLINK_UPDATE_SCREENSHOTS=1 to copy the screenshots to docs/screenshots/ (the
 README shows them)."""
@@ -88,6 +89,14 @@ def test_web_ui_in_a_real_browser(
     ]:  # fmt: skip
         created = cluster.http.post(tm2 + path, json=body)
         assert created.status_code == 201, created.text
+    # A tracking endpoint that is down all along: its backlog grows, its error shows.
+    sl2 = f"http://127.0.0.1:{cluster.port('st2', 'sentinel-link')}"
+    tracker = HttpSink(tmp_path / "tracker")
+    tracker_port = tracker.port
+    tracker.stop()
+    created = cluster.http.post(f"{sl2}/endpoints", json={
+        "name": "down-tracker", "url": f"http://127.0.0.1:{tracker_port}/in"})  # fmt: skip
+    assert created.status_code == 201, created.text
     shots = tmp_path / "screenshots"
     shots.mkdir()
 
@@ -189,6 +198,24 @@ def test_web_ui_in_a_real_browser(
             row.get_by_role("button", name="Purge").click()
             expect(page.locator("#result")).to_contain_text("Purged ui-test-malformed")
             expect(row).to_have_count(0)
+
+            # Tracking endpoints (the primary's sentinel link, st2 by now): the one that is
+            # down shows its backlog and its error; pause it, then resume it.
+            page.get_by_role("link", name="Tracking endpoints").click()
+            row = page.locator('tr[data-endpoint="down-tracker"]')
+            expect(row.locator(".state")).to_have_text("failing")
+            expect(row.locator(".last-error")).to_contain_text("ConnectError")
+            backlog = int(row.locator(".backlog").inner_text())
+            assert backlog > 0  # the states of the upload, its failure and its resubmit
+            shoot(page, shots, "tracking-endpoints")
+            row.get_by_role("button", name="Pause").click()
+            expect(page.locator("#result")).to_contain_text("Paused down-tracker")
+            expect(row.locator(".state")).to_have_text("paused")
+            assert cluster.http.get(f"{sl2}/endpoints/down-tracker").json()["paused"] is True
+            row.get_by_role("button", name="Resume").click()
+            expect(page.locator("#result")).to_contain_text("Resumed down-tracker")
+            expect(row.get_by_role("button", name="Pause")).to_be_visible()
+            assert cluster.http.get(f"{sl2}/endpoints/down-tracker").json()["paused"] is False
         finally:
             browser.close()
 
@@ -198,6 +225,7 @@ def test_web_ui_in_a_real_browser(
     engine.dispose()
     assert (credentials["name"], "transfer.resubmit", cycle_id) in actions
     assert (credentials["name"], "dead_letter.purge", "ui-test-malformed") in actions
+    assert (credentials["name"], "endpoint.pause", "down-tracker") in actions
     if os.environ.get("FERRYLINK_UPDATE_SCREENSHOTS"):
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for shot in shots.iterdir():

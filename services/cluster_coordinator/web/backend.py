@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TM = "transaction-manager"
+SENTINEL_LINK = "sentinel-link"
 CALL_TIMEOUT = 10.0
 # Failover waits for the leader to apply it (api/failover.py): up to 10 heartbeats + 5 s.
 FAILOVER_TIMEOUT = 40.0
@@ -101,8 +102,13 @@ def service_url(status: ClusterStatus, service: str, server: str | None) -> str:
 
 
 def primary_tm(coordinator: Coordinator, session: Session) -> str:
+    return primary_service(coordinator, session, TM)
+
+
+def primary_service(coordinator: Coordinator, session: Session, service: str) -> str:
+    """The API URL of `service` on the primary (Unavailable if it is not heard)."""
     status = cluster_status(coordinator, session)
-    return service_url(status, TM, status.primary)
+    return service_url(status, service, status.primary)
 
 
 def call(method: str, url: str, headers: dict[str, str], timeout: float = CALL_TIMEOUT,

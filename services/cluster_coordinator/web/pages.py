@@ -5,10 +5,10 @@ here instead (session.py)."""
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qs, quote, urlencode
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -441,6 +441,68 @@ def purge(dead_id: str, web: WriteDep, coordinator: CoordinatorDep,
     if response.status_code != 204:
         return _failed(response)
     return _done(f"Purged {dead_id}.", {})
+
+
+# -- tracking endpoints ------------------------------------------------------------------------
+# Asked of the primary's sentinel link: in passive_legacy its link data (backlogs) is its own.
+
+
+def _endpoints(web: WebSession, coordinator: Coordinator, session: Session
+               ) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+    try:
+        url = backend.primary_service(coordinator, session, backend.SENTINEL_LINK)
+        response = backend.call("GET", f"{url}/endpoints", web.headers)
+    except backend.Unavailable as exc:
+        return [], str(exc)
+    if response.status_code != 200:
+        return [], backend.error_of(response)
+    endpoints: list[dict[str, Any]] = response.json()["items"]
+    for endpoint in endpoints:
+        endpoint["state"] = endpoint_state(endpoint)
+        for name in ("last_success_at", "last_error_at"):
+            endpoint[name] = _utc(endpoint[name])
+    return endpoints, ""
+
+
+def endpoint_state(endpoint: dict[str, Any]) -> str:
+    """What an operator needs first: paused, failing (failures in a row), or delivering."""
+    if endpoint["paused"]:
+        return "paused"
+    return "failing" if endpoint["failures"] else "delivering"
+
+
+def _utc(epoch: float | None) -> str:
+    if epoch is None:
+        return "never"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+@router.get("/ui/tracking", response_class=HTMLResponse)
+def tracking_page(request: Request, web: WebDep, coordinator: CoordinatorDep,
+                  session: SessionDep) -> Response:  # fmt: skip
+    endpoints, error = _endpoints(web, coordinator, session)
+    return _render(request, "tracking.html", web=web, page="tracking", endpoints=endpoints,
+                   error=error, interval=LIVE_INTERVAL_MS)  # fmt: skip
+
+
+@router.get("/ui/tracking/live", response_class=HTMLResponse)
+def tracking_live(request: Request, web: WebDep, coordinator: CoordinatorDep,
+                  session: SessionDep) -> Response:  # fmt: skip
+    endpoints, error = _endpoints(web, coordinator, session)
+    return _render(request, "tracking_live.html", endpoints=endpoints, error=error)
+
+
+@router.post("/ui/actions/tracking/{name}/{action}")
+def pause_or_resume_endpoint(name: str, action: Literal["pause", "resume"], web: WriteDep,
+                             coordinator: CoordinatorDep, session: SessionDep
+                             ) -> JSONResponse:  # fmt: skip
+    url = backend.primary_service(coordinator, session, backend.SENTINEL_LINK)
+    response = backend.call("POST", f"{url}/endpoints/{quote(name, safe='')}/{action}",
+                            web.headers)  # fmt: skip
+    if response.status_code != 200:
+        return _failed(response)
+    done = "Paused" if action == "pause" else "Resumed"
+    return _done(f"{done} {name}.", response.json())
 
 
 # -- results ------------------------------------------------------------------------------------
