@@ -381,17 +381,23 @@ def resubmit(cycle_id: str, web: WriteDep, coordinator: CoordinatorDep,
 # -- dead letters -------------------------------------------------------------------------------
 
 
-def _dead(web: WebSession, coordinator: Coordinator, session: Session
-          ) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+def _primary_items(web: WebSession, coordinator: Coordinator, session: Session, service: str,
+                   path: str) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+    """The first page of a list the primary's `service` serves at `path`, or why not."""
     try:
-        url = backend.primary_tm(coordinator, session)
-        response = backend.call("GET", f"{url}/events/dead", web.headers)
+        url = backend.primary_service(coordinator, session, service)
+        response = backend.call("GET", f"{url}{path}", web.headers)
     except backend.Unavailable as exc:
         return [], str(exc)
     if response.status_code != 200:
         return [], backend.error_of(response)
-    dead: list[dict[str, Any]] = response.json()["items"]
-    return dead, ""
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items, ""
+
+
+def _dead(web: WebSession, coordinator: Coordinator, session: Session
+          ) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
+    return _primary_items(web, coordinator, session, backend.TM, "/events/dead")
 
 
 @router.get("/ui/dead", response_class=HTMLResponse)
@@ -449,19 +455,13 @@ def purge(dead_id: str, web: WriteDep, coordinator: CoordinatorDep,
 
 def _endpoints(web: WebSession, coordinator: Coordinator, session: Session
                ) -> tuple[list[dict[str, Any]], str]:  # fmt: skip
-    try:
-        url = backend.primary_service(coordinator, session, backend.SENTINEL_LINK)
-        response = backend.call("GET", f"{url}/endpoints", web.headers)
-    except backend.Unavailable as exc:
-        return [], str(exc)
-    if response.status_code != 200:
-        return [], backend.error_of(response)
-    endpoints: list[dict[str, Any]] = response.json()["items"]
+    endpoints, error = _primary_items(web, coordinator, session, backend.SENTINEL_LINK,
+                                      "/endpoints")  # fmt: skip
     for endpoint in endpoints:
         endpoint["state"] = endpoint_state(endpoint)
         for name in ("last_success_at", "last_error_at"):
             endpoint[name] = _utc(endpoint[name])
-    return endpoints, ""
+    return endpoints, error
 
 
 def endpoint_state(endpoint: dict[str, Any]) -> str:
