@@ -102,22 +102,15 @@ def prepare(session: Session, cycle_id: str, transfer_log: TransferLog) -> Resub
     if done is not None:
         session.delete(done)
     detail = route_leg.detail
-    states = [
-        staged
-        for leg in legs.values()
-        if leg.status == TransferStatus.FAILED
-        and (
-            staged := transfer_log.stage(
-                session,
-                leg.leg_key,
-                TransferStatus.TO_EXECUTE,
-                detail="resubmitted",
-                finished_at=None,
-                duration_ms=None,
-            )
-        )
-        is not None  # fmt: skip
-    ]
+    states: list[StagedLeg] = []
+    for leg in legs.values():
+        if leg.status != TransferStatus.FAILED:
+            continue
+        staged = transfer_log.stage(session, leg.leg_key, TransferStatus.TO_EXECUTE,
+                                    detail="resubmitted", finished_at=None,
+                                    duration_ms=None)  # fmt: skip
+        if staged is not None:
+            states.append(staged)
     event = FileArrived(
         id=event_id,
         cycle_id=cycle_id,
