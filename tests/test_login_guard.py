@@ -125,15 +125,19 @@ def test_failures_on_two_processes_add_up_and_a_ban_holds_on_both(store: GuardSt
     assert banned(one, "10.0.0.1", "acme") is None and banned(two, "10.0.9.9", "other") is None
 
 
-def test_without_its_database_a_process_counts_alone(tmp_path: Path) -> None:
+def test_without_its_database_a_process_counts_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The database is unreachable (a file in a directory that does not exist): logins are
-    still guarded, by this process's own counts."""
+    still guarded, by this process's own counts, and the log says so once, not per login."""
     unreachable = make_engine(f"sqlite:///{tmp_path / 'missing' / 'guard.db'}")
     guard = LoginGuard(POLICY, Clock(), DatabaseGuardStore(unreachable))
     assert banned(guard, "10.0.0.1", "acme") is None
     delays = [guard.failed("10.0.0.1", "acme") for _ in range(5)]
     assert delays == [0.1, 0.2, 0.4, 0.8, 0.8]
     assert "from this address" in (banned(guard, "10.0.0.1", "acme") or "")
+    warnings = [r for r in caplog.records if "database is unreachable" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_an_unknown_account_runs_the_same_kdf(monkeypatch: pytest.MonkeyPatch) -> None:

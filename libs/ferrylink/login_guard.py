@@ -139,16 +139,23 @@ class DatabaseGuardStore:
     """Every process of the cluster counts in the shared database. Failures older than the
     window and lapsed bans are deleted as failures are recorded (index on their times)."""
 
+    # While the database is away, a warning this often at most (each login would log one).
+    WARN_EVERY_SECONDS = 60.0
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._alone = MemoryGuardStore()  # while the database cannot be reached
+        self._warned_at: float | None = None
 
     def _or_alone(self, shared: Callable[[], T], alone: Callable[[], T]) -> T:
         try:
             return shared()
         except INFRASTRUCTURE_ERRORS as exc:
-            log.warning("login guard: the database is unreachable (%s); this process "
-                        "counts failed logins alone meanwhile", type(exc).__name__)  # fmt: skip
+            now = time.monotonic()
+            if self._warned_at is None or now - self._warned_at >= self.WARN_EVERY_SECONDS:
+                self._warned_at = now
+                log.warning("login guard: the database is unreachable (%s); this process "
+                            "counts failed logins alone meanwhile", type(exc).__name__)  # fmt: skip
             return alone()
 
     def banned_until(self, address: str, account: str) -> tuple[float, float]:
