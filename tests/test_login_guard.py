@@ -10,9 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event
 from sqlmodel import Session
 
 from ferrylink import login_guard
@@ -123,6 +125,27 @@ def test_failures_on_two_processes_add_up_and_a_ban_holds_on_both(store: GuardSt
     assert "from this account" in (banned(two, "10.0.9.8", "other") or "")
     clock.now += 301
     assert banned(one, "10.0.0.1", "acme") is None and banned(two, "10.0.9.9", "other") is None
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"], indirect=True)
+def test_a_login_with_nothing_to_forgive_writes_nothing(store: GuardStore) -> None:
+    """Each HTTP upload logs in: its check and its success only read the database."""
+    assert isinstance(store, DatabaseGuardStore)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.split()[0].upper())
+
+    event.listen(store.engine, "before_cursor_execute", seen)
+    guard = LoginGuard(POLICY, Clock(), store)
+    guard.check("10.0.0.1", "acme")
+    guard.succeeded("10.0.0.1", "acme")
+    assert statements and set(statements) == {"SELECT"}
+    guard.failed("10.0.0.1", "acme")
+    statements.clear()
+    guard.succeeded("10.0.0.1", "acme")  # now there is a failure to forget
+    assert "DELETE" in statements
+    assert guard.failed("10.0.0.1", "acme") == 0.1  # forgotten
 
 
 def test_without_its_database_a_process_counts_alone(

@@ -211,13 +211,16 @@ class DatabaseGuardStore:
         self._or_alone(shared, lambda: self._alone.ban(scope, key, until))
 
     def forgive(self, address: str) -> None:
+        # Every successful login forgives (an HTTP upload logs in per request), and nearly
+        # always there is nothing to forgive: a read first, so a success takes no write turn.
+        where = (FAILURES.c.scope == ADDRESS, FAILURES.c.key == address[:KEY_LENGTH])
+
         def shared() -> None:
+            with self.engine.connect() as connection:
+                if connection.execute(select(FAILURES.c.id).where(*where).limit(1)).first() is None:
+                    return
             with writing(self.engine), self.engine.begin() as connection:
-                connection.execute(
-                    delete(FAILURES).where(
-                        FAILURES.c.scope == ADDRESS, FAILURES.c.key == address[:KEY_LENGTH]
-                    )
-                )
+                connection.execute(delete(FAILURES).where(*where))
 
         self._alone.forgive(address)
         self._or_alone(shared, lambda: None)
