@@ -181,7 +181,7 @@ class EventHandler:
         mine = [item for item in items if item.message.id in claimed]
         if not mine:
             return outcomes
-        fault_point("after-claim")
+        fault_point("after-claim", len(mine))
         EVENT_BATCH_SIZE.observe(len(mine))
         results = self.routes.process_batch(
             [item.message for item in mine if isinstance(item.message, FileArrived)], owner,
@@ -203,7 +203,7 @@ class EventHandler:
             claims.drop_many(self.engine, late, owner)
         except INFRASTRUCTURE_ERRORS as exc:  # they expire, and the purge removes them
             log.warning("could not drop the claims of %d late copies: %s", len(late), _short(exc))
-        fault_point("after-commit-before-ack")
+        fault_point("after-commit-before-ack", len(mine))
         return outcomes
 
     def _claimed(self, event: Event) -> bool:

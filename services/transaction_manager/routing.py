@@ -233,7 +233,8 @@ class _Work:
 class _Unit:
     """The database side of a batch: what it read, and its commits."""
 
-    def __init__(self, runner: RouteRunner, owner: str) -> None:
+    def __init__(self, runner: RouteRunner, owner: str, size: int = 1) -> None:
+        self.size = size  # events in the batch (its fault points say so)
         self.engine = runner.engine
         self.node_id = runner.node_id
         self.claim_seconds = runner.claim_seconds
@@ -519,7 +520,7 @@ class RouteRunner:
         (its own: the others go on). State changes are in the outbox and sent, and their
         confirms awaited (a while) before this returns. `traces`: the context to work on each
         event in (default: the current one)."""
-        unit = _Unit(self, owner)
+        unit = _Unit(self, owner, len(events))
         current = otel_context.get_current()
         works = {e.id: _Work(e, traces[i] if traces else current) for i, e in enumerate(events)}
         outcomes: dict[str, bool | Exception] = {}
@@ -682,9 +683,9 @@ class RouteRunner:
                 if not plan:
                     plan["deleted"] = self._relative(current)
                     yield from self._plan(unit, work, index, plan)
-                    fault_point("after-plan")
+                    fault_point("after-plan", unit.size)
                 current.unlink(missing_ok=True)
-                fault_point("after-move-before-commit")
+                fault_point("after-move-before-commit", unit.size)
             else:
                 assert_never(step)
         except OSError as exc:  # the local file system: may pass (a full disk, a lost mount)
@@ -732,14 +733,14 @@ class RouteRunner:
                 target = yield from self._next_name(unit, work, index, step, plan)
         if target is None:
             target = yield from self._first_name(unit, work, index, step, current, plan)
-        fault_point("after-plan")
+        fault_point("after-plan", unit.size)
         while True:
             try:
                 _place(current, target, keep, overwrite, _temporary(target, work.event.id))
                 break
             except FileExistsError:  # taken between our look and our link
                 target = yield from self._next_name(unit, work, index, step, plan)
-        fault_point("after-move-before-commit")
+        fault_point("after-move-before-commit", unit.size)
         if target.name != Path(plan["desired"]).name:
             work.notes.append(f"{step.kind}: {plan['desired']} existed; "
                               f"placed as {plan['target']}")  # fmt: skip
@@ -809,7 +810,7 @@ class RouteRunner:
                 plan["size"] = current.stat().st_size
                 unit.stage_leg(work, leg_key, SENDING, **leg)
                 yield from self._plan(unit, work, index, plan)  # SENDING announced before
-                fault_point("after-plan")
+                fault_point("after-plan", unit.size)
             elif partners.remote_size(partner, plan["remote_name"]) == plan["size"]:
                 # Pushed before a crash (or a lost confirm): recognised, not sent again.
                 unit.stage_leg(work, leg_key, SENT, **{**leg, "bytes": plan["size"], "detail": ""})
