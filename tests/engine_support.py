@@ -229,7 +229,18 @@ class TmProcess:
         return WORK_EVENTS in work.get("active", [])
 
     def wait_consuming(self, timeout: float = 60) -> TmProcess:
-        wait_until(self.consuming, timeout, f"TM {self.node_id} consuming ({self.log_path})")
+        def ready() -> bool:
+            if self.died() and "address already in use" in self.log_path.read_text():
+                # The free port was taken before the TM bound it (seen in CI: a client
+                # socket of another test got it from the same ephemeral range): again, on
+                # another port.
+                self.port = free_port()
+                self.env["FERRYLINK_HTTP_PORT"] = str(self.port)
+                self.log_path = self.site.root / f"tm-{self.node_id}-{self.port}.log"
+                self.start()
+            return self.consuming()
+
+        wait_until(ready, timeout, f"TM {self.node_id} consuming ({self.log_path})")
         return self
 
     def died(self) -> bool:
