@@ -21,8 +21,7 @@ from ferrylink.cluster import PRIMARY_ONLY_WORK
 from ferrylink.messaging import Topology
 from ferrylink.services_registry import BACKEND_SERVICES
 from ferrylink_ops.admin_setup import auth_headers
-from ferrylink_ops.local_cluster import SPARE_BASE_PORT_RANGE, pick_free_base_port
-from ferrylink_ops.processes import pid_alive, started_for
+from ferrylink_ops.local_cluster import SPARE_BASE_PORT_RANGE, pick_free_base_port, runs_for
 from tests.helpers import wait_until
 
 BOOT_TIMEOUT = 120.0  # 15 Python processes on 2 cores take a while
@@ -129,7 +128,7 @@ def kill_leftovers(state_dir: Path) -> None:
     with contextlib.suppress(OSError, ValueError):
         doc = read_json(state_dir / "cluster.json")
         for pid in [*all_pids(doc), doc.get("supervisor_pid") or 0]:
-            if pid_alive(pid) and started_for(pid, "FERRYLINK_STATE_DIR", state_dir):
+            if runs_for(state_dir, pid):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(pid, signal.SIGKILL)
                 with contextlib.suppress(ProcessLookupError, PermissionError):

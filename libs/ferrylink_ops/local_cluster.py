@@ -745,8 +745,9 @@ def running_supervisor(state_dir: Path) -> int | None:
 def runs_for(state_dir: Path, pid: int | None) -> bool:
     """Whether a pid recorded in cluster.json still runs a process this cluster started (not
     a process of another cluster, or anything else, that was given the pid since)."""
-    return bool(pid) and pid_alive(pid) and started_for(int(pid or 0), "FERRYLINK_STATE_DIR",
-                                                        state_dir)  # fmt: skip
+    if not pid:
+        return False
+    return pid_alive(pid) and started_for(pid, "FERRYLINK_STATE_DIR", state_dir)
 
 
 def cluster_processes(state_dir: Path, doc: dict[str, Any]) -> list[int]:
