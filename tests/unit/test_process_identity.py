@@ -22,11 +22,21 @@ from ferrylink_ops.processes import start_time, started_for
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 
 
+def started(env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """A sleeping child, returned once it runs its own program: until its exec, its
+    /proc environ is still the parent's (seen under load)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"],
+        env=env, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None and process.stdout.readline() == b"up\n"
+    return process
+
+
 @pytest.fixture
 def child(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A process started for the cluster in tmp_path/cluster."""
-    env = dict(os.environ, FERRYLINK_STATE_DIR=str(tmp_path / "cluster"))
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    process = started(dict(os.environ, FERRYLINK_STATE_DIR=str(tmp_path / "cluster")))
     yield process
     process.kill()
     process.wait()
@@ -53,7 +63,7 @@ def test_a_process_belongs_to_the_directory_its_environment_names(
 def test_a_path_under_the_directory_belongs_to_it(tmp_path: Path) -> None:
     """The private broker's mark: its mnesia directory under the cluster's broker folder."""
     env = dict(os.environ, RABBITMQ_MNESIA_BASE=str(tmp_path / "broker" / "node" / "mnesia"))
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env=env)
+    process = started(env)
     try:
         assert started_for(process.pid, "RABBITMQ_MNESIA_BASE", tmp_path / "broker", under=True)
         assert not started_for(process.pid, "RABBITMQ_MNESIA_BASE", tmp_path / "broker")
