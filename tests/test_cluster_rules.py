@@ -10,11 +10,15 @@ from ferrylink.cluster import (
     WORK_EVENTS,
     WORK_EVENTS_LOCAL,
     WORK_SCHEDULER,
+    WORK_SENTINEL_LINK,
     Assignment,
+    ServiceReport,
     decide_primary,
     desired_work,
     grant_expiry,
     handover_not_before,
+    handover_waits_for,
+    hold_primary_work,
     live_servers,
 )
 from ferrylink.fencing import ClockReading, better_reading, clock_bounds
@@ -257,6 +261,73 @@ def test_a_new_primary_starts_after_every_old_grant_plus_the_margin(
     now: float, issued_until: float, margin: float, expected: float
 ) -> None:
     assert handover_not_before(now, issued_until, margin) == pytest.approx(expected)
+
+
+def report(age: float, epoch: int | None, *active: str) -> ServiceReport:
+    return ServiceReport(age, epoch, list(active))
+
+
+SL = "sentinel-link"
+
+
+@pytest.mark.parametrize(
+    ("reports", "expected"),
+    [
+        # st2, primary until epoch 8, still stops its sentinel link: wait for it.
+        ({"st2": {SL: report(0.4, 8, WORK_SENTINEL_LINK, WORK_EVENTS)}},
+         [f"st2/{SL}: runs {WORK_SENTINEL_LINK}"]),
+        # It stopped, and says so at epoch 8: nothing to wait for.
+        ({"st2": {SL: report(0.1, 8, WORK_EVENTS)}}, []),
+        # Its last report is from before epoch 8: it may have started work since.
+        ({"st2": {SL: report(0.1, 7, WORK_EVENTS)}}, [f"st2/{SL}: has not reported epoch 8 yet"]),
+        ({"st2": {SL: report(0.1, None)}}, [f"st2/{SL}: has not reported epoch 8 yet"]),
+        # Another server (never the old primary) need not report the epoch, only stop.
+        ({"st3": {SL: report(0.1, 7)}}, []),
+        ({"st3": {SL: report(0.1, 7, WORK_SENTINEL_LINK)}},
+         [f"st3/{SL}: runs {WORK_SENTINEL_LINK}"]),
+        # The primary's own work is not waited for.
+        ({"st1": {"scheduler": report(0.1, 7, WORK_SCHEDULER)}}, []),
+        # Unheard for the connection timeout (dead, frozen, cut off): the time rule decides.
+        ({"st2": {SL: report(TIMEOUT + 0.1, 7, WORK_SENTINEL_LINK)}}, []),
+        # Heard just within it: still waited for.
+        ({"st2": {SL: report(TIMEOUT, 8, WORK_SENTINEL_LINK)}},
+         [f"st2/{SL}: runs {WORK_SENTINEL_LINK}"]),
+        # Event consumers run everywhere in active_active: never a reason to wait.
+        ({"st2": {"transaction-manager": report(0.1, 8, WORK_EVENTS)},
+          "st3": {"transaction-manager": report(0.1, 7, WORK_EVENTS)}}, []),
+        ({}, []),
+    ],
+)  # fmt: skip
+def test_what_a_new_primary_waits_for(
+    reports: dict[str, dict[str, ServiceReport]], expected: list[str]
+) -> None:
+    # st1 is the new primary at epoch 8; st2 was primary before.
+    assert handover_waits_for("st1", "st2", 8, reports, TIMEOUT) == expected
+
+
+@pytest.mark.parametrize(
+    ("primary_changed", "held_before", "waiting", "hold"),
+    [
+        (True, False, True, True),  # a handover with something to wait for: wait
+        (True, False, False, False),  # the old primary is down, or stopped already: go
+        (False, True, True, True),  # still waiting for it
+        (False, True, False, False),  # it stopped: go
+        # A primary that works already is not stopped by what a woken-up old one reports
+        # (that one is fenced by its grant and by the database).
+        (False, False, True, False),
+        (False, False, False, False),
+    ],
+)
+def test_a_new_primary_waits_while_there_is_something_to_wait_for(
+    primary_changed: bool, held_before: bool, waiting: bool, hold: bool
+) -> None:
+    assert hold_primary_work(primary_changed, held_before, waiting) is hold
+
+
+def test_work_table_holds_only_the_primarys_primary_only_work() -> None:
+    work = desired_work("passive", SERVERS, ALL, ALL, "st1", hold_primary_only=True)
+    assert work["st1"] == [WORK_EVENTS]
+    assert work == {**desired_work("passive", SERVERS, ALL, ALL, "st1"), "st1": [WORK_EVENTS]}
 
 
 @pytest.mark.parametrize(

@@ -21,10 +21,12 @@ from ferrylink.cluster import (
     WORK_EVENTS,
     WORK_EVENTS_LOCAL,
     WORK_SCHEDULER,
+    WORK_SENTINEL_LINK,
 )
 from ferrylink.contracts import FileArrived
 from ferrylink.messaging import Topology
 from ferrylink_ops.processes import pid_alive, time_of_death
+from ferrylink_ops.tracking_sink import TrackingSink
 from tests.cluster_support import Cluster
 from tests.helpers import wait_until
 
@@ -96,6 +98,52 @@ def test_primary_killed_next_in_list_takes_over_then_fails_back(
     assert back["epoch"] > after["epoch"]
     wait_until(lambda: not cluster.active("st2", "scheduler"), 10, "st2 to stop its scheduler")
     assert_no_overlap(cluster.intervals(["st1", "st2", "st3"]))
+
+
+def test_fail_back_waits_until_the_old_primary_has_stopped(
+    make_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old primary's grant runs out by time, but its work can take longer to stop: here
+    its sentinel link waits on a tracking receiver that does not answer. The first server,
+    back, is primary again at once, and its primary-only work waits until st2 reports that
+    it stopped, past the time rule's `not_before`: none ran on both at once."""
+    # A POST waits as long as the receiver holds it (the default timeout is 5 s), and one
+    # is sent soon after the receiver starts holding (heartbeat records).
+    monkeypatch.setenv("FERRYLINK_SENTINEL_TIMEOUT_SECONDS", "120")
+    monkeypatch.setenv("FERRYLINK_SENTINEL_HEARTBEAT_SECONDS", "0.5")
+    cluster = make_cluster("active_active", servers=2)
+    wait_primary(cluster, "st1", 30)
+    sink = TrackingSink()
+    try:
+        sentinel = f"http://127.0.0.1:{cluster.port('st2', 'sentinel-link')}"
+        created = cluster.http.post(f"{sentinel}/endpoints",
+                                    json={"name": "slow", "url": sink.url})  # fmt: skip
+        assert created.status_code == 201, created.text
+        cluster.run("server", "kill", "st1")
+        wait_until(lambda: WORK_SENTINEL_LINK in cluster.active("st2", "sentinel-link"),
+                   CONNECTION_TIMEOUT + 10, "st2 delivering as the primary")  # fmt: skip
+        sink.hold()
+        wait_until(lambda: sink.waiting > 0, 15, "st2's sentinel link waiting on a POST")
+
+        cluster.run("server", "start", "st1")
+        wait_until(lambda: cluster.view()["primary"] == "st1", 60, "st1 primary again")
+        coordinator = f"http://127.0.0.1:{cluster.port('st2', 'cluster-coordinator')}"
+        not_before = cluster.http.get(f"{coordinator}/cluster/assignment").json()["not_before"]
+        # The time rule alone would let st1 start at `not_before`; st2 is still stopping.
+        wait_until(lambda: time.time() > not_before + 2, 30, "the time rule's start passed")
+        assert not cluster.active("st1", "scheduler"), "st1 started while st2 still worked"
+        view = cluster.view()
+        assert view["primary_work_waits_for"] == [f"st2/sentinel-link: runs {WORK_SENTINEL_LINK}"]
+
+        sink.release()
+        wait_primary(cluster, "st1", 30)
+        stopped = [a for a in cluster.get("st2", "sentinel-link", "/work")["history"]
+                   if a["unit"] == WORK_SENTINEL_LINK and a["end"] is not None]  # fmt: skip
+        assert stopped and stopped[-1]["end"] > not_before + 2, stopped
+        assert cluster.view()["primary_work_waits_for"] == []
+        assert_no_overlap(cluster.intervals(["st1", "st2"]))
+    finally:
+        sink.stop()
 
 
 def test_passive_legacy_waits_for_a_manual_failover(make_cluster: Any) -> None:

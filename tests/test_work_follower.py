@@ -182,3 +182,33 @@ def test_grants_are_judged_on_the_database_clock_not_the_hosts(
     ))  # fmt: skip
     assert scheduler.is_set
     assert follower.token() == FencingToken(1, "st2")
+
+
+class SlowStop(FlagWork):
+    """Primary-only work whose stop takes a while (a POST in flight)."""
+
+    def __init__(self, seen: list[tuple[str, list[str]]], follower: WorkFollower) -> None:
+        super().__init__()
+        self.seen, self.follower = seen, follower
+
+    def stop(self) -> None:
+        # Still reported active while it stops: the leader must not count it stopped yet.
+        self.seen.append(("while stopping", self.follower.active()))
+        super().stop()
+
+
+def test_a_report_goes_out_at_a_new_epoch_and_when_primary_work_starts_or_stops() -> None:
+    follower, _, _ = make_follower()
+    seen: list[tuple[str, list[str]]] = []
+    follower.loops[WORK_SCHEDULER] = SlowStop(seen, follower)
+    follower.report_now = lambda: seen.append((f"report at {follower.epoch}", follower.active()))
+    follower.offer(assignment(1, "st2"))  # primary: its work starts
+    both = sorted([WORK_EVENTS, WORK_SCHEDULER])
+    # Once as primary-only work started, once for the new epoch.
+    assert seen == [("report at 1", both), ("report at 1", both)]
+    seen.clear()
+    follower.offer(assignment(1, "st2"))  # the same again: nothing to report
+    assert seen == []
+    follower.offer(assignment(2, "st1"))  # not primary any more
+    # Stopped (st1 has all the work in this table), then the new epoch.
+    assert seen == [("while stopping", both), ("report at 2", []), ("report at 2", [])]

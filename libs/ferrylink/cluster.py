@@ -8,7 +8,9 @@ Kept free of I/O so every row of the reference's failover rules is unit-tested:
 - `passive_legacy` never promotes by itself: an operator fails over by hand;
 - a grant to the primary never outlasts the leader's lease nor a lease past the last time
   the primary was heard; a new primary starts only after every earlier grant ran out plus
-  a margin (times on the database's clock; see fencing.py).
+  a margin (times on the database's clock; see fencing.py);
+- and, when the old primary is still heard (a fail-back, a manual failover), only once it
+  reports that its primary-only work has stopped (`handover_waits_for`).
 
 What runs where follows the table in DESIGN.md ("What is active where").
 """
@@ -40,7 +42,7 @@ __all__ = [
     "WORK_EVENTS", "WORK_EVENTS_LOCAL", "WORK_FOLDER_MONITOR", "WORK_SCHEDULER",
     "WORK_SENTINEL_LINK", "WORK_TRANSFER_LOG", "Assignment", "ClusterMode", "Heartbeat",
     "PrimaryDecision", "decide_primary", "desired_work", "grant_expiry", "handover_not_before",
-    "live_servers",
+    "ServiceReport", "handover_waits_for", "hold_primary_work", "live_servers",
 ]  # fmt: skip
 
 
@@ -117,11 +119,13 @@ def desired_work(
     synchronized: set[str],
     primary: str | None,
     paused: Set[str] = frozenset(),
+    hold_primary_only: bool = False,
 ) -> dict[str, list[str]]:
     """Which work units each server should run (the table in DESIGN.md). A server consumes
     no events until it is synchronized (a server that starts or comes back waits for its
     sync, as the reference's transaction manager does), whatever the mode, nor while an
-    operator paused its event consumption (`paused`; its other work goes on)."""
+    operator paused its event consumption (`paused`; its other work goes on). The primary
+    gets its primary-only work unless it is held (`hold_primary_work`)."""
     work: dict[str, list[str]] = {server: [] for server in servers}
     for server in servers:
         ready = server in live and server in synchronized and server not in paused
@@ -133,9 +137,60 @@ def desired_work(
         if server in live and mode == "passive_legacy":
             # Its own queue's dead letters are kept by it (listed with the shared ones).
             work[server].append(WORK_DEAD_LETTERS_LOCAL)
-        if server == primary:
+        if server == primary and not hold_primary_only:
             work[server].extend(sorted(PRIMARY_ONLY_WORK))
     return work
+
+
+@dataclass(frozen=True)
+class ServiceReport:
+    """A service's last heartbeat, as the leader holds it."""
+
+    age: float  # seconds since it was heard
+    epoch: int | None  # the newest assignment's epoch it had seen
+    active: Sequence[str]  # the work it ran (a unit counts until its stop returned)
+
+
+def handover_waits_for(
+    primary: str | None,
+    previous_primary: str | None,
+    epoch: int,
+    reports: Mapping[str, Mapping[str, ServiceReport]],
+    timeout: float,
+) -> list[str]:
+    """What a new primary's primary-only work waits for, as "server/service: ..." texts:
+    - primary-only work another server reports running;
+    - a service of the previous primary that has not reported `epoch` yet: its last report
+      may predate work it started since (it was primary until this epoch).
+    A service unheard for the connection `timeout` is left out: it is down, frozen or cut
+    off, its grant (a lease past when it was last heard) has run out, and only the time rule
+    (`handover_not_before`) can speak for it."""
+    waits: list[str] = []
+    for server, services in sorted(reports.items()):
+        if server == primary:
+            continue
+        for service, report in sorted(services.items()):
+            if report.age > timeout:
+                continue
+            running = sorted(unit for unit in report.active if unit in PRIMARY_ONLY_WORK)
+            if running:
+                waits.append(f"{server}/{service}: runs {', '.join(running)}")
+            elif server == previous_primary and (report.epoch is None or report.epoch < epoch):
+                waits.append(f"{server}/{service}: has not reported epoch {epoch} yet")
+    return waits
+
+
+def hold_primary_work(primary_changed: bool, held_before: bool, waiting: bool) -> bool:
+    """Whether the primary's primary-only work waits (`desired_work(hold_primary_only=)`).
+
+    A handover to a new primary waits for the old one while it is heard: its grant runs out
+    by time, but stopping takes time too (a POST in flight, a CPU-starved process), and the
+    margin after the grant is only a guess at how long. So a new primary's primary-only work
+    is held while there is something to wait for (`handover_waits_for`), and stays held
+    until there is none. A primary that runs already is never held back: what a woken-up
+    old primary reports then is fenced by its grant and the database, and would only make
+    the working one stop."""
+    return (primary_changed or held_before) and waiting
 
 
 def grant_expiry(

@@ -219,7 +219,8 @@ class ServiceRuntime:
         # Grants are on the database's clock; primary-only writes are checked against the
         # database's epoch with the follower's grant (fencing.py).
         self.db_clock = DatabaseClock(self.engine)
-        self.follower = WorkFollower(settings.node_id, self.consumers, clock=self.db_clock.bounds)
+        self.follower = WorkFollower(settings.node_id, self.consumers, clock=self.db_clock.bounds,
+                                     report_now=self._beat_now)  # fmt: skip
         self.fence = Fence(self.follower.token, self.follower.fenced)
         self._transfer_states: TransferStatePublisher | None = None
         self._outbox_relay: outbox.OutboxRelay | None = None
@@ -538,6 +539,10 @@ class ServiceRuntime:
             config_version=self.config_version,
             api_url=self.settings.api_url,
         )
+
+    def _beat_now(self) -> None:
+        if self.publisher.connected:
+            self.publish(self.heartbeat())
 
     def _heartbeat_forever(self) -> None:
         while not self._stopping.is_set():

@@ -10,7 +10,9 @@ A service registers its work units (a queue consumer, or a loop with start/stop)
   against the database with it (fencing.py); when the database refuses an epoch, that
   epoch's primary-only work stops at once (`fenced`), until a newer assignment comes;
 - every activation is recorded as an interval (unit, epoch, start, end) for `GET /work`,
-  which is how tests prove that primary-only work never ran on two servers at once.
+  which is how tests prove that primary-only work never ran on two servers at once; a unit
+  is active (and reported so in heartbeats) until its stop has returned, and the leader
+  holds a new primary's primary-only work until no other server reports any (cluster.py).
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ class Activation:
     epoch: int
     start: float
     end: float | None = None
+    stopping: float | None = None  # when the follower began to stop it
 
     def as_dict(self) -> dict[str, Any]:
-        return {"unit": self.unit, "epoch": self.epoch, "start": self.start, "end": self.end}
+        return {"unit": self.unit, "epoch": self.epoch, "start": self.start, "end": self.end,
+                "stopping": self.stopping}  # fmt: skip
 
 
 def wall_clock() -> tuple[float, float]:
@@ -80,6 +84,9 @@ class WorkFollower:
     history_limit: int = 1000
     # (earliest, latest) the database's time can be now (DatabaseClock.bounds).
     clock: Callable[[], tuple[float, float]] = wall_clock
+    # Told when this process saw a new epoch or started or stopped primary-only work: the
+    # runtime sends a heartbeat at once, so a handover waits no heartbeat period for it.
+    report_now: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         # Two locks: `_lock` guards the state and is held only briefly, so heartbeats and
@@ -125,6 +132,8 @@ class WorkFollower:
                 return False
             self._assignment = assignment
         self._reconcile()
+        if current is None or assignment.epoch > current.epoch:
+            self._report()
         return True
 
     @property
@@ -209,18 +218,32 @@ class WorkFollower:
                 to_stop = sorted(set(self._active) - wanted)
                 to_start = sorted(wanted - set(self._active))
             for unit in to_stop:
+                with self._lock:
+                    self._active[unit].stopping = time.time()
+                began = time.monotonic()
                 self._switch(unit, False)
                 with self._lock:
                     activation = self._active.pop(unit)
                     activation.end = time.time()
                     self._history.append(activation)
                     del self._history[: -self.history_limit]
-                log.info("stopped %s (epoch %s)", unit, epoch)
+                log.info("stopped %s (epoch %s) in %.2f s", unit, epoch, time.monotonic() - began)
+            if set(to_stop) & PRIMARY_ONLY_WORK:
+                self._report()
             for unit in to_start:
                 self._switch(unit, True)
                 with self._lock:
                     self._active[unit] = Activation(unit, epoch, time.time())
                 log.info("started %s (epoch %s)", unit, epoch)
+            if set(to_start) & PRIMARY_ONLY_WORK:
+                self._report()
+
+    def _report(self) -> None:
+        if self.report_now is not None:
+            try:
+                self.report_now()
+            except Exception:
+                log.exception("could not report the work at once")
 
     def _switch(self, unit: str, on: bool) -> None:
         """A unit may be a consumer, a loop, or both (the sentinel link's consumer and its

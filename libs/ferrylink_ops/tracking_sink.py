@@ -1,6 +1,7 @@
 """A real HTTP tracking receiver for sentinel-link tests and benchmarks: accepts `POST` of
 JSON batches (`{"node", "records": [...]}`) and keeps every record it got, repeats included.
-It can be taken down (the port refuses connections) and brought back on the same port."""
+It can be taken down (the port refuses connections) and brought back on the same port, and it
+can hold its answers (a slow receiver: a POST waits until `release()`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,17 @@ class TrackingSink:
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = port
+        self.waiting = 0  # POSTs held unanswered now
+        self._answer = threading.Event()
+        self._answer.set()
         self.start()
+
+    def hold(self) -> None:
+        """From now on, every POST waits for `release()` before it is answered."""
+        self._answer.clear()
+
+    def release(self) -> None:
+        self._answer.set()
 
     @property
     def url(self) -> str:
@@ -41,6 +52,10 @@ class TrackingSink:
                 with sink._lock:
                     sink.records.extend(records)
                     sink.batches += 1
+                    sink.waiting += 1
+                sink._answer.wait()
+                with sink._lock:
+                    sink.waiting -= 1
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -56,6 +71,7 @@ class TrackingSink:
 
     def stop(self) -> None:
         """Down: the port refuses connections until `start()`."""
+        self.release()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -22,12 +22,16 @@ from typing import Any
 from sqlmodel import Session
 
 from ferrylink.cluster import (
+    PRIMARY_ONLY_WORK,
     Assignment,
     Heartbeat,
+    ServiceReport,
     decide_primary,
     desired_work,
     grant_expiry,
     handover_not_before,
+    handover_waits_for,
+    hold_primary_work,
     live_servers,
 )
 from ferrylink.config import read_config_version
@@ -49,8 +53,18 @@ class HeartbeatTracker:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, heartbeat: Heartbeat, now: float) -> None:
+        key = (heartbeat.node, heartbeat.service)
         with self.lock:
-            self.heard[(heartbeat.node, heartbeat.service)] = (now, heartbeat)
+            known = self.heard.get(key)
+            # A process sends from two threads (its period, and at once when primary-only
+            # work stopped): an older report arriving later must not undo a newer one.
+            if (
+                known is not None
+                and known[1].pid == heartbeat.pid
+                and (heartbeat.sent_at < known[1].sent_at)
+            ):
+                return
+            self.heard[key] = (now, heartbeat)
 
     def snapshot(self) -> dict[tuple[str, str], tuple[float, Heartbeat]]:
         with self.lock:
@@ -73,6 +87,21 @@ class ClusterView:
     heard_at: dict[str, float]
     # Servers whose event consumption an operator paused.
     paused: set[str] = field(default_factory=set)
+
+    def handover_waits_for(
+        self, primary: str | None, previous_primary: str | None, epoch: int
+    ) -> list[str]:
+        """What a new primary's primary-only work waits for (`cluster.handover_waits_for`)."""
+        reports = {
+            server: {
+                name: ServiceReport(service["age"], service["epoch"], service["active"])
+                for name, service in found.items()
+            }
+            for server, found in self.services.items()
+        }
+        return handover_waits_for(
+            primary, previous_primary, epoch, reports, self.connection_timeout
+        )
 
 
 class Coordinator:
@@ -283,6 +312,9 @@ class Coordinator:
             primary_changed = decision_primary != current
             if new_term or primary_changed:
                 state.epoch += 1
+            # The last assignment committed, also by another leader before this one took
+            # over: a handover under way goes on under the new term.
+            previous = stored_assignment(state)
             if primary_changed:
                 log.warning("primary %s -> %s: %s", current, decision_primary, reason)
                 PRIMARY_CHANGES.inc()
@@ -293,19 +325,46 @@ class Coordinator:
                     db_now, state.issued_until, self.settings.fence_margin_seconds
                 )
             else:
-                previous = self.last_assignment
                 state_not_before = (
                     previous.not_before
-                    if previous is not None and previous.epoch == state.epoch
+                    if previous is not None and previous.primary == state.primary
                     else db_now
                 )
+            # The handover's old primary (kept in the database: a new leader goes on
+            # waiting for it), and what the new one's primary-only work waits for.
+            stored_from = store.read_setting(session, store.HANDOVER_FROM_KEY) or ""
+            handover_from = stored_from or None
+            if primary_changed:
+                handover_from = current
+            waits = view.handover_waits_for(state.primary, handover_from, state.epoch)
+            held_before = (
+                previous is not None
+                and previous.primary == state.primary
+                and primary_work_held(previous)
+            )
+            hold = hold_primary_work(primary_changed, held_before, bool(waits))
+            if hold:
+                reason += f"; its primary-only work waits for: {waits}"
+                if not held_before:
+                    log.warning("primary-only work of %s waits for: %s", state.primary, waits)
+            elif held_before:
+                log.info("primary-only work of %s may start: nothing to wait for", state.primary)
+            kept_from = (handover_from or "") if hold else ""
+            if kept_from != stored_from:
+                store.put_setting(session, store.HANDOVER_FROM_KEY, kept_from)
             assignment = Assignment(
                 epoch=state.epoch,
                 mode=view.mode,
                 leader=self.node_id,
                 primary=state.primary,
                 work=desired_work(
-                    view.mode, servers, view.live, view.synchronized, state.primary, view.paused
+                    view.mode,
+                    servers,
+                    view.live,
+                    view.synchronized,
+                    state.primary,
+                    view.paused,
+                    hold_primary_only=hold,
                 ),  # fmt: skip
                 issued_at=db_now,
                 not_before=state_not_before,
@@ -395,3 +454,22 @@ class Coordinator:
 
     def is_leader(self) -> bool:
         return self.leading_since is not None
+
+
+def primary_work_held(assignment: Assignment) -> bool:
+    """The assignment names a primary but holds its primary-only work back (a handover
+    waiting for the old primary to stop)."""
+    if assignment.primary is None:
+        return False
+    return not set(assignment.work.get(assignment.primary, [])) & PRIMARY_ONLY_WORK
+
+
+def stored_assignment(state: ClusterState) -> Assignment | None:
+    """The assignment the last leader committed (None if none, or unreadable)."""
+    if not state.assignment_json:
+        return None
+    try:
+        return Assignment.model_validate_json(state.assignment_json)
+    except ValueError:
+        log.warning("the stored assignment cannot be read; deciding without it")
+        return None

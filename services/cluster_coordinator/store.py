@@ -27,6 +27,8 @@ MODE_KEY = "cluster.mode"
 TIMEOUT_KEY = "cluster.connection_timeout"
 FAILOVER_REQUEST_KEY = "cluster.failover_request"
 AUTO_SYNC_KEY = "cluster.auto_sync"
+# The old primary a handover waits for (empty: none); written by the leader.
+HANDOVER_FROM_KEY = "cluster.handover_from"
 PAUSED_KEY = "cluster.events_paused"  # JSON list of the servers whose event consumption paused
 SERVER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 

@@ -13,9 +13,13 @@ from ferrylink.cluster import Assignment
 from ferrylink.deps import SessionDep
 from ferrylink.fencing import read_db_time
 from ferrylink.tables.cluster import ClusterState
-from services.cluster_coordinator import leadership
+from services.cluster_coordinator import leadership, store
 from services.cluster_coordinator.api.deps import CoordinatorDep
-from services.cluster_coordinator.coordinator import Coordinator
+from services.cluster_coordinator.coordinator import (
+    Coordinator,
+    primary_work_held,
+    stored_assignment,
+)
 
 router = APIRouter(prefix="/cluster", tags=["cluster"])
 
@@ -45,6 +49,11 @@ class ClusterStatus(BaseModel):
     auto_sync: bool
     config_version: int
     out_of_sync: list[str] = Field(description="Live servers not on the current configuration.")
+    primary_work_waits_for: list[str] = Field(
+        default_factory=list,
+        description="A handover under way: primary-only work other servers still report "
+        'running ("server/service: unit"); the primary\'s own starts once it stopped.',
+    )
     servers: list[ServerStatus]
 
 
@@ -53,7 +62,7 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
     view = coordinator.view(session, now)
     state = session.get(ClusterState, 1) or ClusterState(id=1)
     lease = leadership.current_lease(session)
-    assignment = _assignment_from(state)
+    assignment = stored_assignment(state)
     servers = []
     for entry in view.servers:
         if entry.id == state.primary:
@@ -84,6 +93,15 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
         auto_sync=view.auto_sync,
         config_version=view.config_version,
         out_of_sync=[s.id for s in view.servers if s.id in view.live - view.synchronized],
+        primary_work_waits_for=(
+            view.handover_waits_for(
+                assignment.primary,
+                store.read_setting(session, store.HANDOVER_FROM_KEY) or None,
+                assignment.epoch,
+            )
+            if assignment is not None and primary_work_held(assignment)
+            else []
+        ),
         servers=servers,
     )
 
@@ -91,12 +109,6 @@ def cluster_status(coordinator: Coordinator, session: Session) -> ClusterStatus:
 def _oldest_version(services: dict[str, dict[str, Any]]) -> int | None:
     versions = [int(s["config_version"]) for s in services.values()]
     return min(versions) if versions else None
-
-
-def _assignment_from(state: ClusterState) -> Assignment | None:
-    if not state.assignment_json:
-        return None
-    return Assignment.model_validate_json(state.assignment_json)
 
 
 @router.get("", response_model=ClusterStatus, summary="Mode, epoch, primary, leader, servers")
@@ -112,7 +124,7 @@ def get_cluster(coordinator: CoordinatorDep, session: SessionDep) -> ClusterStat
 )
 def get_assignment(session: SessionDep) -> Assignment:
     state = session.get(ClusterState, 1)
-    assignment = _assignment_from(state) if state else None
+    assignment = stored_assignment(state) if state else None
     if assignment is None:
         raise HTTPException(404, "no assignment has been issued yet")
     return assignment
