@@ -25,10 +25,18 @@ class Activation:
     epoch: int
     start: float
     end: float | None  # None: still active when last seen
+    stopping: float | None = None  # when its process began to stop it
 
     def as_dict(self) -> dict[str, Any]:
         return {"server": self.server, "service": self.service, "unit": self.unit,
-                "epoch": self.epoch, "start": self.start, "end": self.end}  # fmt: skip
+                "epoch": self.epoch, "start": self.start, "end": self.end,
+                "stopping": self.stopping}  # fmt: skip
+
+    def describe(self) -> str:
+        stop = ""
+        if self.stopping is not None and self.end is not None:
+            stop = f", its stop took {self.end - self.stopping:.3f} s"
+        return f"{self.unit}@{self.server} (epoch {self.epoch}{stop})"
 
 
 @dataclass
@@ -105,11 +113,13 @@ class Observer:
                 key = (server, service, item["unit"], float(item["start"]))
                 known = self.activations.get(key)
                 if known is None:
-                    self.activations[key] = Activation(server, service, item["unit"],
-                                                       int(item["epoch"]), float(item["start"]),
-                                                       item["end"])  # fmt: skip
+                    self.activations[key] = Activation(
+                        server, service, item["unit"], int(item["epoch"]), float(item["start"]),
+                        item["end"], item.get("stopping"),
+                    )  # fmt: skip
                 elif item["end"] is not None:
                     known.end = float(item["end"])
+                    known.stopping = item.get("stopping")
 
     # ---- the checks on what was observed ----------------------------------------------
 
@@ -124,6 +134,7 @@ class Observer:
                     a.epoch,
                     a.start,
                     a.end if a.end is not None else now,
+                    a.stopping,
                 )  # fmt: skip
                 for a in self.activations.values()
             ]
@@ -149,7 +160,12 @@ class Observer:
         """Primary-only work of two servers at the same time. A process frozen by SIGSTOP
         did nothing while frozen: its interval is split around the freeze, and what it ran
         after waking up (before it noticed its grant had run out and fenced itself) is
-        reported apart, bounded by `wake_margin` seconds."""
+        reported apart, bounded by `wake_margin` seconds. A woken process has fenced itself
+        when its follower began to stop the work (`stopping`): from then on every check of
+        its grant fails. What it does until the stop has returned is refused work and
+        clean-up, and a side effect let through before the freeze (made harmless by
+        idempotency; see fencing.py). A live process's interval ends only when its stop
+        returned: a handover waits for that."""
         pieces: list[tuple[Activation, float, float, bool]] = []  # (act, start, end, woke)
         woke_late: list[dict[str, Any]] = []
         with self._lock:
@@ -170,7 +186,10 @@ class Observer:
                     else:
                         next_spans.append((start, end, woke))
                 spans = next_spans
-            for start, end, woke in spans:
+            for start, span_end, woke in spans:
+                end = span_end
+                if woke and act.stopping is not None and start < act.stopping < end:
+                    end = act.stopping
                 pieces.append((act, start, end, woke))
                 if woke and end - start > wake_margin:
                     woke_late.append({**act.as_dict(), "ran_after_wake_s": round(end - start, 3)})
@@ -183,8 +202,7 @@ class Observer:
                 overlap = min(a_end, b_end) - max(a_start, b_start)
                 if overlap <= 0:
                     continue
-                text = (f"{a.unit}@{a.server} (epoch {a.epoch}) and {b.unit}@{b.server} "
-                        f"(epoch {b.epoch}) overlap {overlap:.3f} s")  # fmt: skip
+                text = f"{a.describe()} and {b.describe()} overlap {overlap:.3f} s"
                 if a_woke or b_woke:
                     after_wake.append({"overlap": text, "seconds": round(overlap, 3)})
                 else:
