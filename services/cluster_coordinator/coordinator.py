@@ -56,13 +56,10 @@ class HeartbeatTracker:
         key = (heartbeat.node, heartbeat.service)
         with self.lock:
             known = self.heard.get(key)
-            # A process sends from two threads (its period, and at once when primary-only
-            # work stopped): an older report arriving later must not undo a newer one.
-            if (
-                known is not None
-                and known[1].pid == heartbeat.pid
-                and (heartbeat.sent_at < known[1].sent_at)
-            ):
+            # A process sends from two threads (its period, and at once when its work
+            # changed): an older report arriving later must not undo a newer one.
+            same_process = known is not None and known[1].pid == heartbeat.pid
+            if same_process and known is not None and heartbeat.sent_at < known[1].sent_at:
                 return
             self.heard[key] = (now, heartbeat)
 
@@ -365,7 +362,7 @@ class Coordinator:
                     state.primary,
                     view.paused,
                     hold_primary_only=hold,
-                ),  # fmt: skip
+                ),
                 issued_at=db_now,
                 not_before=state_not_before,
                 expires_at=self._grant_expiry(view, state.primary, lease.expires_at, now, db_now),
