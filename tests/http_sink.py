@@ -3,7 +3,8 @@
 It streams request bodies to disk, records what it saw, and can be told to fail the next N
 requests with a given status, so the partner client's retry classification is exercised
 over a real socket. With `tls=True` it serves HTTPS with a throw-away self-signed
-certificate (to check that `verify_tls` is honoured).
+certificate (to check that `verify_tls` is honoured). It can hold its answers to PUTs (a slow
+partner: `hold()` until `release()`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class _State:
     fail_remaining: int = 0
     seen: list[SeenRequest] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    answer: threading.Event = field(default_factory=threading.Event)
+    waiting: int = 0  # PUTs held (`hold`)
 
 
 def _self_signed_cert(directory: Path) -> tuple[Path, Path]:
@@ -88,6 +91,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
         state = self.server.state
+        with state.lock:
+            state.waiting += 1
+        state.answer.wait()  # held: a transfer under way, nothing stored yet
+        with state.lock:
+            state.waiting -= 1
         status, target = self._decide(state)
         received = 0
         if target is None:
@@ -196,6 +204,7 @@ class HttpSink:
         # A given port: the same partner coming back after it was stopped.
         self._server = _Server(("127.0.0.1", port), _Handler)
         self._server.state = _State(self.root, credentials)
+        self._server.state.answer.set()
         self.tls = tls
         if tls:
             self._certdir = tempfile.TemporaryDirectory()
@@ -222,6 +231,19 @@ class HttpSink:
             self._server.state.fail_remaining = count
             self._server.state.fail_status = status
 
+    def hold(self) -> None:
+        """From now on a PUT waits for `release()` before its body is read and stored: to
+        the pusher, a transfer under way."""
+        self._server.state.answer.clear()
+
+    def release(self) -> None:
+        self._server.state.answer.set()
+
+    @property
+    def waiting(self) -> int:
+        with self._server.state.lock:
+            return self._server.state.waiting
+
     def start(self) -> HttpSink:
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -230,6 +252,7 @@ class HttpSink:
         return self
 
     def stop(self) -> None:
+        self.release()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(10)

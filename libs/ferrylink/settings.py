@@ -69,8 +69,9 @@ class FerrylinkSettings(BaseSettings):
     claim_seconds: float = Field(
         60.0,
         gt=0,
-        description="How long an event claim holds without renewal (renewed at every step); "
-        "a copy of an event whose handler died waits this long.",
+        description="How long an event claim holds without renewal. A live handler renews "
+        "it at every step and every quarter of this in between, however long a step takes; a "
+        "copy of an event whose handler died, froze or was cut off waits this long.",
     )
     transfer_states_max_length: int = Field(
         DEFAULT_TRANSFER_STATES_MAX_LENGTH,

@@ -5,7 +5,9 @@ each operation is one statement, atomic on SQLite and PostgreSQL alike:
 - a claim is taken by INSERT .. ON CONFLICT DO UPDATE .. WHERE expired-or-mine .. RETURNING:
   it returns a row only to the one caller that holds the claim afterwards;
 - the claim is renewed in every transaction that records a step's plan, and that
-  transaction fails (ClaimLost) if the claim passed to another owner meanwhile;
+  transaction fails (ClaimLost) if the claim passed to another owner meanwhile; in between,
+  the `ClaimKeeper` renews it while the event is handled, so it runs out only when its
+  holder died, froze or was cut off, not during a long step (a large file's push);
 - `{counter}` is one INSERT .. ON CONFLICT DO UPDATE SET value = value + n RETURNING value,
   committed before the rename's plan (values are unique; one drawn by an event that then
   failed is not reused).
@@ -16,16 +18,21 @@ statement each; RETURNING names the events whose claim is (still) ours.
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Session
 
-from ferrylink.db import one_of_sql, one_of_value
+from ferrylink.db import one_of_sql, one_of_value, writing
 from ferrylink.fencing import db_now
+
+log = logging.getLogger(__name__)
 
 
 class ClaimLost(Exception):
@@ -88,6 +95,86 @@ def renew_many(connection: Connection, event_ids: Sequence[str], owner: str,
     ids = one_of_value(event_ids, dialect)
     result = connection.execute(statement, {"ids": ids, "owner": owner, "seconds": seconds})
     return {row[0] for row in result}
+
+
+def keep_alive(connection: Connection, event_ids: Sequence[str], owner: str,
+               seconds: float) -> set[str]:  # fmt: skip
+    """Extend those of our claims that have not run out, in the caller's transaction; the
+    ids extended. A released claim (expired on purpose, `RELEASED`) stays released, and one
+    that ran out is left to the next step's renewal or to the next copy."""
+    dialect = connection.dialect.name
+    now = db_now(dialect)
+    statement = text(
+        f"UPDATE event_claim SET expires_at = {now} + :seconds "
+        f"WHERE event_id {one_of_sql('ids', dialect)} AND owner = :owner "
+        f"AND expires_at > {now} RETURNING event_id"
+    )
+    ids = one_of_value(event_ids, dialect)
+    result = connection.execute(statement, {"ids": ids, "owner": owner, "seconds": seconds})
+    return {row[0] for row in result}
+
+
+class ClaimKeeper:
+    """Renews the claims of the events this process is handling, every quarter of their
+    lifetime, on a thread of its own (started with the first claim held). A step that takes
+    longer than the lifetime (a push of a large file over a slow link) keeps its claim, so a
+    second copy of its event (redelivered when a broker connection dropped) waits for it
+    instead of doing the step again alongside; a holder that died, froze or was cut off from
+    the database stops renewing, and its claims run out `seconds` later."""
+
+    def __init__(self, engine: Engine, seconds: float) -> None:
+        self.engine = engine
+        self.seconds = seconds
+        self._held: dict[str, set[str]] = {}  # owner -> event ids
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def holding(self, owner: str, event_ids: Iterable[str]) -> Iterator[None]:
+        """Keep `owner`'s claims of `event_ids` alive while the block runs."""
+        with self._lock:
+            self._held.setdefault(owner, set()).update(event_ids)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="claim-keeper",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held.pop(owner, None)
+
+    def held(self) -> dict[str, set[str]]:
+        with self._lock:
+            return {owner: set(ids) for owner, ids in self._held.items()}
+
+    def renew(self) -> int:
+        """One round, in one transaction: extend every claim held; forget those that are not
+        ours any more or were released. The number extended."""
+        held = self.held()
+        if not held:
+            return 0
+        kept: dict[str, set[str]] = {}
+        with writing(self.engine), self.engine.begin() as connection:
+            for owner, ids in held.items():
+                if ids:
+                    kept[owner] = keep_alive(connection, sorted(ids), owner, self.seconds)
+        with self._lock:
+            for owner, ids in held.items():
+                if owner in self._held:
+                    self._held[owner] -= ids - kept.get(owner, set())
+        return sum(len(ids) for ids in kept.values())
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds / 4):
+            try:
+                self.renew()
+            except Exception as exc:  # the database away: the next round tries again
+                log.warning("cannot renew the claims of the events being handled: %s", exc)
 
 
 def finish_many(connection: Connection, event_ids: Sequence[str], owner: str) -> set[str]:

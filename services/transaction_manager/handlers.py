@@ -91,6 +91,7 @@ class EventHandler:
         self.data_dir = data_dir
         self.publish = publish
         self.claim_seconds = claim_seconds
+        self.claim_keeper = claims.ClaimKeeper(engine, claim_seconds)
         self.max_attempts = max_attempts
         # Events of a batch that run one at a time (pushes, scheduled work), side by side.
         self._alone = ThreadPoolExecutor(workers, thread_name_prefix="event")
@@ -181,6 +182,15 @@ class EventHandler:
         mine = [item for item in items if item.message.id in claimed]
         if not mine:
             return outcomes
+        with self.claim_keeper.holding(owner, claimed):
+            self._route_claimed(mine, owner, config, outcomes)
+        fault_point("after-commit-before-ack", len(mine))
+        return outcomes
+
+    def _route_claimed(self, mine: Sequence[Received[Event]], owner: str, config: Config,
+                       outcomes: dict[str, bool | Exception]) -> None:  # fmt: skip
+        """Route the claimed file arrivals `mine` together; each one's outcome into
+        `outcomes`."""
         fault_point("after-claim", len(mine))
         EVENT_BATCH_SIZE.observe(len(mine))
         results = self.routes.process_batch(
@@ -203,8 +213,6 @@ class EventHandler:
             claims.drop_many(self.engine, late, owner)
         except INFRASTRUCTURE_ERRORS as exc:  # they expire, and the purge removes them
             log.warning("could not drop the claims of %d late copies: %s", len(late), _short(exc))
-        fault_point("after-commit-before-ack", len(mine))
-        return outcomes
 
     def _claimed(self, event: Event) -> bool:
         owner = claims.new_owner(self.node_id)
@@ -216,15 +224,16 @@ class EventHandler:
         except INFRASTRUCTURE_ERRORS as exc:
             raise RetryLater(f"cannot claim: {_short(exc)}", None) from exc
         fault_point("after-claim")
-        try:
-            done = self.process(event, owner)
-        except Exception as exc:
-            error = self._failed(event, owner, exc)
-            if error is exc:
-                raise
-            raise error from exc
-        if not done:  # a late copy of a completed event: nothing of ours to keep
-            self._drop(event.id, owner)
+        with self.claim_keeper.holding(owner, [event.id]):
+            try:
+                done = self.process(event, owner)
+            except Exception as exc:
+                error = self._failed(event, owner, exc)
+                if error is exc:
+                    raise
+                raise error from exc
+            if not done:  # a late copy of a completed event: nothing of ours to keep
+                self._drop(event.id, owner)
         return done
 
     def _failed(self, event: Event, owner: str, exc: Exception) -> Exception:
