@@ -12,7 +12,8 @@ A service registers its work units (a queue consumer, or a loop with start/stop)
 - every activation is recorded as an interval (unit, epoch, start, end) for `GET /work`,
   which is how tests prove that primary-only work never ran on two servers at once; a unit
   is active (and reported so in heartbeats) until its stop has returned, and the leader
-  holds a new primary's primary-only work until no other server reports any (cluster.py).
+  holds a new primary's primary-only work while another server reports any
+  (`cluster.handover_waits_for`).
 """
 
 from __future__ import annotations

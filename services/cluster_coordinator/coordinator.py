@@ -55,11 +55,10 @@ class HeartbeatTracker:
     def record(self, heartbeat: Heartbeat, now: float) -> None:
         key = (heartbeat.node, heartbeat.service)
         with self.lock:
-            known = self.heard.get(key)
+            _, last = self.heard.get(key, (0.0, None))
             # A process sends from two threads (its period, and at once when its work
             # changed): an older report arriving later must not undo a newer one.
-            same_process = known is not None and known[1].pid == heartbeat.pid
-            if same_process and known is not None and heartbeat.sent_at < known[1].sent_at:
+            if last is not None and last.pid == heartbeat.pid and heartbeat.sent_at < last.sent_at:
                 return
             self.heard[key] = (now, heartbeat)
 

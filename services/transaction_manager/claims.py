@@ -84,30 +84,19 @@ def take_many(engine: Engine, event_ids: Sequence[str], owner: str, seconds: flo
 
 
 def renew_many(connection: Connection, event_ids: Sequence[str], owner: str,
-               seconds: float) -> set[str]:  # fmt: skip
+               seconds: float, *, unexpired_only: bool = False) -> set[str]:  # fmt: skip
     """Extend our claims in the caller's transaction; the ids still ours (a missing one
-    passed to another owner: its work must not commit)."""
-    dialect = connection.dialect.name
-    statement = text(
-        f"UPDATE event_claim SET expires_at = {db_now(dialect)} + :seconds "
-        f"WHERE event_id {one_of_sql('ids', dialect)} AND owner = :owner RETURNING event_id"
-    )
-    ids = one_of_value(event_ids, dialect)
-    result = connection.execute(statement, {"ids": ids, "owner": owner, "seconds": seconds})
-    return {row[0] for row in result}
-
-
-def keep_alive(connection: Connection, event_ids: Sequence[str], owner: str,
-               seconds: float) -> set[str]:  # fmt: skip
-    """Extend those of our claims that have not run out, in the caller's transaction; the
-    ids extended. A released claim (expired on purpose, `RELEASED`) stays released, and one
-    that ran out is left to the next step's renewal or to the next copy."""
+    passed to another owner: its work must not commit). `unexpired_only` (the keeper's
+    renewal between steps): only claims that have not run out, so a released claim
+    (expired on purpose, `RELEASED`) stays released, and one that ran out is left to the
+    next step's renewal or to the next copy."""
     dialect = connection.dialect.name
     now = db_now(dialect)
+    unexpired = f" AND expires_at > {now}" if unexpired_only else ""
     statement = text(
         f"UPDATE event_claim SET expires_at = {now} + :seconds "
-        f"WHERE event_id {one_of_sql('ids', dialect)} AND owner = :owner "
-        f"AND expires_at > {now} RETURNING event_id"
+        f"WHERE event_id {one_of_sql('ids', dialect)} AND owner = :owner{unexpired} "
+        f"RETURNING event_id"
     )
     ids = one_of_value(event_ids, dialect)
     result = connection.execute(statement, {"ids": ids, "owner": owner, "seconds": seconds})
@@ -159,7 +148,8 @@ class ClaimKeeper:
         with writing(self.engine), self.engine.begin() as connection:
             for owner, ids in held.items():
                 if ids:
-                    kept[owner] = keep_alive(connection, sorted(ids), owner, self.seconds)
+                    kept[owner] = renew_many(connection, sorted(ids), owner, self.seconds,
+                                             unexpired_only=True)  # fmt: skip
         with self._lock:
             for owner, ids in held.items():
                 if owner in self._held:

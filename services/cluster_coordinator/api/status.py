@@ -51,8 +51,9 @@ class ClusterStatus(BaseModel):
     out_of_sync: list[str] = Field(description="Live servers not on the current configuration.")
     primary_work_waits_for: list[str] = Field(
         default_factory=list,
-        description="A handover under way: primary-only work other servers still report "
-        'running ("server/service: unit"); the primary\'s own starts once it stopped.',
+        description="A handover under way: what the primary's primary-only work waits for "
+        "(other servers' primary-only work still running, the old primary's services not yet "
+        'on the current epoch), as "server/service: ..." texts.',
     )
     servers: list[ServerStatus]
 
